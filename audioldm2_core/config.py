@@ -1,0 +1,556 @@
+"""Configs: one small frozen dataclass per component, and one function per component that builds it from
+the hub's ``config.json``.
+
+Each dataclass holds only the fields our code reads. Each ``*_config(d)`` function reads the hub dict field
+by field, fills in the reference library's default for keys the file leaves out (transformers and diffusers
+write partial configs), names the misnomers of the hub files, and raises :class:`UnsupportedConfigError`
+for a setting we do not implement, rather than silently building a different network.
+
+Misnomers on the hub, translated here and nowhere else:
+- UNet ``attention_head_dim`` is the number of heads, not their width (diffusers issue 2011).
+- projection model ``langauge_model_dim`` is misspelled; we call it ``language_model_dim``.
+- CLAP's top-level ``hidden_size`` / ``num_hidden_layers`` describe nothing that exists; the text branch
+  uses ``text_config`` (whose defaults are RoBERTa-base's) and the audio branch ``audio_config``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "UnsupportedConfigError",
+    "ClapTextConfig",
+    "ClapAudioConfig",
+    "ClapConfig",
+    "T5Config",
+    "GPT2Config",
+    "ProjectionConfig",
+    "UNetConfig",
+    "VAEConfig",
+    "VocoderConfig",
+    "SchedulerConfig",
+    "FeatureExtractorConfig",
+    "clap_config",
+    "t5_config",
+    "gpt2_config",
+    "projection_config",
+    "unet_config",
+    "vae_config",
+    "vocoder_config",
+    "scheduler_config",
+    "feature_extractor_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read as the component it claims to be."""
+
+
+class UnsupportedConfigError(ConfigError):
+    """A config setting that is valid for the reference library but not implemented here."""
+
+
+def _require(d: dict[str, Any], component: str, key: str, expected: Any, default: Any = None) -> None:
+    """Reject a setting whose value differs from the only one we implement."""
+    value = d.get(key, default)
+    ok = value in expected if isinstance(expected, tuple) else value == expected
+    if not ok:
+        raise UnsupportedConfigError(
+            f"{component}: {key}={value!r} is not supported (supported: {expected!r})"
+        )
+
+
+def _get(d: dict[str, Any], component: str, key: str) -> Any:
+    if key not in d:
+        raise ConfigError(f"{component}: config has no {key!r}")
+    return d[key]
+
+
+# ----------------------------------------------------------------------------------------------- CLAP
+
+
+@dataclass(frozen=True)
+class ClapTextConfig:
+    vocab_size: int  # RoBERTa vocabulary (50265)
+    hidden_size: int  # width of the RoBERTa encoder (768)
+    num_layers: int  # encoder layers (12)
+    num_heads: int  # attention heads (12)
+    intermediate_size: int  # feed-forward width (3072)
+    max_position_embeddings: int  # 514: RoBERTa positions start at pad_token_id + 1
+    type_vocab_size: int  # 1: a single token-type row, added to every position
+    layer_norm_eps: float  # 1e-12
+    pad_token_id: int  # 1: also the offset of the position ids
+    projection_dim: int  # 512: the joint CLAP text/audio space
+
+
+@dataclass(frozen=True)
+class ClapAudioConfig:
+    """The HTSAT Swin-transformer audio branch, used only for candidate re-ranking."""
+
+    num_mel_bins: int  # 64
+    spec_size: int  # 256: the log-mel image is reshaped to spec_size x spec_size
+    window_size: int  # 8: Swin window
+    patch_size: int  # 4
+    patch_stride: tuple[int, int]  # (4, 4)
+    patch_embeds_hidden_size: int  # 128: width of stage 1
+    depths: tuple[int, ...]  # Swin blocks per stage
+    num_heads: tuple[int, ...]  # heads per stage
+    hidden_size: int  # 1024: width after the last stage
+    mlp_ratio: float  # 4.0
+    qkv_bias: bool
+    layer_norm_eps: float  # 1e-5
+    enable_patch_layer_norm: bool
+    flatten_patch_embeds: bool
+    patch_embed_input_channels: int  # 1
+    num_classes: int  # 527: the AudioSet head present in the file
+    projection_dim: int  # 512
+
+
+@dataclass(frozen=True)
+class ClapConfig:
+    text: ClapTextConfig
+    audio: ClapAudioConfig
+    projection_dim: int
+    logit_scale_init_value: float  # init only; the loaded ``logit_scale_t`` is what scores use
+
+
+def clap_config(d: dict[str, Any]) -> ClapConfig:
+    """Translate ``text_encoder/config.json`` (transformers ``ClapConfig``)."""
+    c = "text_encoder (ClapModel)"
+    _require(d, c, "model_type", "clap")
+    projection_dim = d.get("projection_dim", 512)
+    _require(d, c, "projection_hidden_act", "relu", "relu")
+    t = d.get("text_config") or {}
+    _require(t, c + " text_config", "hidden_act", ("gelu",), "gelu")
+    _require(t, c + " text_config", "position_embedding_type", "absolute", "absolute")
+    _require(t, c + " text_config", "projection_hidden_act", "relu", "relu")
+    text = ClapTextConfig(
+        vocab_size=t.get("vocab_size", 50265),
+        hidden_size=t.get("hidden_size", 768),
+        num_layers=t.get("num_hidden_layers", 12),
+        num_heads=t.get("num_attention_heads", 12),
+        intermediate_size=t.get("intermediate_size", 3072),
+        max_position_embeddings=t.get("max_position_embeddings", 514),
+        type_vocab_size=t.get("type_vocab_size", 1),
+        layer_norm_eps=t.get("layer_norm_eps", 1e-12),
+        pad_token_id=t.get("pad_token_id", 1),
+        projection_dim=projection_dim,
+    )
+    a = d.get("audio_config") or {}
+    _require(a, c + " audio_config", "enable_fusion", False, False)
+    _require(a, c + " audio_config", "hidden_act", "gelu", "gelu")
+    _require(a, c + " audio_config", "projection_hidden_act", "relu", "relu")
+    depths = tuple(a.get("depths", (2, 2, 6, 2)))
+    heads = tuple(a.get("num_attention_heads", (4, 8, 16, 32)))
+    if len(depths) != len(heads):
+        raise ConfigError(f"{c}: audio depths {depths} and num_attention_heads {heads} differ in length")
+    audio = ClapAudioConfig(
+        num_mel_bins=a.get("num_mel_bins", 64),
+        spec_size=a.get("spec_size", 256),
+        window_size=a.get("window_size", 8),
+        patch_size=a.get("patch_size", 4),
+        patch_stride=tuple(a.get("patch_stride", (4, 4))),
+        patch_embeds_hidden_size=a.get("patch_embeds_hidden_size", 96),
+        depths=depths,
+        num_heads=heads,
+        hidden_size=a.get("hidden_size", 768),
+        mlp_ratio=a.get("mlp_ratio", 4.0),
+        qkv_bias=a.get("qkv_bias", True),
+        layer_norm_eps=a.get("layer_norm_eps", 1e-5),
+        enable_patch_layer_norm=a.get("enable_patch_layer_norm", True),
+        flatten_patch_embeds=a.get("flatten_patch_embeds", True),
+        patch_embed_input_channels=a.get("patch_embed_input_channels", 1),
+        num_classes=a.get("num_classes", 527),
+        projection_dim=projection_dim,
+    )
+    return ClapConfig(
+        text=text,
+        audio=audio,
+        projection_dim=projection_dim,
+        logit_scale_init_value=d.get("logit_scale_init_value", 1 / 0.07),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ T5
+
+
+@dataclass(frozen=True)
+class T5Config:
+    vocab_size: int  # 32128
+    d_model: int  # 1024 for Flan-T5-large
+    d_kv: int  # per-head width (64); heads * d_kv need not equal d_model
+    d_ff: int  # 2816
+    num_layers: int  # encoder layers (24); the decoder is not in the file
+    num_heads: int  # 16
+    relative_attention_num_buckets: int  # 32
+    relative_attention_max_distance: int  # 128
+    layer_norm_epsilon: float  # 1e-6 (RMS norm)
+    gated: bool  # True for "gated-gelu" (Flan-T5), False for T5 v1.0 "relu"
+
+
+def t5_config(d: dict[str, Any]) -> T5Config:
+    """Translate ``text_encoder_2/config.json`` (transformers ``T5Config``, used as ``T5EncoderModel``)."""
+    c = "text_encoder_2 (T5EncoderModel)"
+    _require(d, c, "model_type", "t5")
+    ff = d.get("feed_forward_proj", "relu")
+    if ff not in ("gated-gelu", "relu"):
+        raise UnsupportedConfigError(f"{c}: feed_forward_proj={ff!r} is not supported ('gated-gelu', 'relu')")
+    return T5Config(
+        vocab_size=d.get("vocab_size", 32128),
+        d_model=d.get("d_model", 512),
+        d_kv=d.get("d_kv", 64),
+        d_ff=d.get("d_ff", 2048),
+        num_layers=d.get("num_layers", 6),
+        num_heads=d.get("num_heads", 8),
+        relative_attention_num_buckets=d.get("relative_attention_num_buckets", 32),
+        relative_attention_max_distance=d.get("relative_attention_max_distance", 128),
+        layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-6),
+        gated=ff == "gated-gelu",  # transformers then uses gelu_new, whatever dense_act_fn says
+    )
+
+
+# --------------------------------------------------------------------------------------------- GPT-2
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    n_embd: int  # 768: also the width of the projected conditioning sequence
+    n_layer: int  # 12
+    n_head: int  # 12
+    n_inner: int  # feed-forward width; the hub's null means 4 * n_embd
+    n_positions: int  # 1024 learned positions
+    vocab_size: int  # 50257: the token embedding is in the file but generation never uses it
+    layer_norm_epsilon: float  # 1e-5
+    max_new_tokens: int  # 8 hidden states generated per prompt (AudioLDM 2's "LOA" length)
+
+
+def gpt2_config(d: dict[str, Any]) -> GPT2Config:
+    """Translate ``language_model/config.json`` (transformers ``GPT2Config``)."""
+    c = "language_model (GPT2Model)"
+    _require(d, c, "model_type", "gpt2")
+    _require(d, c, "activation_function", "gelu_new", "gelu_new")
+    _require(d, c, "scale_attn_weights", True, True)
+    _require(d, c, "scale_attn_by_inverse_layer_idx", False, False)
+    _require(d, c, "add_cross_attention", False, False)
+    n_embd = d.get("n_embd", 768)
+    return GPT2Config(
+        n_embd=n_embd,
+        n_layer=d.get("n_layer", 12),
+        n_head=d.get("n_head", 12),
+        n_inner=d.get("n_inner") or 4 * n_embd,
+        n_positions=d.get("n_positions", 1024),
+        vocab_size=d.get("vocab_size", 50257),
+        layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
+        # Not a GPT2Config field: the AudioLDM 2 conversion stores it there; diffusers defaults to 8.
+        max_new_tokens=d.get("max_new_tokens", 8),
+    )
+
+
+# ---------------------------------------------------------------------------------------- projection
+
+
+@dataclass(frozen=True)
+class ProjectionConfig:
+    text_encoder_dim: int  # 512: CLAP text embedding width
+    text_encoder_1_dim: int  # 1024: T5 hidden width (192 for the VITS phoneme encoder of the TTS models)
+    language_model_dim: int  # 768: GPT-2 width (hub key misspelled ``langauge_model_dim``)
+    use_learned_position_embedding: bool  # TTS checkpoints add a learned position table to stream 2
+    max_seq_length: int | None  # length of that table
+
+
+def projection_config(d: dict[str, Any]) -> ProjectionConfig:
+    """Translate ``projection_model/config.json`` (diffusers ``AudioLDM2ProjectionModel``)."""
+    c = "projection_model (AudioLDM2ProjectionModel)"
+    learned = bool(d.get("use_learned_position_embedding") or False)
+    max_len = d.get("max_seq_length")
+    if learned and not max_len:
+        raise ConfigError(f"{c}: use_learned_position_embedding needs max_seq_length")
+    return ProjectionConfig(
+        text_encoder_dim=_get(d, c, "text_encoder_dim"),
+        text_encoder_1_dim=_get(d, c, "text_encoder_1_dim"),
+        language_model_dim=_get(d, c, "langauge_model_dim"),
+        use_learned_position_embedding=learned,
+        max_seq_length=max_len if learned else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- UNet
+
+_DOWN_TYPES = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}
+_UP_TYPES = {"UpBlock2D": False, "CrossAttnUpBlock2D": True}
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    sample_size: int | None  # nominal latent height; informational
+    in_channels: int  # 8 latent channels
+    out_channels: int  # 8
+    block_out_channels: tuple[int, ...]  # (128, 256, 384, 640)
+    layers_per_block: int  # resnets per down block (up blocks have one more)
+    down_attn: tuple[bool, ...]  # per down block: has transformers ("CrossAttnDownBlock2D")
+    up_attn: tuple[bool, ...]  # per up block, in up order
+    cross_attention_dims: tuple[tuple[int | None, ...], ...]  # per block: one transformer per entry;
+    #   None = self-attention only, 768 = attends GPT-2 states, 1024 = attends T5 states
+    transformer_layers: tuple[int, ...]  # per block: BasicTransformerBlocks inside each Transformer2D
+    num_heads: tuple[int, ...]  # per block (hub ``attention_head_dim``: a head count, not a width)
+    norm_num_groups: int  # 32
+    norm_eps: float  # 1e-5 for the resnets; transformers use their own 1e-6 GroupNorm
+    flip_sin_to_cos: bool  # True: timestep embedding is [cos, sin]
+    freq_shift: int  # 0
+    downsample_padding: int  # 1
+    mid_block_scale_factor: float  # 1
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.block_out_channels[0]
+
+
+def unet_config(d: dict[str, Any]) -> UNetConfig:
+    """Translate ``unet/config.json`` (diffusers ``AudioLDM2UNet2DConditionModel``)."""
+    c = "unet (AudioLDM2UNet2DConditionModel)"
+    for key, value in [
+        ("act_fn", "silu"),
+        ("time_embedding_type", "positional"),
+        ("class_embed_type", None),
+        ("num_class_embeds", None),
+        ("class_embeddings_concat", False),
+        ("time_embedding_dim", None),
+        ("time_embedding_act_fn", None),
+        ("timestep_post_act", None),
+        ("time_cond_proj_dim", None),
+        ("conv_in_kernel", 3),
+        ("conv_out_kernel", 3),
+        ("only_cross_attention", False),
+        ("use_linear_projection", False),
+        ("upcast_attention", False),
+        ("resnet_time_scale_shift", "default"),
+        ("num_attention_heads", None),
+        ("mid_block_type", "UNetMidBlock2DCrossAttn"),
+    ]:
+        _require(d, c, key, value, value)
+    blocks = tuple(_get(d, c, "block_out_channels"))
+    n = len(blocks)
+    down, up = list(d.get("down_block_types", ())), list(d.get("up_block_types", ()))
+    for kind, types, table in (("down_block_types", down, _DOWN_TYPES), ("up_block_types", up, _UP_TYPES)):
+        bad = [t for t in types if t not in table]
+        if bad or len(types) != n:
+            raise UnsupportedConfigError(
+                f"{c}: {kind}={types!r} is not supported "
+                f"(need {n} entries from {sorted(table)} to match block_out_channels)"
+            )
+
+    def per_block(key: str, default: Any) -> tuple:
+        v = d.get(key, default)
+        if isinstance(v, int) or v is None:
+            return (v,) * n
+        if len(v) != n:
+            raise ConfigError(f"{c}: {key} has {len(v)} entries for {n} blocks")
+        return tuple(v)
+
+    layers = d.get("layers_per_block", 2)
+    if not isinstance(layers, int):
+        if len(set(layers)) != 1:
+            raise UnsupportedConfigError(f"{c}: per-block layers_per_block={layers!r} is not supported")
+        layers = layers[0]
+    xdims = d.get("cross_attention_dim", 1280)
+    if isinstance(xdims, int):
+        xdims = [[xdims]] * n
+    elif len(xdims) != n or not all(isinstance(x, (list, tuple)) for x in xdims):
+        raise UnsupportedConfigError(
+            f"{c}: cross_attention_dim={xdims!r} is not supported (need one list per block)"
+        )
+    xdims = tuple(tuple(x) for x in xdims)
+    if len(set(xdims)) != 1:
+        # The pipeline pairs the i-th transformer of every block with the i-th condition stream.
+        raise UnsupportedConfigError(f"{c}: cross_attention_dim differs between blocks: {xdims!r}")
+    return UNetConfig(
+        sample_size=d.get("sample_size"),
+        in_channels=d.get("in_channels", 4),
+        out_channels=d.get("out_channels", 4),
+        block_out_channels=blocks,
+        layers_per_block=layers,
+        down_attn=tuple(_DOWN_TYPES[t] for t in down),
+        up_attn=tuple(_UP_TYPES[t] for t in up),
+        cross_attention_dims=xdims,
+        transformer_layers=per_block("transformer_layers_per_block", 1),
+        num_heads=per_block("attention_head_dim", 8),
+        norm_num_groups=d.get("norm_num_groups", 32),
+        norm_eps=d.get("norm_eps", 1e-5),
+        flip_sin_to_cos=d.get("flip_sin_to_cos", True),
+        freq_shift=d.get("freq_shift", 0),
+        downsample_padding=d.get("downsample_padding", 1),
+        mid_block_scale_factor=d.get("mid_block_scale_factor", 1),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- VAE
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    latent_channels: int  # 8
+    out_channels: int  # 1: a mel spectrogram is a one-channel image
+    block_out_channels: tuple[int, ...]  # (128, 256, 512); the decoder walks it in reverse
+    layers_per_block: int  # 2 (the decoder's up blocks have one more)
+    norm_num_groups: int  # 32
+    scaling_factor: float  # latents are divided by it before decoding
+    mid_block_add_attention: bool  # True
+
+    @property
+    def scale_factor(self) -> int:
+        """Mel frames and bins per latent cell (4 for three blocks)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+def vae_config(d: dict[str, Any]) -> VAEConfig:
+    """Translate ``vae/config.json`` (diffusers ``AutoencoderKL``). Only the decoder is built."""
+    c = "vae (AutoencoderKL)"
+    _require(d, c, "act_fn", "silu", "silu")
+    _require(d, c, "use_post_quant_conv", True, True)
+    _require(d, c, "shift_factor", None)
+    _require(d, c, "latents_mean", None)
+    blocks = tuple(_get(d, c, "block_out_channels"))
+    up = list(d.get("up_block_types", ("UpDecoderBlock2D",)))
+    if up != ["UpDecoderBlock2D"] * len(blocks):
+        raise UnsupportedConfigError(f"{c}: up_block_types={up!r} is not supported")
+    return VAEConfig(
+        latent_channels=d.get("latent_channels", 4),
+        out_channels=d.get("out_channels", 3),
+        block_out_channels=blocks,
+        layers_per_block=d.get("layers_per_block", 1),
+        norm_num_groups=d.get("norm_num_groups", 32),
+        scaling_factor=d.get("scaling_factor", 0.18215),
+        mid_block_add_attention=d.get("mid_block_add_attention", True),
+    )
+
+
+# ------------------------------------------------------------------------------------------- vocoder
+
+
+@dataclass(frozen=True)
+class VocoderConfig:
+    model_in_dim: int  # 64 mel bins
+    sampling_rate: int  # 16000
+    upsample_initial_channel: int  # 1024
+    upsample_rates: tuple[int, ...]  # product = hop length (160 samples per mel frame)
+    upsample_kernel_sizes: tuple[int, ...]
+    resblock_kernel_sizes: tuple[int, ...]
+    resblock_dilation_sizes: tuple[tuple[int, ...], ...]
+    leaky_relu_slope: float  # 0.1
+    normalize_before: bool  # False for AudioLDM 2: the mean/scale buffers exist but are not applied
+
+    @property
+    def hop_length(self) -> int:
+        h = 1
+        for r in self.upsample_rates:
+            h *= r
+        return h
+
+
+def vocoder_config(d: dict[str, Any]) -> VocoderConfig:
+    """Translate ``vocoder/config.json`` (transformers ``SpeechT5HifiGan``)."""
+    c = "vocoder (SpeechT5HifiGan)"
+    _require(d, c, "model_type", ("hifigan", "speecht5_hifigan"))
+    rates = tuple(d.get("upsample_rates", (4, 4, 4, 4)))
+    kernels = tuple(d.get("upsample_kernel_sizes", (8, 8, 8, 8)))
+    if len(rates) != len(kernels):
+        raise ConfigError(f"{c}: upsample_rates {rates} and upsample_kernel_sizes {kernels} differ in length")
+    rk = tuple(d.get("resblock_kernel_sizes", (3, 7, 11)))
+    rd = tuple(tuple(x) for x in d.get("resblock_dilation_sizes", ((1, 3, 5),) * 3))
+    if len(rk) != len(rd):
+        raise ConfigError(f"{c}: resblock_kernel_sizes and resblock_dilation_sizes differ in length")
+    return VocoderConfig(
+        model_in_dim=d.get("model_in_dim", 80),
+        sampling_rate=d.get("sampling_rate", 16000),
+        upsample_initial_channel=d.get("upsample_initial_channel", 512),
+        upsample_rates=rates,
+        upsample_kernel_sizes=kernels,
+        resblock_kernel_sizes=rk,
+        resblock_dilation_sizes=rd,
+        leaky_relu_slope=d.get("leaky_relu_slope", 0.1),
+        normalize_before=d.get("normalize_before", True),
+    )
+
+
+# ----------------------------------------------------------------------------------------- scheduler
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_train_timesteps: int  # 1000
+    beta_start: float  # 0.0015
+    beta_end: float  # 0.0195
+    beta_schedule: str  # "scaled_linear" (linear in sqrt(beta)) or "linear"
+    prediction_type: str  # "epsilon" or "v_prediction"
+    set_alpha_to_one: bool  # DDIM: alpha of the step "before" t=0 is 1 (True) or alphas_cumprod[0]
+    steps_offset: int  # 1: added to "leading" timesteps
+    timestep_spacing: str  # "leading" (the hub's), "trailing" or "linspace"
+
+
+def scheduler_config(d: dict[str, Any]) -> SchedulerConfig:
+    """Translate ``scheduler/scheduler_config.json`` (diffusers ``DDIMScheduler``).
+
+    The DPM-Solver++ sampler reads the same fields, as ``DPMSolverMultistepScheduler.from_config`` does.
+    """
+    c = "scheduler"
+    _require(d, c, "clip_sample", False, True)
+    _require(d, c, "thresholding", False, False)
+    _require(d, c, "rescale_betas_zero_snr", False, False)
+    _require(d, c, "trained_betas", None)
+    _require(d, c, "beta_schedule", ("scaled_linear", "linear"), "linear")
+    _require(d, c, "prediction_type", ("epsilon", "v_prediction"), "epsilon")
+    _require(d, c, "timestep_spacing", ("leading", "trailing", "linspace"), "leading")
+    return SchedulerConfig(
+        num_train_timesteps=d.get("num_train_timesteps", 1000),
+        beta_start=d.get("beta_start", 0.0001),
+        beta_end=d.get("beta_end", 0.02),
+        beta_schedule=d.get("beta_schedule", "linear"),
+        prediction_type=d.get("prediction_type", "epsilon"),
+        set_alpha_to_one=d.get("set_alpha_to_one", True),
+        steps_offset=d.get("steps_offset", 0),
+        timestep_spacing=d.get("timestep_spacing", "leading"),
+    )
+
+
+# --------------------------------------------------------------------------------- feature extractor
+
+
+@dataclass(frozen=True)
+class FeatureExtractorConfig:
+    """CLAP audio front end (transformers ``ClapFeatureExtractor``), used only for re-ranking."""
+
+    sampling_rate: int  # 48000: CLAP hears 48 kHz audio; generated 16 kHz audio is resampled
+    feature_size: int  # 64 mel bins
+    fft_window_size: int  # 1024
+    hop_length: int  # 480
+    frequency_min: float  # 50
+    frequency_max: float  # 14000
+    max_length_s: int  # 10: longer audio is cropped, shorter repeated then padded
+    padding: str  # "repeatpad"
+    truncation: str  # "rand_trunc" on the hub; see audio.py for the deterministic choice we make
+
+    @property
+    def nb_max_samples(self) -> int:
+        return self.max_length_s * self.sampling_rate
+
+
+def feature_extractor_config(d: dict[str, Any]) -> FeatureExtractorConfig:
+    """Translate ``feature_extractor/preprocessor_config.json``."""
+    c = "feature_extractor (ClapFeatureExtractor)"
+    _require(d, c, "feature_extractor_type", "ClapFeatureExtractor", "ClapFeatureExtractor")
+    _require(d, c, "padding", ("repeatpad", "repeat", "pad"), "repeatpad")
+    _require(d, c, "truncation", ("rand_trunc",), "fusion")
+    _require(d, c, "top_db", None)
+    return FeatureExtractorConfig(
+        sampling_rate=d.get("sampling_rate", 48000),
+        feature_size=d.get("feature_size", 64),
+        fft_window_size=d.get("fft_window_size", 1024),
+        hop_length=d.get("hop_length", 480),
+        frequency_min=d.get("frequency_min", 0),
+        frequency_max=d.get("frequency_max", 14000),
+        max_length_s=d.get("max_length_s", 10),
+        padding=d.get("padding", "repeatpad"),
+        truncation=d.get("truncation", "fusion"),
+    )

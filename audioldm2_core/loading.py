@@ -1,0 +1,318 @@
+"""Checkpoint resolution and strict weight loading.
+
+A checkpoint is a diffusers pipeline folder: ``model_index.json`` naming each component's class, and one
+folder per component with a ``config.json`` (``scheduler_config.json``, ``preprocessor_config.json``) and
+its weights. It is found either as a local folder or as a hub repo id, which goes through
+``huggingface_hub.snapshot_download`` so the hub cache, ``HF_HOME``, ``HF_HUB_OFFLINE`` and ``HF_TOKEN``
+behave as every huggingface_hub user expects. Only what this stack reads is fetched: configs, tokenizer
+files and one weight format per component (safetensors; pickled ``.bin`` only where a component has no
+safetensors, as in the ``anhnct/*`` TTS repos).
+
+Loading is strict: a module is built on the meta device, its tensors come from the file through
+``load_state_dict(strict=True, assign=True)``, and a missing, unexpected or mis-shaped key, or a file that
+cannot be read, is an error naming the file and the keys. Nothing is ever left randomly initialised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CheckpointError",
+    "WeightsError",
+    "Checkpoint",
+    "open_checkpoint",
+    "read_weights",
+    "load_strict",
+    "COMPONENTS",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be found, read or used."""
+
+
+class WeightsError(CheckpointError):
+    """A weight file that is unreadable or does not match the module it should fill."""
+
+
+# Component -> the classes of model_index.json we implement. What is not here is an error at open time.
+COMPONENTS: dict[str, tuple[str, ...]] = {
+    "text_encoder": ("ClapModel",),
+    "text_encoder_2": ("T5EncoderModel",),
+    "projection_model": ("AudioLDM2ProjectionModel",),
+    "language_model": ("GPT2Model",),
+    "unet": ("AudioLDM2UNet2DConditionModel",),
+    "vae": ("AutoencoderKL",),
+    "vocoder": ("SpeechT5HifiGan",),
+    "scheduler": ("DDIMScheduler", "DPMSolverMultistepScheduler"),
+    "tokenizer": ("RobertaTokenizer", "RobertaTokenizerFast"),
+    "tokenizer_2": ("T5Tokenizer", "T5TokenizerFast"),
+    "feature_extractor": ("ClapFeatureExtractor",),
+}
+PIPELINE_CLASS = "AudioLDM2Pipeline"
+
+_CONFIG_NAMES = ("config.json", "scheduler_config.json", "preprocessor_config.json")
+# Weight file stems: diffusers names its files diffusion_pytorch_model.*, transformers model.* / pytorch_model.*
+_SAFETENSORS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+_PICKLES = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
+_MODEL_COMPONENTS = tuple(
+    c for c in COMPONENTS if c not in ("scheduler", "tokenizer", "tokenizer_2", "feature_extractor")
+)
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+# ------------------------------------------------------------------------------------ the checkpoint
+
+
+class Checkpoint:
+    """A resolved checkpoint folder: its ``model_index.json`` checked, its components' files at hand."""
+
+    def __init__(self, root: Path, source: str | None = None):
+        self.root = Path(root)
+        self.source = source or str(root)
+        index_path = self.root / "model_index.json"
+        if not index_path.is_file():
+            raise CheckpointError(f"{self.source}: no model_index.json in {self.root}; not a diffusers pipeline")
+        self.index = _read_json(index_path)
+        cls = self.index.get("_class_name")
+        if cls != PIPELINE_CLASS:
+            raise CheckpointError(f"{index_path}: pipeline class {cls!r} is not {PIPELINE_CLASS!r}")
+        for component, allowed in COMPONENTS.items():
+            entry = self.index.get(component)
+            if not isinstance(entry, list) or len(entry) != 2:
+                raise CheckpointError(f"{index_path}: component {component!r} is missing or malformed")
+            if entry[1] not in allowed:
+                raise CheckpointError(
+                    f"{index_path}: component {component!r} has class {entry[1]!r}, which audioldm2_core does "
+                    f"not support (supported: {', '.join(allowed)})"
+                )
+            if not (self.root / component).is_dir():
+                raise CheckpointError(f"{self.source}: component folder {component}/ is missing ({self.root})")
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.source!r})"
+
+    def folder(self, component: str) -> Path:
+        if component not in COMPONENTS:
+            raise KeyError(f"unknown component {component!r}")
+        path = self.root / component
+        if not path.is_dir():
+            raise CheckpointError(f"{self.source}: component folder {component}/ is missing ({path})")
+        return path
+
+    def config(self, component: str) -> dict:
+        """The parsed config file of a component."""
+        folder = self.folder(component)
+        for name in _CONFIG_NAMES:
+            if (folder / name).is_file():
+                return _read_json(folder / name)
+        raise CheckpointError(f"{self.source}: {component}/ has no config file ({' or '.join(_CONFIG_NAMES)})")
+
+    def weight_files(self, component: str) -> list[Path]:
+        """The weight file(s) of a component: safetensors (sharded or not), else a pickle."""
+        folder = self.folder(component)
+        for name in _SAFETENSORS:
+            index = folder / f"{name}.index.json"
+            if index.is_file():
+                shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+                missing = [s for s in shards if not (folder / s).is_file()]
+                if not shards or missing:
+                    raise WeightsError(f"{index}: shard files missing: {missing or 'none listed'}")
+                return [folder / s for s in shards]
+            if (folder / name).is_file():
+                return [folder / name]
+        for name in _PICKLES:
+            if (folder / name).is_file():
+                return [folder / name]
+        raise WeightsError(
+            f"{self.source}: no weight file in {component}/ (looked for {', '.join(_SAFETENSORS + _PICKLES)})"
+        )
+
+    def read_weights(self, component: str, select: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+        """Read a component's tensors; with ``select``, only the keys it accepts are read from disk."""
+        return read_weights(self.weight_files(component), select)
+
+    def weight_keys(self, component: str) -> list[str]:
+        """All tensor names of a component's weights, without reading the tensors (safetensors)."""
+        keys: list[str] = []
+        for path in self.weight_files(component):
+            if path.suffix == ".safetensors":
+                keys += _safe_open(path).keys()
+            else:
+                keys += read_weights([path]).keys()
+        return keys
+
+
+def open_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Checkpoint:
+    """Resolve a local pipeline folder or a hub repo id (optionally at a revision) to a :class:`Checkpoint`."""
+    if not isinstance(path_or_repo_id, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a folder path or a hub repo id, not {type(path_or_repo_id).__name__}")
+    name = os.fspath(path_or_repo_id)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if revision is not None:
+            raise CheckpointError(f"{name}: a revision ({revision!r}) only applies to hub repo ids")
+        return Checkpoint(path)
+    if path.exists():
+        raise CheckpointError(f"{name}: not a folder")
+    if not _REPO_ID.match(name) or name.startswith((".", "/", "~")):
+        raise CheckpointError(f"{name}: no such folder, and not a hub repo id of the form 'owner/name'")
+    return Checkpoint(_snapshot(name, revision), source=name if revision is None else f"{name}@{revision}")
+
+
+def hub_patterns(files: Iterable[str]) -> list[str]:
+    """``allow_patterns`` for the files this stack uses, given the repo's file list.
+
+    Configs and tokenizer files always; for weights, one format per component: safetensors (with a shard
+    index if any) where the component has it, else the pickle. Variants (``*.fp16.safetensors``) are skipped.
+    """
+    files = set(files)
+    patterns = ["model_index.json", "*/config.json", "*/scheduler_config.json", "*/preprocessor_config.json"]
+    patterns += ["tokenizer/*", "tokenizer_2/*"]
+    for component in _MODEL_COMPONENTS:
+        for name in _SAFETENSORS:
+            if f"{component}/{name}.index.json" in files:
+                patterns += [f"{component}/{name}.index.json", f"{component}/*.safetensors"]
+                break
+            if f"{component}/{name}" in files:
+                patterns.append(f"{component}/{name}")
+                break
+        else:
+            patterns += [f"{component}/{name}" for name in _PICKLES if f"{component}/{name}" in files]
+    return patterns
+
+
+def _snapshot(repo_id: str, revision: str | None) -> Path:
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    try:
+        if constants.HF_HUB_OFFLINE:
+            files = None  # no listing offline: take what the cache holds of both formats
+        else:
+            files = huggingface_hub.list_repo_files(repo_id, revision=revision)
+        patterns = hub_patterns(files) if files is not None else hub_patterns([]) + [
+            f"{c}/{n}" for c in _MODEL_COMPONENTS for n in _SAFETENSORS + _PICKLES
+        ] + ["*/*.safetensors.index.json", "*/*.safetensors"]
+        folder = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+    except huggingface_hub.errors.RepositoryNotFoundError as e:
+        raise CheckpointError(f"{repo_id}: no such repository on the hub (or it is private)") from e
+    except huggingface_hub.errors.RevisionNotFoundError as e:
+        raise CheckpointError(f"{repo_id}: no revision {revision!r}") from e
+    except huggingface_hub.errors.LocalEntryNotFoundError as e:
+        raise CheckpointError(
+            f"{repo_id}: not in the local hub cache ({constants.HF_HUB_CACHE}) and the hub cannot be reached"
+            + (" (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else "")
+        ) from e
+    except (huggingface_hub.errors.HfHubHTTPError, OSError) as e:
+        raise CheckpointError(f"{repo_id}: download failed: {e}") from e
+    return Path(folder)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+# ----------------------------------------------------------------------------------------- weights
+
+
+def _safe_open(path: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own SafetensorError for truncated/corrupt headers
+        raise WeightsError(f"{path}: cannot read safetensors file, truncated or corrupt ({e})") from e
+
+
+def read_weights(
+    paths: Path | str | list[Path], select: Callable[[str], bool] | None = None
+) -> dict[str, torch.Tensor]:
+    """Read tensors from safetensors files (or pickles, through ``torch.load(weights_only=True)``)."""
+    if isinstance(paths, (str, Path)):
+        paths = [Path(paths)]
+    state: dict[str, torch.Tensor] = {}
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise WeightsError(f"{path}: weight file is missing")
+        if path.suffix == ".safetensors":
+            f = _safe_open(path)
+            try:
+                for key in f.keys():
+                    if select is None or select(key):
+                        state[key] = f.get_tensor(key)
+            except Exception as e:
+                raise WeightsError(f"{path}: cannot read tensor data, truncated or corrupt ({e})") from e
+        else:
+            try:
+                loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise WeightsError(f"{path}: cannot read pickled weights safely ({e})") from e
+            if not isinstance(loaded, dict):
+                raise WeightsError(f"{path}: expected a state dict, found {type(loaded).__name__}")
+            state.update({k: v for k, v in loaded.items() if select is None or select(k)})
+    return state
+
+
+def _key_list(keys: Iterable[str], limit: int = 12) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def check_keys(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`WeightsError` naming every missing, unexpected and mis-shaped key."""
+    expected = module.state_dict()
+    missing = expected.keys() - state.keys()
+    unexpected = state.keys() - expected.keys()
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(expected.keys() & state.keys())
+        if state[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_key_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_key_list(unexpected)}")
+    if shapes:
+        problems.append(f"mis-shaped keys: {'; '.join(shapes[:12])}")
+    if problems:
+        raise WeightsError(f"{source}: weights do not match {type(module).__name__}: " + " | ".join(problems))
+
+
+def load_strict(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """Fill a module built on the meta device with ``state``, strictly; cast floats to ``dtype``."""
+    check_keys(module, state, source)
+    state = {
+        k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
+        for k, v in state.items()
+    }
+    module.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise WeightsError(f"{source}: tensors not filled from the file: {_key_list(left)}")
+    return module.eval()
