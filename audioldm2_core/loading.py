@@ -80,7 +80,9 @@ class Checkpoint:
         self.source = source or str(root)
         index_path = self.root / "model_index.json"
         if not index_path.is_file():
-            raise CheckpointError(f"{self.source}: no model_index.json in {self.root}; not a diffusers pipeline")
+            raise CheckpointError(
+                f"{self.source}: no model_index.json in {self.root}; not a diffusers pipeline"
+            )
         self.index = _read_json(index_path)
         cls = self.index.get("_class_name")
         if cls != PIPELINE_CLASS:
@@ -95,7 +97,9 @@ class Checkpoint:
                     f"not support (supported: {', '.join(allowed)})"
                 )
             if not (self.root / component).is_dir():
-                raise CheckpointError(f"{self.source}: component folder {component}/ is missing ({self.root})")
+                raise CheckpointError(
+                    f"{self.source}: component folder {component}/ is missing ({self.root})"
+                )
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.source!r})"
@@ -114,7 +118,9 @@ class Checkpoint:
         for name in _CONFIG_NAMES:
             if (folder / name).is_file():
                 return _read_json(folder / name)
-        raise CheckpointError(f"{self.source}: {component}/ has no config file ({' or '.join(_CONFIG_NAMES)})")
+        raise CheckpointError(
+            f"{self.source}: {component}/ has no config file ({' or '.join(_CONFIG_NAMES)})"
+        )
 
     def weight_files(self, component: str) -> list[Path]:
         """The weight file(s) of a component: safetensors (sharded or not), else a pickle."""
@@ -136,7 +142,9 @@ class Checkpoint:
             f"{self.source}: no weight file in {component}/ (looked for {', '.join(_SAFETENSORS + _PICKLES)})"
         )
 
-    def read_weights(self, component: str, select: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    def read_weights(
+        self, component: str, select: Callable[[str], bool] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Read a component's tensors; with ``select``, only the keys it accepts are read from disk."""
         return read_weights(self.weight_files(component), select)
 
@@ -154,7 +162,9 @@ class Checkpoint:
 def open_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Checkpoint:
     """Resolve a local pipeline folder or a hub repo id (optionally at a revision) to a :class:`Checkpoint`."""
     if not isinstance(path_or_repo_id, (str, os.PathLike)):
-        raise TypeError(f"checkpoint must be a folder path or a hub repo id, not {type(path_or_repo_id).__name__}")
+        raise TypeError(
+            f"checkpoint must be a folder path or a hub repo id, not {type(path_or_repo_id).__name__}"
+        )
     name = os.fspath(path_or_repo_id)
     path = Path(name).expanduser()
     if path.is_dir():
@@ -199,9 +209,13 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
             files = None  # no listing offline: take what the cache holds of both formats
         else:
             files = huggingface_hub.list_repo_files(repo_id, revision=revision)
-        patterns = hub_patterns(files) if files is not None else hub_patterns([]) + [
-            f"{c}/{n}" for c in _MODEL_COMPONENTS for n in _SAFETENSORS + _PICKLES
-        ] + ["*/*.safetensors.index.json", "*/*.safetensors"]
+        patterns = (
+            hub_patterns(files)
+            if files is not None
+            else hub_patterns([])
+            + [f"{c}/{n}" for c in _MODEL_COMPONENTS for n in _SAFETENSORS + _PICKLES]
+            + ["*/*.safetensors.index.json", "*/*.safetensors"]
+        )
         folder = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     except huggingface_hub.errors.RepositoryNotFoundError as e:
         raise CheckpointError(f"{repo_id}: no such repository on the hub (or it is private)") from e

@@ -1,0 +1,19 @@
+"""Session fixtures: tiny checkpoints written by the reference stack's own save_pretrained, built once."""
+
+from __future__ import annotations
+
+import pytest
+
+from weights_tools.make_tiny import make_tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A tiny random checkpoint with the cvssp/audioldm2 architecture (UNet [[None, lm, t5]] per block)."""
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "base", variant="base", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_large(tmp_path_factory):
+    """The cvssp/audioldm2-large shape: UNet [[None, lm, t5, None]] per block, two transformer layers."""
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "large", variant="large", seed=1)

@@ -1,0 +1,16 @@
+"""Small shared test helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def rel_err(ours, ref) -> float:
+    """Relative L2 error ||ours - ref|| / ||ref|| in float64 (0 when both are exactly zero)."""
+    a = torch.as_tensor(np.asarray(ours) if not torch.is_tensor(ours) else ours).double()
+    b = torch.as_tensor(np.asarray(ref) if not torch.is_tensor(ref) else ref).double()
+    assert a.shape == b.shape, f"shape {tuple(a.shape)} != reference {tuple(b.shape)}"
+    denom = b.norm().item()
+    diff = (a - b).norm().item()
+    return diff / denom if denom > 0 else diff

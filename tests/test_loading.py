@@ -1,0 +1,200 @@
+"""Checkpoint resolution (local folder, hub cache) and strict loading errors, on reference-made checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from audioldm2_core.loading import (
+    Checkpoint,
+    CheckpointError,
+    WeightsError,
+    hub_patterns,
+    load_strict,
+    open_checkpoint,
+    read_weights,
+)
+from audioldm2_core.vocoder import load_vocoder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def ckpt_copy(tiny_base, tmp_path):
+    """A writable copy of the tiny checkpoint."""
+    return Path(shutil.copytree(tiny_base, tmp_path / "ckpt"))
+
+
+def test_open_local_folder(tiny_base):
+    ckpt = open_checkpoint(tiny_base)
+    assert ckpt.root == Path(tiny_base)
+    assert ckpt.config("unet")["_class_name"] == "AudioLDM2UNet2DConditionModel"
+    assert ckpt.config("scheduler")["_class_name"] == "DDIMScheduler"
+    assert ckpt.config("feature_extractor")["feature_extractor_type"] == "ClapFeatureExtractor"
+    assert [p.name for p in ckpt.weight_files("unet")] == ["diffusion_pytorch_model.safetensors"]
+    assert [p.name for p in ckpt.weight_files("text_encoder")] == ["model.safetensors"]
+    assert ckpt.index["language_model"] == ["transformers", "GPT2Model"]  # saved as on the hub
+    vocoder = load_vocoder(ckpt)
+    assert not any(p.is_meta for p in vocoder.parameters())
+
+
+def _hub_cache(
+    hf_home: Path, repo_id: str, src: Path, commit: str = "0123456789abcdef0123456789abcdef01234567"
+):
+    """Lay out ``src`` as huggingface_hub's cache has a snapshot: blobs are plain copies here."""
+    repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(src, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit
+
+
+def _open_in_subprocess(name: str, hf_home: Path, revision: str | None = None) -> subprocess.CompletedProcess:
+    # huggingface_hub reads HF_HOME and HF_HUB_OFFLINE at import time, as users set them: a fresh process.
+    code = (
+        "import sys\nfrom audioldm2_core.loading import open_checkpoint, CheckpointError\n"
+        f"try:\n    print(open_checkpoint({name!r}, revision={revision!r}).root)\n"
+        "except CheckpointError as e:\n    print('ERROR', e); sys.exit(3)\n"
+    )
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("HF_HUB_CACHE", None)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_open_repo_id_from_offline_hub_cache(tiny_base, tmp_path):
+    snapshot = _hub_cache(tmp_path / "hf", "cvssp/audioldm2", tiny_base)
+    r = _open_in_subprocess("cvssp/audioldm2", tmp_path / "hf")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert Path(r.stdout.strip().splitlines()[-1]) == snapshot
+    # The same by commit hash.
+    r = _open_in_subprocess("cvssp/audioldm2", tmp_path / "hf", revision=snapshot.name)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_repo_id_missing_from_offline_cache(tmp_path):
+    r = _open_in_subprocess("cvssp/audioldm2-music", tmp_path / "empty")
+    assert r.returncode == 3
+    assert "cvssp/audioldm2-music: not in the local hub cache" in r.stdout
+    assert "HF_HUB_OFFLINE is set" in r.stdout
+
+
+def test_not_a_folder_nor_repo_id(tmp_path):
+    with pytest.raises(CheckpointError, match="no such folder, and not a hub repo id"):
+        open_checkpoint(str(tmp_path / "nope" / "deeper"))
+    with pytest.raises(TypeError, match="folder path or a hub repo id"):
+        open_checkpoint(42)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no model_index.json"):
+        open_checkpoint(tmp_path / "empty")
+
+
+def test_hub_patterns_pick_one_format_per_component():
+    files = [
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.bin",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "text_encoder_2/config.json",
+        "text_encoder_2/pytorch_model.bin",  # as in the anhnct/* repos: pickles only
+        "vae/diffusion_pytorch_model.safetensors",
+    ]
+    patterns = hub_patterns(files)
+    assert "unet/diffusion_pytorch_model.safetensors" in patterns
+    assert "unet/diffusion_pytorch_model.bin" not in patterns
+    assert not any("fp16" in p for p in patterns)
+    assert "text_encoder_2/pytorch_model.bin" in patterns
+
+
+def test_truncated_safetensors(ckpt_copy):
+    path = ckpt_copy / "vocoder" / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match=r"vocoder/model\.safetensors: .*truncated or corrupt"):
+        load_vocoder(open_checkpoint(ckpt_copy))
+    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{notjson")
+    with pytest.raises(WeightsError, match="truncated or corrupt"):
+        read_weights(path)
+
+
+def _rewrite(path: Path, edit) -> None:
+    state = load_file(path)
+    edit(state)
+    save_file(state, path)
+
+
+def test_extra_missing_and_misshaped_keys(ckpt_copy):
+    path = ckpt_copy / "vocoder" / "model.safetensors"
+    original = load_file(path)
+    key = "conv_pre.bias" if "conv_pre.bias" in original else sorted(original)[0]
+
+    _rewrite(path, lambda s: s.__setitem__("extra.weight", torch.zeros(3)))
+    with pytest.raises(WeightsError, match=r"vocoder.*unexpected keys: extra\.weight"):
+        load_vocoder(open_checkpoint(ckpt_copy))
+
+    save_file({k: v for k, v in original.items() if k != key}, path)
+    with pytest.raises(WeightsError, match=rf"vocoder.*missing keys: {key}"):
+        load_vocoder(open_checkpoint(ckpt_copy))
+
+    save_file({**original, key: torch.zeros(7, 7)}, path)
+    with pytest.raises(WeightsError, match=rf"mis-shaped keys: {key}: file \(7, 7\)"):
+        load_vocoder(open_checkpoint(ckpt_copy))
+
+
+def test_missing_weight_file_and_component_folder(ckpt_copy):
+    (ckpt_copy / "vocoder" / "model.safetensors").unlink()
+    with pytest.raises(WeightsError, match=r"no weight file in vocoder/"):
+        load_vocoder(open_checkpoint(ckpt_copy))
+    shutil.rmtree(ckpt_copy / "vae")
+    with pytest.raises(CheckpointError, match=r"component folder vae/ is missing"):
+        open_checkpoint(ckpt_copy)
+
+
+def test_unsupported_component_class(ckpt_copy):
+    index = json.loads((ckpt_copy / "model_index.json").read_text())
+    index["text_encoder_2"] = ["transformers", "VitsModel"]
+    (ckpt_copy / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        CheckpointError, match=r"component 'text_encoder_2' has class 'VitsModel'.*not support"
+    ):
+        open_checkpoint(ckpt_copy)
+    index["_class_name"] = "StableDiffusionPipeline"
+    (ckpt_copy / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="pipeline class 'StableDiffusionPipeline'"):
+        Checkpoint(ckpt_copy)
+
+
+def test_pickle_weights_are_read_safely(ckpt_copy):
+    folder = ckpt_copy / "vocoder"
+    state = load_file(folder / "model.safetensors")
+    torch.save(state, folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    ckpt = open_checkpoint(ckpt_copy)
+    assert [p.name for p in ckpt.weight_files("vocoder")] == ["pytorch_model.bin"]
+    vocoder = load_vocoder(ckpt)
+    assert torch.equal(dict(vocoder.state_dict())["conv_post.weight"], state["conv_post.weight"])
+    # A pickle that is not plain tensors is refused by weights_only loading.
+    torch.save({"x": object()}, folder / "pytorch_model.bin", _use_new_zipfile_serialization=True)
+    with pytest.raises(WeightsError, match="cannot read pickled weights safely"):
+        read_weights(folder / "pytorch_model.bin")
+
+
+def test_load_strict_reports_unfilled_tensors():
+    class WithBuffer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+            self.register_buffer("tmp", torch.zeros(2), persistent=False)
+
+    with torch.device("meta"):
+        m = WithBuffer()
+    with pytest.raises(WeightsError, match="not filled from the file: tmp"):
+        load_strict(m, {"lin.weight": torch.zeros(2, 2), "lin.bias": torch.zeros(2)}, "test")
