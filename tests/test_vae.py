@@ -1,0 +1,189 @@
+"""VAE decoder parity with diffusers' AutoencoderKL, and strict loading of the decoder half of the file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from audioldm2_core.loading import COMPONENTS, CheckpointError, open_checkpoint
+from audioldm2_core.vae import load_vae
+from tests.helpers import rel_err
+
+HUB_VAE = Path(__file__).parents[1] / "weights_tools/hub_configs/cvssp__audioldm2/vae/config.json"
+# The brief's tiny size: the real architecture (three UpDecoderBlock2D, 8 latent channels) at small width.
+TINY = dict(
+    in_channels=1,
+    out_channels=1,
+    down_block_types=["DownEncoderBlock2D"] * 3,
+    up_block_types=["UpDecoderBlock2D"] * 3,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=2,
+    latent_channels=8,
+    norm_num_groups=32,
+    sample_size=256,
+    scaling_factor=0.4110932946205139,
+)
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def write_vae_checkpoint(root: Path, config: dict, seed: int = 0):
+    """A pipeline folder holding only a vae/ saved by diffusers (model_index lists every component)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    ref = AutoencoderKL(**config).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # move norm scales and biases off 1/0 so a swap cannot pass
+        for p in ref.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    ref.save_pretrained(root / "vae", safe_serialization=True)
+    index = {
+        "_class_name": "AudioLDM2Pipeline",
+        **{c: ["x", classes[0]] for c, classes in COMPONENTS.items()},
+    }
+    (root / "model_index.json").write_text(json.dumps(index))
+    for component in COMPONENTS:  # the other folders exist, empty: only ours is read
+        (root / component).mkdir(exist_ok=True)
+    return ref
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vae_ckpt")
+    ref = write_vae_checkpoint(root, TINY)
+    return ref, root
+
+
+def reference_decode(ref, latents: torch.Tensor) -> torch.Tensor:
+    # exactly AudioLDM2Pipeline.__call__: latents = 1 / scaling_factor * latents; vae.decode(latents).sample
+    return ref.decode(1 / ref.config.scaling_factor * latents).sample
+
+
+@pytest.mark.parametrize("frames", [25, 32, 64])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_matches_reference(tiny, batch: int, frames: int):
+    ref, root = tiny
+    vae = load_vae(open_checkpoint(root))
+    latents = torch.randn(batch, 8, frames, 16, generator=torch.Generator().manual_seed(frames + batch))
+    with torch.no_grad():
+        want = reference_decode(ref, latents)
+        got = vae.decode(latents)
+    assert got.shape == want.shape == (batch, 1, 4 * frames, 64)
+    assert rel_err(got, want) <= 1e-5
+
+
+def _copy_with_weights(src: Path, dst: Path, edit) -> Path:
+    shutil.copytree(src, dst)
+    path = dst / "vae" / WEIGHTS
+    state = load_file(path)
+    edit(state)
+    save_file(state, path, metadata={"format": "pt"})
+    return dst
+
+
+def test_missing_decoder_key_is_named(tiny, tmp_path):
+    root = _copy_with_weights(
+        tiny[1], tmp_path / "c", lambda s: s.pop("decoder.up_blocks.1.resnets.2.conv2.bias")
+    )
+    with pytest.raises(
+        CheckpointError, match=r"missing keys: decoder\.up_blocks\.1\.resnets\.2\.conv2\.bias"
+    ):
+        load_vae(open_checkpoint(root))
+
+
+def test_unexpected_decoder_key_is_named(tiny, tmp_path):
+    def add(s):
+        s["decoder.mid_block.attentions.0.to_out.1.weight"] = torch.zeros(64, 64)
+
+    root = _copy_with_weights(tiny[1], tmp_path / "c", add)
+    with pytest.raises(
+        CheckpointError, match=r"unexpected keys: decoder\.mid_block\.attentions\.0\.to_out\.1"
+    ):
+        load_vae(open_checkpoint(root))
+
+
+def test_key_of_neither_half_is_an_error(tiny, tmp_path):
+    def add(s):
+        s["discriminator.conv.weight"] = torch.zeros(3)
+
+    root = _copy_with_weights(tiny[1], tmp_path / "c", add)
+    with pytest.raises(CheckpointError, match=r"discriminator\.conv\.weight"):
+        load_vae(open_checkpoint(root))
+
+
+def test_missing_encoder_is_an_error(tiny, tmp_path):
+    def drop(s):
+        for k in [k for k in s if k.startswith(("encoder.", "quant_conv."))]:
+            del s[k]
+
+    root = _copy_with_weights(tiny[1], tmp_path / "c", drop)
+    with pytest.raises(CheckpointError, match="encoder"):
+        load_vae(open_checkpoint(root))
+
+
+def test_encoder_tensors_are_not_read(tiny, monkeypatch):
+    import safetensors
+
+    real_open, read, listed = safetensors.safe_open, [], []
+
+    class Spy:  # a safe_open handle that records which tensors are read
+        def __init__(self, *args, **kwargs):
+            self._f = real_open(*args, **kwargs)
+
+        def keys(self):
+            listed.extend(self._f.keys())
+            return self._f.keys()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self._f.get_tensor(key)
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    vae = load_vae(open_checkpoint(tiny[1]))
+    assert any(k.startswith("encoder.") for k in listed) and "quant_conv.weight" in listed
+    assert sorted(read) == sorted(vae.state_dict())  # the decoder's keys, each read once, nothing else
+
+
+def test_dtype_and_meta_free(tiny):
+    vae = load_vae(open_checkpoint(tiny[1]), dtype=torch.float64)
+    tensors = [*vae.parameters(), *vae.buffers()]
+    assert all(t.dtype == torch.float64 and not t.is_meta for t in tensors)
+
+
+def test_tiny_checkpoint_fixture(request):
+    """On the lead's full tiny checkpoint (written by the reference pipeline's save_pretrained), when present."""
+    try:
+        root = request.getfixturevalue("tiny_base")
+    except pytest.FixtureLookupError:
+        pytest.skip("tiny_base fixture not available")
+    from diffusers import AutoencoderKL
+
+    ref = AutoencoderKL.from_pretrained(Path(root) / "vae").eval()
+    vae = load_vae(open_checkpoint(root))
+    latents = torch.randn(2, ref.config.latent_channels, 25, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel_err(vae.decode(latents), reference_decode(ref, latents)) <= 1e-5
+
+
+@pytest.mark.slow
+def test_real_size_random_weights(tmp_path):
+    config = {k: v for k, v in json.loads(HUB_VAE.read_text()).items() if not k.startswith("_")}
+    ref = write_vae_checkpoint(tmp_path, config)
+    vae = load_vae(open_checkpoint(tmp_path))
+    latents = torch.randn(1, 8, 256, 16, generator=torch.Generator().manual_seed(0))  # 10.24 s of audio
+    with torch.no_grad():
+        want = reference_decode(ref, latents)
+        got = vae.decode(latents)
+    assert got.shape == (1, 1, 1024, 64)
+    err = rel_err(got, want)
+    print(f"vae real size: rel err {err:.3e}")
+    assert err <= 1e-5

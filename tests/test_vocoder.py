@@ -1,0 +1,175 @@
+"""HiFi-GAN vocoder parity with transformers' SpeechT5HifiGan, output length, and strict loading."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from audioldm2_core.config import vocoder_config
+from audioldm2_core.loading import COMPONENTS, CheckpointError, open_checkpoint
+from audioldm2_core.vocoder import load_vocoder, num_samples
+from tests.helpers import rel_err
+
+HUB_VOCODER = Path(__file__).parents[1] / "weights_tools/hub_configs/cvssp__audioldm2/vocoder/config.json"
+# The brief's tiny size: the hub's rates and kernels (so the real output-length arithmetic), 32 channels.
+TINY = dict(
+    model_in_dim=64,
+    sampling_rate=16000,
+    upsample_initial_channel=32,
+    upsample_rates=[5, 4, 2, 2, 2],
+    upsample_kernel_sizes=[16, 16, 8, 4, 4],
+    resblock_kernel_sizes=[3, 7, 11],
+    resblock_dilation_sizes=[[1, 3, 5]] * 3,
+)
+WEIGHTS = "model.safetensors"
+
+
+def write_vocoder_checkpoint(root: Path, config: dict, seed: int = 0, gain: float = 1.2):
+    """A pipeline folder holding only a vocoder/ saved by transformers (model_index lists every component).
+
+    ``gain`` scales the conv weights relative to unit variance; the output level grows with the width, so
+    the real size needs a smaller one (0.9) than the tiny (1.2) to keep the tanh out of saturation.
+    """
+    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    torch.manual_seed(seed)
+    ref = SpeechT5HifiGan(SpeechT5HifiGanConfig(**config)).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        # transformers initialises convs with std 0.01, which leaves little but conv_post's bias at the output;
+        # weights near unit gain keep every layer contributing.
+        for name, p in ref.named_parameters():
+            if p.ndim == 1:
+                std = 0.1
+            elif name.startswith("upsampler."):
+                # ConvTranspose1d weight (in, out, k): each output sample sees in * k / stride taps
+                stride = config["upsample_rates"][int(name.split(".")[1])]
+                std = gain * (p.shape[0] * p.shape[2] / stride) ** -0.5
+            else:  # Conv1d weight (out, in, k)
+                std = gain * p[0].numel() ** -0.5
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+        # random statistics, so that normalize_before=True is tested
+        ref.mean.copy_(torch.randn(ref.mean.shape, generator=g))
+        ref.scale.copy_(torch.rand(ref.scale.shape, generator=g) + 0.5)
+    ref.save_pretrained(root / "vocoder")
+    index = {
+        "_class_name": "AudioLDM2Pipeline",
+        **{c: ["x", classes[0]] for c, classes in COMPONENTS.items()},
+    }
+    (root / "model_index.json").write_text(json.dumps(index))
+    for component in COMPONENTS:  # the other folders exist, empty: only ours is read
+        (root / component).mkdir(exist_ok=True)
+    return ref
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "normalize_before"])
+def tiny(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp("vocoder_ckpt")
+    ref = write_vocoder_checkpoint(root, {**TINY, "normalize_before": request.param})
+    return ref, root
+
+
+@pytest.mark.parametrize("frames", [37, 100, 128])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_matches_reference(tiny, batch: int, frames: int):
+    ref, root = tiny
+    voc = load_vocoder(open_checkpoint(root))
+    assert voc.cfg.normalize_before == ref.config.normalize_before
+    mel = torch.randn(batch, frames, 64, generator=torch.Generator().manual_seed(frames + batch)) - 5.0
+    with torch.no_grad():
+        want, got = ref(mel), voc(mel)
+    # exactly the reference's length: 160 * frames + 32 for the hub's rates and kernels, not 160 * frames
+    assert got.shape == want.shape == (batch, 160 * frames + 32) == (batch, num_samples(voc.cfg, frames))
+    # neither vanishing nor stuck at the tanh's +-1: a meaningful comparison
+    assert want.std() > 0.05 and (want.abs() > 0.99).float().mean() < 0.1
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_unbatched(tiny):
+    ref, root = tiny
+    voc = load_vocoder(open_checkpoint(root))
+    mel = torch.randn(50, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = ref(mel), voc(mel)
+    assert got.shape == want.shape == (num_samples(voc.cfg, 50),)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_file_holds_plain_weights(tiny):
+    """save_pretrained writes plain conv weights (no weight norm) and the mean/scale buffers; we mirror it."""
+    ref, root = tiny
+    keys = set(load_file(root / "vocoder" / WEIGHTS))
+    assert {"mean", "scale", "conv_pre.weight", "upsampler.0.weight"} <= keys
+    assert not any("weight_g" in k or "parametrizations" in k for k in keys)
+    assert keys == set(load_vocoder(open_checkpoint(root)).state_dict())
+
+
+def _copy_with_weights(src: Path, dst: Path, edit) -> Path:
+    shutil.copytree(src, dst)
+    path = dst / "vocoder" / WEIGHTS
+    state = load_file(path)
+    edit(state)
+    save_file(state, path, metadata={"format": "pt"})
+    return dst
+
+
+def test_missing_key_is_named(tiny, tmp_path):
+    root = _copy_with_weights(tiny[1], tmp_path / "c", lambda s: s.pop("resblocks.7.convs2.1.weight"))
+    with pytest.raises(CheckpointError, match=r"missing keys: resblocks\.7\.convs2\.1\.weight"):
+        load_vocoder(open_checkpoint(root))
+
+
+def test_missing_buffer_is_named(tiny, tmp_path):
+    root = _copy_with_weights(tiny[1], tmp_path / "c", lambda s: s.pop("scale"))
+    with pytest.raises(CheckpointError, match=r"missing keys: scale"):
+        load_vocoder(open_checkpoint(root))
+
+
+def test_unexpected_key_is_named(tiny, tmp_path):
+    def add(s):  # as a file saved with weight-norm parametrizations still applied would have
+        s["conv_pre.parametrizations.weight.original0"] = torch.ones(32, 1, 1)
+
+    root = _copy_with_weights(tiny[1], tmp_path / "c", add)
+    with pytest.raises(
+        CheckpointError, match=r"unexpected keys: conv_pre\.parametrizations\.weight\.original0"
+    ):
+        load_vocoder(open_checkpoint(root))
+
+
+def test_tiny_checkpoint_fixture(request):
+    """On the lead's full tiny checkpoint (written by the reference pipeline's save_pretrained), when present."""
+    try:
+        root = request.getfixturevalue("tiny_base")
+    except pytest.FixtureLookupError:
+        pytest.skip("tiny_base fixture not available")
+    from transformers import SpeechT5HifiGan
+
+    ref = SpeechT5HifiGan.from_pretrained(Path(root) / "vocoder").eval()
+    voc = load_vocoder(open_checkpoint(root))
+    mel = torch.randn(2, 40, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = ref(mel), voc(mel)
+    assert got.shape == want.shape
+    assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.slow
+def test_real_size_random_weights(tmp_path):
+    config = {k: v for k, v in json.loads(HUB_VOCODER.read_text()).items() if k not in ("architectures",)}
+    assert vocoder_config(config).hop_length == 160
+    ref = write_vocoder_checkpoint(tmp_path, config, gain=0.9)
+    voc = load_vocoder(open_checkpoint(tmp_path))
+    mel = torch.randn(1, 256, 64, generator=torch.Generator().manual_seed(0)) - 5.0  # 2.56 s
+    with torch.no_grad():
+        want, got = ref(mel), voc(mel)
+    assert got.shape == want.shape == (1, 160 * 256 + 32)
+    err = rel_err(got, want)
+    saturated = (want.abs() > 0.99).float().mean().item()
+    print(f"vocoder real size: rel err {err:.3e}, output std {want.std():.3f}, saturated {saturated:.1%}")
+    assert want.std() > 0.05 and saturated < 0.1
+    assert err <= 1e-5
