@@ -1,0 +1,87 @@
+"""Helpers for the text-conditioning tests: one reference component saved in the official layout."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from audioldm2_core.loading import COMPONENTS
+
+
+def perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Move 0-D/1-D parameters (norm scales, biases, SOS/EOS vectors) off their 0/1 init so swaps show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim <= 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model.float().eval()
+
+
+def write_component(root: Path, component: str, model) -> Path:
+    """A pipeline folder holding only ``component``, written by the reference's own ``save_pretrained``;
+    model_index.json lists every component (the other folders exist, empty)."""
+    root = Path(root)
+    model.save_pretrained(root / component, safe_serialization=True)
+    index = {
+        "_class_name": "AudioLDM2Pipeline",
+        **{c: ["x", classes[0]] for c, classes in COMPONENTS.items()},
+    }
+    (root / "model_index.json").write_text(json.dumps(index))
+    for c in COMPONENTS:
+        (root / c).mkdir(exist_ok=True)
+    return root
+
+
+def edit_weights(src: Path, dst: Path, component: str, edit: Callable[[dict], None]) -> Path:
+    """Copy a checkpoint folder and change the tensors of one component's safetensors file."""
+    shutil.copytree(src, dst)
+    path = dst / component / "model.safetensors"
+    if not path.is_file():
+        path = dst / component / "diffusion_pytorch_model.safetensors"
+    state = load_file(path)
+    edit(state)
+    save_file(state, path, metadata={"format": "pt"})
+    return dst
+
+
+def tiny_base_or_skip(request) -> Path:
+    """The lead's full tiny checkpoint (conftest fixture ``tiny_base``), or skip when it is not available."""
+    try:
+        return Path(request.getfixturevalue("tiny_base"))
+    except pytest.FixtureLookupError:
+        pytest.skip("tiny_base fixture not available")
+
+
+class TensorReadSpy:
+    """Monkeypatches ``safetensors.safe_open`` to record which keys are listed and which tensors are read."""
+
+    def __init__(self, monkeypatch):
+        import safetensors
+
+        self.listed: list[str] = []
+        self.read: list[str] = []
+        real_open, spy = safetensors.safe_open, self
+
+        class Handle:
+            def __init__(self, *args, **kwargs):
+                self._f = real_open(*args, **kwargs)
+
+            def keys(self):
+                spy.listed.extend(self._f.keys())
+                return self._f.keys()
+
+            def get_tensor(self, key):
+                spy.read.append(key)
+                return self._f.get_tensor(key)
+
+            def __getattr__(self, name):
+                return getattr(self._f, name)
+
+        monkeypatch.setattr(safetensors, "safe_open", Handle)
