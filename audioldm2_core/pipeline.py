@@ -1,0 +1,463 @@
+"""The AudioLDM 2 pipeline: text -> audio, as a few functions plus a thin object for users.
+
+    prompt --encode_prompt--> T5 states (B, L, 1024) + mask, GPT-2 states (B, 8, 768)
+           --denoise-------> latents (B, 8, T/4, 16)        [UNet + classifier-free guidance + a sampler]
+           --decode--------> mel (B, 1, T, 64) -> waveform (B, 160 T) -> trimmed to the asked length
+
+``AudioLDM2.from_pretrained(...)`` loads the components strictly from an official checkpoint (a folder or a
+hub repo id); calling it mirrors ``diffusers.AudioLDM2Pipeline.__call__`` argument by argument where the
+concept is the same, and, for the same seed, gives the same audio as diffusers to float32 rounding: random
+draws (initial latents, DDIM's eta noise) follow diffusers' order and shapes.
+
+Residency: by default every component stays loaded. With ``low_memory=True`` each component is loaded
+for the stage that uses it and released afterwards (text encoders, then the UNet, then VAE and vocoder),
+which bounds peak memory by the largest stage instead of the sum: the right mode for one-shot CLI runs.
+
+Left out on purpose: the speech (``transcription``) path until the VITS phoneme encoder lands,
+``return_dict`` / tuple outputs, ``callback_on_step_end`` tensor plumbing, model offload hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import conditioning
+from .audio import clap_features, resample
+from .clap_audio import load_clap_audio
+from .clap_text import load_clap_text
+from .config import feature_extractor_config, scheduler_config, unet_config, vae_config, vocoder_config
+from .gpt2 import load_gpt2
+from .loading import Checkpoint, open_checkpoint
+from .projection import load_projection
+from .rerank import rank_within_prompts, score
+from .samplers import SAMPLERS, randn, sample
+from .t5 import load_t5
+from .tokenization import load_tokenizer
+from .unet import load_unet
+from .vae import load_vae
+from .vocoder import load_vocoder
+
+logger = logging.getLogger("audioldm2_core")
+
+__all__ = ["AudioLDM2", "AudioOutput", "audio_shape"]
+
+MAX_AUDIO_LENGTH_S = 600.0  # a bound on the request, not on the model: 10 minutes of audio in one latent
+
+
+@dataclass
+class AudioOutput:
+    """What a generation returns: ``audios`` as diffusers names it, plus the sample rate."""
+
+    audios: Any  # np.ndarray or Tensor (batch * waveforms, samples) float32, or latents for "latent"
+    sample_rate: int
+    scores: Tensor | None = None  # CLAP re-ranking scores (batch, waveforms), best first, when re-ranked
+
+
+def audio_shape(
+    audio_length_in_s: float, upsample_factor: float, vae_scale: int, sample_rate: int
+) -> tuple[int, int]:
+    """Mel frames to generate (a multiple of the VAE scale) and waveform samples to keep, as diffusers."""
+    height = int(audio_length_in_s / upsample_factor)
+    keep = int(audio_length_in_s * sample_rate)
+    if height % vae_scale != 0:
+        height = int(np.ceil(height / vae_scale)) * vae_scale
+        logger.info(
+            "Audio length %ss is increased to %ss for the model; it is cut back after generation.",
+            audio_length_in_s,
+            height * upsample_factor,
+        )
+    return height, keep
+
+
+def _check_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+    names |= {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if isinstance(dtype, str):
+        if dtype not in names:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(names)}")
+        dtype = names[dtype]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, not {dtype}")
+    return dtype
+
+
+class AudioLDM2:
+    """AudioLDM 2 text-to-audio. ``AudioLDM2.from_pretrained("cvssp/audioldm2")("a dog barking").audios``."""
+
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | str = torch.float32,
+        low_memory: bool = False,
+    ):
+        self.ckpt = ckpt
+        self.device = torch.device(device)
+        self.dtype = _check_dtype(dtype)
+        if self.dtype == torch.float16 and self.device.type == "cpu":
+            raise ValueError("float16 is not supported on the CPU; use bfloat16 or float32")
+        self.low_memory = low_memory
+        # Configs are read once, up front: shapes and the schedule do not need the weights.
+        self.unet_config = unet_config(ckpt.config("unet"))
+        self.vae_config = vae_config(ckpt.config("vae"))
+        self.vocoder_config = vocoder_config(ckpt.config("vocoder"))
+        self.scheduler_config = scheduler_config(ckpt.config("scheduler"))
+        self.max_new_tokens = ckpt.config("language_model").get("max_new_tokens", 8)
+        v, s = self.vocoder_config, self.vae_config.scale_factor
+        if v.model_in_dim % s != 0:
+            raise ValueError(
+                f"vocoder mel bins {v.model_in_dim} are not divisible by the VAE scale factor {s}"
+            )
+        self._modules: dict[str, torch.nn.Module | Any] = {}
+        if not low_memory:
+            for name in self._GENERATION:
+                self._get(name)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | Path = "cvssp/audioldm2",
+        *,
+        revision: str | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | str = torch.float32,
+        low_memory: bool = False,
+    ) -> AudioLDM2:
+        """Load an official checkpoint: a local pipeline folder or a hub repo id (optionally a revision)."""
+        return cls(
+            open_checkpoint(path_or_repo_id, revision), device=device, dtype=dtype, low_memory=low_memory
+        )
+
+    # ------------------------------------------------------------------------------ components
+
+    @property
+    def _decoder_dtype(self) -> torch.dtype:
+        # float16 overflows in the VAE's and vocoder's activations: those run in float32 then.
+        return torch.float32 if self.dtype == torch.float16 else self.dtype
+
+    _LOADERS: dict[str, Callable[[AudioLDM2], Any]] = {
+        "tokenizer": lambda p: load_tokenizer(p.ckpt, "tokenizer"),
+        "tokenizer_2": lambda p: load_tokenizer(p.ckpt, "tokenizer_2"),
+        "text_encoder": lambda p: load_clap_text(p.ckpt, p.dtype, p.device),
+        "text_encoder_2": lambda p: load_t5(p.ckpt, p.dtype, p.device),
+        "projection_model": lambda p: load_projection(p.ckpt, p.dtype, p.device),
+        "language_model": lambda p: load_gpt2(p.ckpt, p.dtype, p.device),
+        "unet": lambda p: load_unet(p.ckpt, p.dtype, p.device),
+        "vae": lambda p: load_vae(p.ckpt, p._decoder_dtype, p.device),
+        "vocoder": lambda p: load_vocoder(p.ckpt, p._decoder_dtype, p.device),
+        # Only for re-ranking: never loaded up front, never read for plain generation.
+        "clap_audio": lambda p: load_clap_audio(p.ckpt, p.dtype, p.device),
+    }
+    _GENERATION = tuple(n for n in _LOADERS if n != "clap_audio")
+
+    def _get(self, name: str):
+        if name not in self._modules:
+            self._modules[name] = self._LOADERS[name](self)
+        return self._modules[name]
+
+    def _release(self, *names: str) -> None:
+        if self.low_memory:
+            for name in names:
+                self._modules.pop(name, None)
+
+    def text_stack(self) -> conditioning.TextStack:
+        return conditioning.TextStack(
+            tokenizer=self._get("tokenizer"),
+            tokenizer_2=self._get("tokenizer_2"),
+            clap=self._get("text_encoder"),
+            t5=self._get("text_encoder_2"),
+            projection=self._get("projection_model"),
+            gpt2=self._get("language_model"),
+            max_new_tokens=self.max_new_tokens,
+        )
+
+    # ---------------------------------------------------------------------------------- stages
+
+    @torch.inference_mode()
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device | str | None = None,
+        num_waveforms_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        generated_prompt_embeds: Tensor | None = None,
+        negative_generated_prompt_embeds: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        negative_attention_mask: Tensor | None = None,
+        max_new_tokens: int | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(prompt_embeds, attention_mask, generated_prompt_embeds)`` as diffusers' ``encode_prompt``.
+
+        With guidance the batch is ``[negative, positive]``; each row is repeated
+        ``num_waveforms_per_prompt`` times.
+        """
+        out = conditioning.encode_prompt(
+            self.text_stack(),
+            prompt,
+            device=self.device if device is None else torch.device(device),
+            num_waveforms_per_prompt=num_waveforms_per_prompt,
+            do_classifier_free_guidance=do_classifier_free_guidance,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            generated_prompt_embeds=generated_prompt_embeds,
+            negative_generated_prompt_embeds=negative_generated_prompt_embeds,
+            attention_mask=attention_mask,
+            negative_attention_mask=negative_attention_mask,
+            max_new_tokens=max_new_tokens,
+        )
+        self._release(
+            "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "projection_model", "language_model"
+        )
+        return out
+
+    @torch.inference_mode()
+    def denoise(
+        self,
+        latents: Tensor,
+        prompt_embeds: Tensor,
+        attention_mask: Tensor,
+        generated_prompt_embeds: Tensor,
+        *,
+        num_inference_steps: int,
+        guidance_scale: float,
+        sampler: str = "ddim",
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        callback: Callable[[int, Tensor, Tensor], None] | None = None,
+    ) -> Tensor:
+        """Run a sampler from x_T = ``latents``; the closure below owns guidance and both conditions."""
+        unet = self._get("unet")
+        guided = guidance_scale > 1.0
+
+        def model(x: Tensor, t: Tensor) -> Tensor:
+            x_in = torch.cat([x, x]) if guided else x  # [negative, positive] as the conditions are
+            out = unet(
+                x_in,
+                t,
+                encoder_hidden_states=generated_prompt_embeds,
+                encoder_hidden_states_1=prompt_embeds,
+                encoder_attention_mask_1=attention_mask,
+            )
+            if guided:
+                uncond, cond = out.chunk(2)
+                out = uncond + guidance_scale * (cond - uncond)
+            return out
+
+        x = sample(
+            sampler,
+            model,
+            latents,
+            self.scheduler_config,
+            num_inference_steps,
+            eta=eta,
+            generator=generator,
+            callback=callback,
+        )
+        self._release("unet")
+        return x
+
+    @torch.inference_mode()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents (B, 8, t, 16) -> float32 waveforms (B, samples) at the vocoder's rate, untrimmed."""
+        vae = self._get("vae")
+        mel = vae.decode(latents.to(self._decoder_dtype))  # (B, 1, T, 64)
+        self._release("vae")
+        vocoder = self._get("vocoder")
+        audio = vocoder(mel.squeeze(1))  # (B, samples)
+        self._release("vocoder")
+        return audio.float()
+
+    @torch.inference_mode()
+    def score_waveforms(
+        self, prompts: list[str], audio: Tensor, num_waveforms_per_prompt: int
+    ) -> tuple[Tensor, Tensor]:
+        """Order each prompt's candidates by CLAP text-audio similarity, best first.
+
+        ``audio`` (P * N, samples) holds prompt p's N candidates at rows p*N ... p*N + N-1. Returns the
+        reordered audio and the scores (P, N), descending: the reference's ``logits_per_text`` (cosine
+        similarity times exp(logit_scale_t)). Unlike diffusers, candidates are ranked within their own
+        prompt's group only (diffusers issue 13602), ties kept in generation order.
+        """
+        fe = feature_extractor_config(self.ckpt.config("feature_extractor"))
+        tokens = self._get("tokenizer")(prompts)
+        text = self._get("text_encoder")(
+            tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+        )
+        self._release("tokenizer", "text_encoder")
+        features = clap_features(resample(audio.float().cpu(), self.sample_rate, fe.sampling_rate), fe)
+        clap_audio = self._get("clap_audio")
+        embeds = clap_audio(features.to(self.device, self.dtype))  # (P * N, D), unit norm
+        logits = score(text.float(), embeds.float(), clap_audio.logit_scale_t.float())
+        self._release("clap_audio")
+        ranking = rank_within_prompts(logits, num_waveforms_per_prompt)
+        return audio[ranking.order.reshape(-1).to(audio.device)], ranking.scores
+
+    # ------------------------------------------------------------------------------- the call
+
+    @property
+    def sample_rate(self) -> int:
+        return self.vocoder_config.sampling_rate
+
+    def _upsample_factor(self) -> float:
+        return math.prod(self.vocoder_config.upsample_rates) / self.vocoder_config.sampling_rate
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        audio_length_in_s: float | None = None,
+        num_inference_steps: int = 200,
+        guidance_scale: float = 3.5,
+        negative_prompt: str | list[str] | None = None,
+        num_waveforms_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: Tensor | None = None,
+        prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        generated_prompt_embeds: Tensor | None = None,
+        negative_generated_prompt_embeds: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        negative_attention_mask: Tensor | None = None,
+        max_new_tokens: int | None = None,
+        output_type: str = "np",
+        sampler: str = "ddim",
+        callback: Callable[[int, Tensor, Tensor], None] | None = None,
+        callback_steps: int = 1,
+        rerank: bool | None = None,
+    ) -> AudioOutput:
+        """Generate audio; arguments as ``diffusers.AudioLDM2Pipeline.__call__``, plus ``sampler``.
+
+        ``sampler``: "ddim" (the checkpoint's scheduler, diffusers' default), "dpmpp-2m" (as
+        ``DPMSolverMultistepScheduler.from_config`` of it) or "dpmpp-2m-karras". ``callback(step, t,
+        latents)`` runs every ``callback_steps`` steps. ``rerank`` (default: when
+        ``num_waveforms_per_prompt`` > 1 and a prompt is given, as diffusers) orders each prompt's candidates
+        by CLAP score, best first, and returns the scores; False keeps generation order. Returns :class:`AudioOutput` with ``audios`` of
+        shape (batch * num_waveforms_per_prompt, samples), float32.
+        """
+        factor, vae_scale = self._upsample_factor(), self.vae_config.scale_factor
+        if audio_length_in_s is None:
+            audio_length_in_s = self.unet_config.sample_size * vae_scale * factor
+        self._check_call(
+            prompt, audio_length_in_s, num_inference_steps, guidance_scale, num_waveforms_per_prompt,
+            output_type, sampler, callback_steps, prompt_embeds, generated_prompt_embeds,
+        )  # fmt: skip
+        height, keep = audio_shape(audio_length_in_s, factor, vae_scale, self.sample_rate)
+        if rerank is None:
+            rerank = num_waveforms_per_prompt > 1 and prompt is not None
+        elif rerank and prompt is None:
+            raise ValueError(
+                "re-ranking needs the prompt text; pass rerank=False with precomputed embeddings"
+            )
+
+        prompt_embeds, attention_mask, generated_prompt_embeds = self.encode_prompt(
+            prompt,
+            self.device,
+            num_waveforms_per_prompt,
+            guidance_scale > 1.0,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            generated_prompt_embeds=generated_prompt_embeds,
+            negative_generated_prompt_embeds=negative_generated_prompt_embeds,
+            attention_mask=attention_mask,
+            negative_attention_mask=negative_attention_mask,
+            max_new_tokens=max_new_tokens,
+        )
+        batch = prompt_embeds.shape[0] // (2 if guidance_scale > 1.0 else 1)
+        shape = (
+            batch,
+            self.unet_config.in_channels,
+            height // vae_scale,
+            self.vocoder_config.model_in_dim // vae_scale,
+        )
+        if latents is None:
+            latents = randn(shape, generator, self.device, prompt_embeds.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; this request needs {shape}")
+        else:
+            latents = latents.to(self.device, prompt_embeds.dtype)
+
+        step_callback = None
+        if callback is not None:
+            step_callback = lambda i, t, x: callback(i, t, x) if i % callback_steps == 0 else None  # noqa: E731
+        latents = self.denoise(
+            latents,
+            prompt_embeds,
+            attention_mask,
+            generated_prompt_embeds,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            sampler=sampler,
+            eta=eta,
+            generator=generator,
+            callback=step_callback,
+        )
+        if output_type == "latent":
+            return AudioOutput(audios=latents, sample_rate=self.sample_rate)
+        audio = self.decode(latents)[:, :keep]
+        scores = None
+        if rerank:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            audio, scores = self.score_waveforms(prompts, audio, num_waveforms_per_prompt)
+        return AudioOutput(
+            audios=audio.cpu().numpy() if output_type == "np" else audio,
+            sample_rate=self.sample_rate,
+            scores=scores,
+        )
+
+    def _check_call(
+        self,
+        prompt,
+        audio_length_in_s,
+        num_inference_steps,
+        guidance_scale,
+        num_waveforms_per_prompt,
+        output_type,
+        sampler,
+        callback_steps,
+        prompt_embeds,
+        generated_prompt_embeds,
+    ) -> None:
+        min_length = self._upsample_factor() * self.vae_config.scale_factor
+        if not isinstance(audio_length_in_s, (int, float)) or isinstance(audio_length_in_s, bool):
+            raise TypeError(f"audio_length_in_s must be a number of seconds, got {audio_length_in_s!r}")
+        if not math.isfinite(audio_length_in_s) or audio_length_in_s < min_length:
+            raise ValueError(f"audio_length_in_s must be at least {min_length} s, got {audio_length_in_s}")
+        if audio_length_in_s > MAX_AUDIO_LENGTH_S:
+            raise ValueError(
+                f"audio_length_in_s must be at most {MAX_AUDIO_LENGTH_S} s, got {audio_length_in_s}"
+            )
+        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool):
+            raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0 (1 disables guidance), got {guidance_scale}")
+        if not isinstance(num_waveforms_per_prompt, int) or num_waveforms_per_prompt < 1:
+            raise ValueError(
+                f"num_waveforms_per_prompt must be a positive int, got {num_waveforms_per_prompt!r}"
+            )
+        if output_type not in ("np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if not isinstance(callback_steps, int) or callback_steps < 1:
+            raise ValueError(f"callback_steps must be a positive int, got {callback_steps!r}")
+        if prompt is None and (prompt_embeds is None or generated_prompt_embeds is None):
+            raise ValueError("give a prompt, or both prompt_embeds and generated_prompt_embeds")

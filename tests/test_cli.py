@@ -1,0 +1,102 @@
+"""The command line, through a subprocess as a user runs it: WAVs written, bad input refused in one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "audioldm2_core", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def test_writes_a_wav_of_the_right_length_and_rate(tiny_base, tmp_path):
+    out = tmp_path / "dog.wav"
+    r = run("a dog barks", "-o", str(out), "--model", str(tiny_base), "--steps", "2", "--length", "1.5",
+            "--seed", "0", "--sampler", "dpmpp-2m", "--negative", "noise")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    audio, rate = sf.read(out, dtype="float32")
+    assert rate == 16000 and audio.shape == (24000,)
+    assert r.stdout.strip() == str(out)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the temp file was renamed
+
+
+def test_same_seed_same_file_and_candidates(tiny_base, tmp_path):
+    args = ["rain on a tin roof", "--model", str(tiny_base), "--steps", "2", "--length", "1.0", "--seed", "3"]
+    assert run(*args, "-o", str(tmp_path / "a.wav"), "--quiet").returncode == 0
+    r = run(*args, "-o", str(tmp_path / "b.wav"), "--candidates", "2", "--all-candidates", "--no-low-memory")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "b.rank1.wav").is_file() and (tmp_path / "b.rank2.wav").is_file()
+    best = sf.read(tmp_path / "b.wav")[0]
+    assert (best == sf.read(tmp_path / "b.rank1.wav")[0]).all()
+    a = sf.read(tmp_path / "a.wav")[0]
+    assert a.shape == (16000,) and (a == sf.read(tmp_path / "a.wav")[0]).all()
+
+
+def test_prompts_file(tiny_base, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\nthunder|storm\n\nbirds singing at dawn\n", encoding="utf-8")
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    r = run("--prompts-file", str(prompts), "-o", str(outdir), "--model", str(tiny_base), "--steps", "1",
+            "--length", "1.0", "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in outdir.iterdir()) == ["0002.wav", "storm.wav"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["", "-o", "x.wav"], "the prompt is empty"),
+        (["   ", "-o", "x.wav"], "the prompt is empty"),
+        (["rain", "--steps", "0"], "--steps must be at least 1, got 0"),
+        (["rain", "--steps", "-5"], "--steps must be at least 1, got -5"),
+        (["rain", "--length", "0"], "--length must be a positive number of seconds, got 0.0"),
+        (["rain", "--length", "-3"], "--length must be a positive number of seconds, got -3.0"),
+        (["rain", "--sampler", "euler"], "unknown sampler 'euler'"),
+        (["rain", "--candidates", "0"], "--candidates must be at least 1"),
+        (["rain", "-o", "/nonexistent-dir/x.wav"], "output folder /nonexistent-dir does not exist"),
+        (["rain", "--model", "/no/such/folder"], "/no/such/folder: no such folder, and not a hub repo id"),
+        (["rain", "--model", "nobody/no-such-model"], "nobody/no-such-model: not in the local hub cache"),
+        (["rain", "--steps", "two"], "argument --steps: invalid int value: 'two'"),
+        ([], "give exactly one of a prompt or --prompts-file"),
+    ],
+)
+def test_bad_input_gives_one_line_and_no_traceback(args, message, tmp_path):
+    r = run(*args, cwd=tmp_path)
+    assert r.returncode != 0
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert message in last
+    assert not list(tmp_path.glob("*.wav"))
+
+
+def test_unwritable_output_and_bad_prompts_file(tiny_base, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    r = run("rain", "-o", str(blocker / "x.wav"), "--model", str(tiny_base))
+    assert r.returncode != 0 and f"output folder {blocker} does not exist" in r.stderr
+    r = run("rain", "-o", str(tmp_path), "--model", str(tiny_base))
+    assert r.returncode != 0 and "is a folder; give a .wav file name" in r.stderr
+    bad = tmp_path / "p.txt"
+    bad.write_text("a|x\nb|x\n")
+    r = run("--prompts-file", str(bad), "-o", str(tmp_path), "--model", str(tiny_base))
+    assert r.returncode != 0 and "name 'x' is used twice" in r.stderr
+    r = run("--prompts-file", str(tmp_path / "missing.txt"), "--model", str(tiny_base))
+    assert r.returncode != 0 and "cannot read prompts file" in r.stderr

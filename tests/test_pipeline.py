@@ -1,0 +1,230 @@
+"""End-to-end parity with diffusers' AudioLDM2Pipeline on reference-made tiny checkpoints: same seed, same audio."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from audioldm2_core import AudioLDM2
+from tests.helpers import rel_err
+from tests.oracle import run_reference
+
+WAVE_TOL = 1e-4  # whole generation, float32
+SAMPLER_NAMES = {"ddim": "ddim", "dpmpp": "dpmpp-2m", "dpmpp-karras": "dpmpp-2m-karras"}
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_base):
+    return AudioLDM2.from_pretrained(tiny_base)
+
+
+def ours(pipe, prompt, *, seed=0, sampler="ddim", **kw):
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    return pipe(prompt, generator=g, sampler=SAMPLER_NAMES[sampler], output_type="pt", **kw).audios
+
+
+def reference(path, prompt, *, seed=0, sampler="ddim", rerank=True, **kw):
+    out = run_reference(path, prompt, seed=seed, sampler=sampler, **kw)
+    if rerank:
+        return out["audio"]
+    keep = out["audio"].shape[1]
+    return out["waveform_full"][:, :keep]  # the generation order, before diffusers' CLAP re-ranking
+
+
+CASES = {
+    "ddim-eta0": dict(sampler="ddim", eta=0.0),
+    "ddim-eta1": dict(sampler="ddim", eta=1.0),
+    "dpmpp": dict(sampler="dpmpp"),
+    "dpmpp-karras": dict(sampler="dpmpp-karras"),
+    "no-guidance": dict(guidance_scale=1.0),
+    "negative": dict(negative_prompt="low quality, noise"),
+    "guidance-7": dict(guidance_scale=7.0, negative_prompt="static"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_same_seed_same_audio(pipe, tiny_base, case):
+    kw = dict(num_inference_steps=4, audio_length_in_s=1.0, **CASES[case])
+    got = ours(pipe, "a dog barks in the rain", **kw)
+    want = reference(tiny_base, "a dog barks in the rain", **kw)
+    assert got.shape == want.shape == (1, 16000)
+    assert rel_err(got, want) <= WAVE_TOL
+
+
+@pytest.mark.parametrize("length", [1.0, 5.12, 10.24, 2.3])
+def test_lengths(pipe, tiny_base, length):
+    kw = dict(num_inference_steps=3, audio_length_in_s=length, negative_prompt="noise")
+    got = ours(pipe, "thunder and heavy rain", **kw)
+    want = reference(tiny_base, "thunder and heavy rain", **kw)
+    assert got.shape == want.shape == (1, int(length * 16000))
+    assert rel_err(got, want) <= WAVE_TOL
+
+
+def test_batch_of_two_prompts(pipe, tiny_base):
+    prompts = ["a cat meows", "an orchestra tunes up before the concert begins, strings and brass"]
+    kw = dict(num_inference_steps=3, audio_length_in_s=1.0, negative_prompt=["noise", "hiss and hum"])
+    got = ours(pipe, prompts, **kw)
+    want = reference(tiny_base, prompts, **kw)
+    assert got.shape == want.shape == (2, 16000)
+    assert rel_err(got, want) <= WAVE_TOL
+
+
+def test_waveforms_per_prompt_generation_order(pipe, tiny_base):
+    kw = dict(num_inference_steps=3, audio_length_in_s=1.0, num_waveforms_per_prompt=2)
+    got = ours(pipe, ["birdsong at dawn", "a train passes"], rerank=False, **kw)
+    want = reference(tiny_base, ["birdsong at dawn", "a train passes"], rerank=False, **kw)
+    assert got.shape == want.shape == (4, 16000)
+    assert rel_err(got, want) <= WAVE_TOL
+
+
+def test_given_latents(pipe, tiny_base):
+    latents = torch.randn(1, 8, 25, 16, generator=torch.Generator().manual_seed(42))
+    kw = dict(num_inference_steps=3, audio_length_in_s=1.0)
+    got = ours(pipe, "wind chimes", seed=None, latents=latents.clone(), **kw)
+    want = reference(tiny_base, "wind chimes", seed=None, latents=latents.clone(), **kw)
+    assert rel_err(got, want) <= WAVE_TOL
+    with pytest.raises(
+        ValueError, match=r"latents have shape \(1, 8, 20, 16\); this request needs \(1, 8, 25, 16\)"
+    ):
+        ours(pipe, "wind chimes", latents=torch.zeros(1, 8, 20, 16), **kw)
+
+
+def test_output_types_and_dtype(pipe):
+    kw = dict(num_inference_steps=2, audio_length_in_s=1.0)
+    out = pipe("rain", generator=torch.Generator().manual_seed(0), **kw)
+    assert (
+        isinstance(out.audios, np.ndarray)
+        and out.audios.dtype == np.float32
+        and out.audios.shape == (1, 16000)
+    )
+    assert out.sample_rate == 16000
+    lat = pipe("rain", generator=torch.Generator().manual_seed(0), output_type="latent", **kw).audios
+    assert lat.shape == (1, 8, 25, 16)
+
+
+def test_callback_and_encode_prompt(pipe, tiny_base):
+    seen = []
+    pipe(
+        "rain",
+        num_inference_steps=4,
+        audio_length_in_s=1.0,
+        callback=lambda i, t, x: seen.append((i, int(t))),
+    )
+    assert [i for i, _ in seen] == [0, 1, 2, 3]
+    seen.clear()
+    pipe(
+        "rain",
+        num_inference_steps=4,
+        audio_length_in_s=1.0,
+        callback_steps=2,
+        callback=lambda i, t, x: seen.append(i),
+    )
+    assert seen == [0, 2]
+    embeds, mask, generated = pipe.encode_prompt(
+        "rain", num_waveforms_per_prompt=1, do_classifier_free_guidance=True
+    )
+    ref = run_reference(tiny_base, "rain", num_inference_steps=1, audio_length_in_s=1.0)
+    assert rel_err(embeds, ref["prompt_embeds"]) <= 1e-5
+    assert torch.equal(mask, ref["attention_mask"])
+    assert rel_err(generated, ref["generated_prompt_embeds"]) <= 1e-5
+
+
+def test_precomputed_embeddings(pipe, tiny_base):
+    embeds, mask, generated = pipe.encode_prompt("a bell rings", do_classifier_free_guidance=False)
+    kw = dict(num_inference_steps=2, audio_length_in_s=1.0, guidance_scale=1.0)
+    a = ours(pipe, None, prompt_embeds=embeds, attention_mask=mask, generated_prompt_embeds=generated, **kw)
+    b = ours(pipe, "a bell rings", **kw)
+    assert rel_err(a, b) <= 1e-6
+
+
+def test_large_unet_shape(tiny_large):
+    pipe = AudioLDM2.from_pretrained(tiny_large)
+    kw = dict(num_inference_steps=3, audio_length_in_s=1.0, negative_prompt="noise")
+    assert rel_err(ours(pipe, "a car horn", **kw), reference(tiny_large, "a car horn", **kw)) <= WAVE_TOL
+
+
+def test_low_memory_mode_is_identical(tiny_base, pipe):
+    lean = AudioLDM2.from_pretrained(tiny_base, low_memory=True)
+    assert lean._modules == {}
+    kw = dict(num_inference_steps=3, audio_length_in_s=1.0)
+    assert torch.equal(ours(lean, "a kettle whistles", **kw), ours(pipe, "a kettle whistles", **kw))
+    assert lean._modules == {}  # everything released after its stage
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(num_inference_steps=0), ValueError, "num_inference_steps must be at least 1"),
+        (dict(num_inference_steps=2.5), TypeError, "num_inference_steps must be an int"),
+        (dict(audio_length_in_s=0.01), ValueError, "audio_length_in_s must be at least 0.04"),
+        (dict(audio_length_in_s=-1.0), ValueError, "audio_length_in_s must be at least"),
+        (dict(audio_length_in_s=float("nan")), ValueError, "audio_length_in_s must be at least"),
+        (dict(audio_length_in_s=1e6), ValueError, "audio_length_in_s must be at most"),
+        (dict(guidance_scale=float("inf")), ValueError, "guidance_scale must be a finite number"),
+        (dict(guidance_scale=-2.0), ValueError, "guidance_scale must be >= 0"),
+        (dict(num_waveforms_per_prompt=0), ValueError, "num_waveforms_per_prompt must be a positive int"),
+        (dict(output_type="wav"), ValueError, "output_type must be"),
+        (dict(sampler="euler"), ValueError, "unknown sampler 'euler'"),
+        (dict(eta=2.0), ValueError, "eta must be a number in"),
+    ],
+)
+def test_bad_arguments(pipe, kwargs, error, message):
+    kw = dict(num_inference_steps=2, audio_length_in_s=1.0) | kwargs
+    with pytest.raises(error, match=message):
+        pipe("rain", **kw)
+
+
+def test_bad_prompts(pipe):
+    with pytest.raises(ValueError, match="give a prompt"):
+        pipe(None, num_inference_steps=1, audio_length_in_s=1.0)
+    with pytest.raises((TypeError, ValueError)):
+        pipe(42, num_inference_steps=1, audio_length_in_s=1.0)
+
+
+# ------------------------------------------------------------------------------------------ re-ranking
+
+
+def test_candidate_order_equals_reference_for_one_prompt(pipe, tiny_base):
+    kw = dict(num_inference_steps=3, audio_length_in_s=1.0, num_waveforms_per_prompt=3)
+    g = torch.Generator().manual_seed(5)
+    out = pipe("church bells ring", generator=g, output_type="pt", **kw)
+    ref = run_reference(tiny_base, "church bells ring", seed=5, **kw)
+    assert out.audios.shape == ref["audio"].shape == (3, 16000)
+    assert rel_err(out.audios, ref["audio"]) <= WAVE_TOL  # same candidates in the same (ranked) order
+    assert out.scores.shape == (1, 3) and bool((out.scores[:, :-1] >= out.scores[:, 1:]).all())
+    keep = ref["audio"].shape[1]
+    generated = ref["waveform_full"][:, :keep]
+    # every returned waveform is one of this prompt's generated candidates, each once
+    matches = [min(range(3), key=lambda j, a=a: rel_err(a, generated[j])) for a in out.audios]
+    assert sorted(matches) == [0, 1, 2]
+
+
+def test_ranking_stays_within_each_prompt(pipe):
+    prompts = ["a dog barks", "waves crash on the beach"]
+    kw = dict(num_inference_steps=2, audio_length_in_s=1.0, num_waveforms_per_prompt=2, output_type="pt")
+    ranked = pipe(prompts, generator=torch.Generator().manual_seed(1), **kw)
+    plain = pipe(prompts, generator=torch.Generator().manual_seed(1), rerank=False, **kw)
+    assert plain.scores is None and ranked.scores.shape == (2, 2)
+    for p in range(2):
+        own = {tuple(plain.audios[p * 2 + j][:8].tolist()) for j in range(2)}
+        got = {tuple(ranked.audios[p * 2 + j][:8].tolist()) for j in range(2)}
+        assert got == own  # prompt p keeps its own two candidates, reordered at most
+
+
+def test_audio_branch_unloaded_without_candidates(tiny_base):
+    pipe = AudioLDM2.from_pretrained(tiny_base)
+    pipe("rain", num_inference_steps=1, audio_length_in_s=1.0)
+    assert "clap_audio" not in pipe._modules
+    pipe("rain", num_inference_steps=1, audio_length_in_s=1.0, num_waveforms_per_prompt=2)
+    assert "clap_audio" in pipe._modules
+    with pytest.raises(ValueError, match="re-ranking needs the prompt text"):
+        e, m, g = pipe.encode_prompt("rain", do_classifier_free_guidance=False)
+        pipe(
+            None,
+            prompt_embeds=e,
+            generated_prompt_embeds=g,
+            guidance_scale=1.0,
+            rerank=True,
+            audio_length_in_s=1.0,
+        )
