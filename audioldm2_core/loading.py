@@ -15,9 +15,13 @@ cannot be read, is an error naming the file and the keys. Nothing is ever left r
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import mmap
 import os
 import re
+import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -29,8 +33,12 @@ __all__ = [
     "WeightsError",
     "Checkpoint",
     "open_checkpoint",
+    "hub_patterns",
+    "hub_snapshot",
+    "hub_errors",
     "read_weights",
     "load_strict",
+    "empty_init",
     "COMPONENTS",
 ]
 
@@ -153,7 +161,7 @@ class Checkpoint:
         keys: list[str] = []
         for path in self.weight_files(component):
             if path.suffix == ".safetensors":
-                keys += _safe_open(path).keys()
+                keys += safetensors_keys(path)
             else:
                 keys += read_weights([path]).keys()
         return keys
@@ -175,7 +183,7 @@ def open_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None = N
         raise CheckpointError(f"{name}: not a folder")
     if not _REPO_ID.match(name) or name.startswith((".", "/", "~")):
         raise CheckpointError(f"{name}: no such folder, and not a hub repo id of the form 'owner/name'")
-    return Checkpoint(_snapshot(name, revision), source=name if revision is None else f"{name}@{revision}")
+    return Checkpoint(hub_snapshot(name, revision), source=name if revision is None else f"{name}@{revision}")
 
 
 def hub_patterns(files: Iterable[str]) -> list[str]:
@@ -200,23 +208,14 @@ def hub_patterns(files: Iterable[str]) -> list[str]:
     return patterns
 
 
-def _snapshot(repo_id: str, revision: str | None) -> Path:
+@contextlib.contextmanager
+def hub_errors(repo_id: str, revision: str | None = None):
+    """Turn huggingface_hub's errors for ``repo_id`` into :class:`CheckpointError` with a one-line message."""
     import huggingface_hub
     from huggingface_hub import constants
 
     try:
-        if constants.HF_HUB_OFFLINE:
-            files = None  # no listing offline: take what the cache holds of both formats
-        else:
-            files = huggingface_hub.list_repo_files(repo_id, revision=revision)
-        patterns = (
-            hub_patterns(files)
-            if files is not None
-            else hub_patterns([])
-            + [f"{c}/{n}" for c in _MODEL_COMPONENTS for n in _SAFETENSORS + _PICKLES]
-            + ["*/*.safetensors.index.json", "*/*.safetensors"]
-        )
-        folder = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+        yield
     except huggingface_hub.errors.RepositoryNotFoundError as e:
         raise CheckpointError(f"{repo_id}: no such repository on the hub (or it is private)") from e
     except huggingface_hub.errors.RevisionNotFoundError as e:
@@ -228,6 +227,28 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
         ) from e
     except (huggingface_hub.errors.HfHubHTTPError, OSError) as e:
         raise CheckpointError(f"{repo_id}: download failed: {e}") from e
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None, files: Iterable[str] | None = None) -> Path:
+    """Download (or find in the hub cache) the files of ``repo_id`` that this stack uses; return the folder.
+
+    ``files``: the repo's file list when the caller already has it; otherwise it is listed (offline, where
+    nothing can be listed, both weight formats are taken from what the cache holds).
+    """
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    with hub_errors(repo_id, revision):
+        if files is None and not constants.HF_HUB_OFFLINE:
+            files = huggingface_hub.list_repo_files(repo_id, revision=revision)
+        patterns = (
+            hub_patterns(files)
+            if files is not None
+            else hub_patterns([])
+            + [f"{c}/{n}" for c in _MODEL_COMPONENTS for n in _SAFETENSORS + _PICKLES]
+            + ["*/*.safetensors.index.json", "*/*.safetensors"]
+        )
+        folder = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     return Path(folder)
 
 
@@ -245,19 +266,98 @@ def _read_json(path: Path) -> dict:
 # ----------------------------------------------------------------------------------------- weights
 
 
-def _safe_open(path: Path):
-    from safetensors import safe_open
+# safetensors dtype names -> torch dtypes (the ones a diffusers/transformers checkpoint can hold)
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_MAX_HEADER = 100 << 20  # the format's own limit on the JSON header
 
+
+def _safetensors_header(path: Path, f) -> tuple[int, dict]:
+    """(offset of the data section, header dict) of an open safetensors file; WeightsError if malformed."""
     try:
-        return safe_open(path, framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises its own SafetensorError for truncated/corrupt headers
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > _MAX_HEADER:
+            raise ValueError(f"header length {n}")
+        header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
         raise WeightsError(f"{path}: cannot read safetensors file, truncated or corrupt ({e})") from e
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    """Tensor names of a safetensors file, from its header only."""
+    with open(path, "rb") as f:
+        return list(_safetensors_header(path, f)[1])
+
+
+def _read_safetensors(path: Path, select: Callable[[str], bool] | None) -> dict[str, torch.Tensor]:
+    """The selected tensors of a safetensors file, as views of one private memory map of the file.
+
+    Performance, with the same tensors as a read: a map costs nothing up front (no copy, no allocation);
+    pages come from the page cache, shared with every other process using the file, when first touched;
+    tensors that are not selected are never read; and when the last tensor of a file is released the map
+    goes with it, returning the memory to the system at once (freed heap memory may stay with the process).
+    The map is copy-on-write (``ACCESS_COPY``): an in-place change to a weight changes this process's copy of
+    that page, never the file. Offsets are checked against the file size first, since touching a mapped
+    page past the end of a truncated file would be a crash (SIGBUS) rather than an error.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        start, header = _safetensors_header(path, f)
+        entries = []
+        for key, info in header.items():
+            if select is not None and not select(key):
+                continue
+            try:
+                dtype, shape, (a, b) = _DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
+            except (KeyError, TypeError, ValueError) as e:
+                raise WeightsError(
+                    f"{path}: cannot read safetensors file, truncated or corrupt ({key}: {e})"
+                ) from e
+            if not 0 <= a <= b or start + b > size or b - a != math.prod(shape) * dtype.itemsize:
+                raise WeightsError(
+                    f"{path}: cannot read tensor data, truncated or corrupt ({key}: bytes {a}..{b}, "
+                    f"shape {shape}, file of {size} bytes)"
+                )
+            entries.append((key, dtype, shape, start + a, b - a))
+        if not entries:
+            return {}
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    state = {}
+    for key, dtype, shape, offset, nbytes in entries:
+        if nbytes == 0:
+            state[key] = torch.empty(shape, dtype=dtype)
+        elif offset % dtype.itemsize:  # misaligned (not written by safetensors itself): copy instead
+            raw = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=offset)
+            state[key] = raw.clone().view(dtype).view(shape)
+        else:
+            state[key] = torch.frombuffer(
+                mm, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset
+            ).view(shape)
+    return state
 
 
 def read_weights(
     paths: Path | str | list[Path], select: Callable[[str], bool] | None = None
 ) -> dict[str, torch.Tensor]:
-    """Read tensors from safetensors files (or pickles, through ``torch.load(weights_only=True)``)."""
+    """Read tensors from safetensors files (or pickles, through ``torch.load(weights_only=True)``).
+
+    safetensors tensors are memory-mapped (see ``_read_safetensors``); ``select`` is consulted before a
+    tensor is touched, so what it rejects is never read from disk.
+    """
     if isinstance(paths, (str, Path)):
         paths = [Path(paths)]
     state: dict[str, torch.Tensor] = {}
@@ -266,13 +366,7 @@ def read_weights(
         if not path.is_file():
             raise WeightsError(f"{path}: weight file is missing")
         if path.suffix == ".safetensors":
-            f = _safe_open(path)
-            try:
-                for key in f.keys():
-                    if select is None or select(key):
-                        state[key] = f.get_tensor(key)
-            except Exception as e:
-                raise WeightsError(f"{path}: cannot read tensor data, truncated or corrupt ({e})") from e
+            state.update(_read_safetensors(path, select))
         else:
             try:
                 loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -309,6 +403,33 @@ def check_keys(module: nn.Module, state: dict[str, torch.Tensor], source: str) -
         problems.append(f"mis-shaped keys: {'; '.join(shapes[:12])}")
     if problems:
         raise WeightsError(f"{source}: weights do not match {type(module).__name__}: " + " | ".join(problems))
+
+
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_")
+
+
+@contextlib.contextmanager
+def empty_init():
+    """Build modules on the meta device with their weight initialisation skipped.
+
+    Every weight is about to be replaced by the file's (``load_strict``), so initialising it is wasted work;
+    and initialising on the meta device runs torch's Python reference kernels, whose first use imports
+    ``torch._dynamo`` (seconds, and ~100 MB of RSS). ``torch.nn.init``'s functions, which the layers' own
+    ``reset_parameters`` call, are made no-ops meanwhile (as transformers' and accelerate's loaders do).
+    """
+
+    def skip(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return tensor
+
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(nn.init, name, skip)
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
 
 
 def load_strict(

@@ -150,15 +150,48 @@ def real_configs(repo: str = "cvssp/audioldm2") -> dict[str, dict[str, Any]]:
 
 
 def _perturb(model: torch.nn.Module, generator: torch.Generator) -> None:
-    """Move 0-D and 1-D parameters (norm scales, biases, logit scales) off their constant initialisation."""
+    """Move weights off their constant initialisation, so that no parity test compares zeros or ones.
+
+    0-D and 1-D parameters (norm scales, biases, logit scales) and all-zero tables (Swin relative position
+    biases) get noise; BatchNorm statistics (CLAP's mel BatchNorm) get random means and variances.
+    """
     with torch.no_grad():
         for p in model.parameters():
-            if p.ndim <= 1:
+            if p.ndim <= 1 or not p.any():
                 p.add_(0.1 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=generator))
+            elif name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=generator) + 0.5)
 
 
-def build_models(configs: dict[str, dict[str, Any]], seed: int = 0) -> dict[str, Any]:
-    """Instantiate the reference modules with random weights (float32), deterministic for ``seed``."""
+def _unit_gain_vocoder(model: torch.nn.Module, upsample_rates: list[int], generator: torch.Generator) -> None:
+    """Re-draw the vocoder's convolutions near unit gain.
+
+    transformers initialises them with std 0.01, which leaves little but conv_post's bias at the output: a
+    parity test on such a vocoder would check almost nothing. Gain 1.2 keeps every layer contributing at
+    the tiny width without saturating the final tanh.
+    """
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                std = 0.1
+            elif name.startswith(
+                "upsampler."
+            ):  # ConvTranspose1d (in, out, k): in * k / stride taps per sample
+                std = 1.2 * (p.shape[0] * p.shape[2] / upsample_rates[int(name.split(".")[1])]) ** -0.5
+            else:  # Conv1d (out, in, k)
+                std = 1.2 * p[0].numel() ** -0.5
+            p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def build_models(configs: dict[str, dict[str, Any]], seed: int = 0, tiny: bool = False) -> dict[str, Any]:
+    """Instantiate the reference modules with random weights (float32), deterministic for ``seed``.
+
+    ``tiny``: also re-draw the vocoder near unit gain (see ``_unit_gain_vocoder``); at the real width the
+    reference initialisation is kept (benchmarks measure time, not the sound of random weights).
+    """
     from diffusers import AutoencoderKL
     from diffusers.pipelines.audioldm2.modeling_audioldm2 import (
         AudioLDM2ProjectionModel,
@@ -191,6 +224,10 @@ def build_models(configs: dict[str, dict[str, Any]], seed: int = 0) -> dict[str,
         model = build().float().eval()
         _perturb(model, torch.Generator().manual_seed(seed * 1000 + 100 + i))
         if name == "vocoder":
+            if tiny:
+                _unit_gain_vocoder(
+                    model, c["vocoder"]["upsample_rates"], torch.Generator().manual_seed(seed * 1000 + 300)
+                )
             with torch.no_grad():  # normalisation statistics, used when normalize_before is set
                 g = torch.Generator().manual_seed(seed * 1000 + 200)
                 model.mean.copy_(torch.randn(model.mean.shape, generator=g))
@@ -246,7 +283,7 @@ def make_tiny(out_dir: str | Path, variant: str = "base", seed: int = 0) -> Path
 
     out_dir = Path(out_dir)
     vocab_sizes = train_tokenizers(out_dir / "_tokenizers", seed=seed)
-    models = build_models(tiny_configs(variant, vocab_sizes), seed=seed)
+    models = build_models(tiny_configs(variant, vocab_sizes), seed=seed, tiny=True)
     return write_checkpoint(out_dir, models)
 
 
