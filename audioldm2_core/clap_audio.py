@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .clap_text import ProjectionHead
 from .config import ClapAudioConfig, UnsupportedConfigError, clap_config
 from .loading import Checkpoint, WeightsError, load_strict
 
@@ -342,16 +343,6 @@ class ClapAudioModel(nn.Module):
         self.audio_encoder = HTSATEncoder(cfg)
 
 
-class ClapProjectionLayer(nn.Module):
-    def __init__(self, d_in: int, d_out: int):
-        super().__init__()
-        self.linear1 = nn.Linear(d_in, d_out)
-        self.linear2 = nn.Linear(d_out, d_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(F.relu(self.linear1(x)))
-
-
 class ClapAudio(nn.Module):
     """``ClapModel`` without its text branch: audio features -> unit-norm embeddings, plus the text scale."""
 
@@ -359,7 +350,7 @@ class ClapAudio(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.audio_model = ClapAudioModel(cfg)
-        self.audio_projection = ClapProjectionLayer(cfg.hidden_size, cfg.projection_dim)
+        self.audio_projection = ProjectionHead(cfg.hidden_size, cfg.projection_dim)  # the text branch's MLP
         self.logit_scale_t = nn.Parameter(torch.empty(()))  # log of the logits_per_text temperature
 
     def forward(self, input_features: torch.Tensor) -> torch.Tensor:

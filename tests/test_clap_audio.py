@@ -11,7 +11,7 @@ from audioldm2_core.clap_audio import is_audio_key, load_clap_audio, relative_po
 from audioldm2_core.config import UnsupportedConfigError, clap_config
 from audioldm2_core.loading import Checkpoint, WeightsError, open_checkpoint
 from tests.helpers import rel_err
-from tests.text_checkpoints import edit_weights, tiny_base_or_skip, write_component
+from tests.text_checkpoints import edit_weights, write_component
 
 HUB_TEXT_ENCODER = "weights_tools/hub_configs/cvssp__audioldm2/text_encoder/config.json"
 # Tiny widths, but the real spec_size 256 / 64 mel bins (the mel->image fold needs them) and window 8.
@@ -174,11 +174,11 @@ def test_config_rejections():
             ClapAudio(cfg)
 
 
-def test_tiny_pipeline_checkpoint(request):
+def test_tiny_pipeline_checkpoint(tiny_base):
     """The lead's full tiny checkpoint: load_clap_audio against ClapModel.from_pretrained of text_encoder/."""
     from transformers import ClapModel
 
-    root = tiny_base_or_skip(request)
+    root = tiny_base
     ref = ClapModel.from_pretrained(root / "text_encoder", torch_dtype=torch.float32).eval()
     model = load_clap_audio(open_checkpoint(root))
     x = random_features(2, 1001, seed=7)

@@ -12,7 +12,7 @@ import torch
 from audioldm2_core.clap_text import load_clap_text, roberta_position_ids
 from audioldm2_core.loading import CheckpointError, open_checkpoint
 from tests.helpers import rel_err
-from tests.text_checkpoints import TensorReadSpy, edit_weights, perturb, tiny_base_or_skip, write_component
+from tests.text_checkpoints import TensorReadSpy, edit_weights, perturb, write_component
 
 HUB = Path(__file__).parents[1] / "weights_tools/hub_configs/cvssp__audioldm2/text_encoder/config.json"
 # A small HTSAT audio tower: present in the file, never read by the text encoder.
@@ -156,8 +156,8 @@ def test_dtype_and_meta_free(ckpt):
     assert all(t.dtype == torch.float64 and not t.is_meta for t in model.parameters())
 
 
-def test_tiny_checkpoint_fixture(request):
-    root = tiny_base_or_skip(request)
+def test_tiny_checkpoint_fixture(tiny_base):
+    root = tiny_base
     from transformers import ClapModel
 
     ref = ClapModel.from_pretrained(root / "text_encoder", torch_dtype=torch.float32).eval()

@@ -94,7 +94,11 @@ def test_large_and_speech_unet_shapes():
     [
         ("unet", {"use_linear_projection": True}, r"use_linear_projection=True is not supported"),
         ("unet", {"act_fn": "gelu"}, r"act_fn='gelu' is not supported"),
-        ("unet", {"down_block_types": ["DownBlock2D", "SimpleCrossAttnDownBlock2D"] * 2}, r"down_block_types="),
+        (
+            "unet",
+            {"down_block_types": ["DownBlock2D", "SimpleCrossAttnDownBlock2D"] * 2},
+            r"down_block_types=",
+        ),
         ("unet", {"class_embed_type": "timestep"}, r"class_embed_type='timestep'"),
         ("unet", {"cross_attention_dim": [[None, 768]] * 3 + [[None, 1024]]}, r"differs between blocks"),
         ("vae", {"up_block_types": ["UpDecoderBlock2D"]}, r"up_block_types="),

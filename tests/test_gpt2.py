@@ -19,7 +19,7 @@ import torch
 from audioldm2_core.gpt2 import generate, load_gpt2
 from audioldm2_core.loading import CheckpointError, open_checkpoint
 from tests.helpers import rel_err
-from tests.text_checkpoints import TensorReadSpy, edit_weights, perturb, tiny_base_or_skip, write_component
+from tests.text_checkpoints import TensorReadSpy, edit_weights, perturb, write_component
 
 HUB = Path(__file__).parents[1] / "weights_tools/hub_configs/cvssp__audioldm2/language_model/config.json"
 SIZES = {
@@ -159,8 +159,8 @@ def test_transposed_conv1d_weight_is_misshaped(ckpt, tmp_path):
         load_gpt2(open_checkpoint(root))
 
 
-def test_tiny_checkpoint_fixture(request):
-    root = tiny_base_or_skip(request)
+def test_tiny_checkpoint_fixture(tiny_base):
+    root = tiny_base
     model = load_gpt2(open_checkpoint(root))
     x, mask = projected_sequence(3, 9, model.cfg.n_embd, seed=4)
     n = model.cfg.max_new_tokens

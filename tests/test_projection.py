@@ -11,7 +11,7 @@ import torch
 from audioldm2_core.loading import CheckpointError, open_checkpoint
 from audioldm2_core.projection import load_projection
 from tests.helpers import rel_err
-from tests.text_checkpoints import edit_weights, perturb, tiny_base_or_skip, write_component
+from tests.text_checkpoints import edit_weights, perturb, write_component
 
 HUB = Path(__file__).parents[1] / "weights_tools/hub_configs"
 SIZES = {
@@ -91,10 +91,9 @@ def test_float_mask_promotes_like_the_reference(ckpt):
     assert got_mask.dtype == want_mask.dtype == torch.float32 and torch.equal(got_mask, want_mask)
 
 
-def test_learned_table_needs_its_length(ckpt):
-    ref, root, config = ckpt
-    if "max_seq_length" not in config:
-        pytest.skip("text-to-audio layout has no position table")
+def test_learned_table_needs_its_length(tmp_path):
+    config = SIZES["tts"]  # only the TTS layout has a position table
+    root = write_component(tmp_path, "projection_model", build_reference(config, seed=3))
     model = load_projection(open_checkpoint(root))
     clap, t5, mask, mask_1 = inputs(config, 1, seed=0)
     with pytest.raises(ValueError, match="exactly 14"):
@@ -126,8 +125,8 @@ def test_misshaped_key_is_named(ckpt, tmp_path):
         load_projection(open_checkpoint(root))
 
 
-def test_tiny_checkpoint_fixture(request):
-    root = tiny_base_or_skip(request)
+def test_tiny_checkpoint_fixture(tiny_base):
+    root = tiny_base
     from diffusers.pipelines.audioldm2.modeling_audioldm2 import AudioLDM2ProjectionModel
 
     ref = AudioLDM2ProjectionModel.from_pretrained(root / "projection_model").eval()

@@ -12,7 +12,7 @@ import torch
 from audioldm2_core.loading import CheckpointError, open_checkpoint
 from audioldm2_core.t5 import load_t5, relative_position_bucket
 from tests.helpers import rel_err
-from tests.text_checkpoints import edit_weights, perturb, tiny_base_or_skip, write_component
+from tests.text_checkpoints import edit_weights, perturb, write_component
 
 HUB = Path(__file__).parents[1] / "weights_tools/hub_configs/cvssp__audioldm2/text_encoder_2/config.json"
 VOCAB = 90
@@ -164,8 +164,8 @@ def test_float16_keeps_wo_in_float32(ckpt):
     assert rel_err(got, want) <= 1e-5  # the same float16 arithmetic (bit-identical on CPU today)
 
 
-def test_tiny_checkpoint_fixture(request):
-    root = tiny_base_or_skip(request)
+def test_tiny_checkpoint_fixture(tiny_base):
+    root = tiny_base
     from transformers import T5EncoderModel
 
     ref = T5EncoderModel.from_pretrained(root / "text_encoder_2", torch_dtype=torch.float32).eval()

@@ -17,11 +17,10 @@ import shutil
 
 import pytest
 import torch
+import transformers
 
 from audioldm2_core.tokenization import load_tokenizer, tokenizer_from_folder
 from weights_tools.tiny_tokenizers import train_tokenizers
-
-transformers = pytest.importorskip("transformers")
 
 CLASSES = {"tokenizer": "RobertaTokenizerFast", "tokenizer_2": "T5TokenizerFast"}
 

@@ -159,12 +159,9 @@ def test_dtype_and_meta_free(tiny):
     assert all(t.dtype == torch.float64 and not t.is_meta for t in tensors)
 
 
-def test_tiny_checkpoint_fixture(request):
-    """On the lead's full tiny checkpoint (written by the reference pipeline's save_pretrained), when present."""
-    try:
-        root = request.getfixturevalue("tiny_base")
-    except pytest.FixtureLookupError:
-        pytest.skip("tiny_base fixture not available")
+def test_tiny_checkpoint_fixture(tiny_base):
+    """On the full tiny checkpoint written by the reference pipeline's save_pretrained."""
+    root = tiny_base
     from diffusers import AutoencoderKL
 
     ref = AutoencoderKL.from_pretrained(Path(root) / "vae").eval()

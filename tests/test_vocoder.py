@@ -141,12 +141,9 @@ def test_unexpected_key_is_named(tiny, tmp_path):
         load_vocoder(open_checkpoint(root))
 
 
-def test_tiny_checkpoint_fixture(request):
-    """On the lead's full tiny checkpoint (written by the reference pipeline's save_pretrained), when present."""
-    try:
-        root = request.getfixturevalue("tiny_base")
-    except pytest.FixtureLookupError:
-        pytest.skip("tiny_base fixture not available")
+def test_tiny_checkpoint_fixture(tiny_base):
+    """On the full tiny checkpoint written by the reference pipeline's save_pretrained."""
+    root = tiny_base
     from transformers import SpeechT5HifiGan
 
     ref = SpeechT5HifiGan.from_pretrained(Path(root) / "vocoder").eval()

@@ -7,7 +7,6 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -49,14 +48,6 @@ def edit_weights(src: Path, dst: Path, component: str, edit: Callable[[dict], No
     edit(state)
     save_file(state, path, metadata={"format": "pt"})
     return dst
-
-
-def tiny_base_or_skip(request) -> Path:
-    """The lead's full tiny checkpoint (conftest fixture ``tiny_base``), or skip when it is not available."""
-    try:
-        return Path(request.getfixturevalue("tiny_base"))
-    except pytest.FixtureLookupError:
-        pytest.skip("tiny_base fixture not available")
 
 
 class TensorReadSpy:
