@@ -51,28 +51,20 @@ def edit_weights(src: Path, dst: Path, component: str, edit: Callable[[dict], No
 
 
 class TensorReadSpy:
-    """Monkeypatches ``safetensors.safe_open`` to record which keys are listed and which tensors are read."""
+    """Wraps the loader's safetensors reader to record which keys are listed (the file's header) and which
+    tensors are read (mapped and handed back; the rest of the file is never touched)."""
 
     def __init__(self, monkeypatch):
-        import safetensors
+        from audioldm2_core import loading
 
         self.listed: list[str] = []
         self.read: list[str] = []
-        real_open, spy = safetensors.safe_open, self
+        real_read, spy = loading._read_safetensors, self
 
-        class Handle:
-            def __init__(self, *args, **kwargs):
-                self._f = real_open(*args, **kwargs)
+        def read(path, select):
+            spy.listed.extend(loading.safetensors_keys(path))
+            state = real_read(path, select)
+            spy.read.extend(state)
+            return state
 
-            def keys(self):
-                spy.listed.extend(self._f.keys())
-                return self._f.keys()
-
-            def get_tensor(self, key):
-                spy.read.append(key)
-                return self._f.get_tensor(key)
-
-            def __getattr__(self, name):
-                return getattr(self._f, name)
-
-        monkeypatch.setattr(safetensors, "safe_open", Handle)
+        monkeypatch.setattr(loading, "_read_safetensors", read)
