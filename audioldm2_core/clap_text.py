@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ClapTextConfig, clap_config
-from .loading import Checkpoint, WeightsError, load_strict
+from .loading import Checkpoint, WeightsError, empty_init, load_strict
 
 __all__ = ["ClapTextEncoder", "load_clap_text", "roberta_position_ids"]
 
@@ -251,7 +251,7 @@ def load_clap_text(
 ) -> ClapTextEncoder:
     """Build the CLAP text encoder of a checkpoint and fill it strictly from ``text_encoder/``."""
     cfg = clap_config(ckpt.config("text_encoder")).text
-    with torch.device("meta"):
+    with empty_init():  # meta device, no random init: the file fills every tensor
         model = ClapTextEncoder(cfg)
     return load_strict(
         model, _text_weights(ckpt), f"{ckpt.root}/text_encoder", dtype=dtype, device=device

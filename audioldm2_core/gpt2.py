@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GPT2Config, gpt2_config
-from .loading import Checkpoint, WeightsError, load_strict
+from .loading import Checkpoint, WeightsError, empty_init, load_strict
 
 __all__ = ["GPT2", "KVCache", "generate", "load_gpt2"]
 
@@ -229,7 +229,7 @@ def load_gpt2(
 ) -> GPT2:
     """Build the GPT-2 of a checkpoint and fill it strictly from ``language_model/``."""
     cfg = gpt2_config(ckpt.config("language_model"))
-    with torch.device("meta"):
+    with empty_init():  # meta device, no random init: the file fills every tensor
         model = GPT2(cfg)
     source = f"{ckpt.root}/language_model"
     return load_strict(model, _language_model_weights(ckpt), source, dtype=dtype, device=device).eval()

@@ -19,6 +19,7 @@ Left out on purpose: the speech (``transcription``) path until the VITS phoneme 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 from collections.abc import Callable
@@ -76,6 +77,19 @@ def audio_shape(
             height * upsample_factor,
         )
     return height, keep
+
+
+def _return_freed_memory() -> None:
+    """Hand memory freed by a released component back to the system, so that the process's RSS drops.
+
+    Weights read in the file's dtype are memory maps and go back when unmapped; but tensors made by a cast
+    (bfloat16 weights from a float32 file) and activations live on the C heap, and glibc keeps freed heap
+    memory for reuse unless asked to trim it. Not glibc (macOS, musl): nothing to do.
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _check_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -168,6 +182,7 @@ class AudioLDM2:
         if self.low_memory:
             for name in names:
                 self._modules.pop(name, None)
+            _return_freed_memory()
 
     def text_stack(self) -> conditioning.TextStack:
         return conditioning.TextStack(

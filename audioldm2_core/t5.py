@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import T5Config, t5_config
-from .loading import Checkpoint, WeightsError, load_strict
+from .loading import Checkpoint, WeightsError, empty_init, load_strict
 
 __all__ = ["T5Encoder", "load_t5", "relative_position_bucket"]
 
@@ -265,7 +265,7 @@ def load_t5(
     """Build the T5 encoder of a checkpoint and fill it strictly from ``text_encoder_2/``."""
     cfg = t5_config(ckpt.config("text_encoder_2"))
     source = f"{ckpt.root}/text_encoder_2"
-    with torch.device("meta"):
+    with empty_init():  # meta device, no random init: the file fills every tensor
         model = T5Encoder(cfg)
     state = _untie_embedding(ckpt.read_weights("text_encoder_2"), source)
     if dtype != torch.float16:

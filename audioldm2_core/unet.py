@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import UNetConfig, unet_config
-from .loading import Checkpoint, load_strict
+from .loading import Checkpoint, empty_init, load_strict
 
 __all__ = ["AudioLDM2UNet", "load_unet", "timestep_embedding"]
 
@@ -418,7 +418,7 @@ def load_unet(
 ) -> AudioLDM2UNet:
     """Build the UNet from ``unet/config.json`` and fill it strictly from ``unet/`` weights."""
     cfg = unet_config(ckpt.config("unet"))
-    with torch.device("meta"):
+    with empty_init():  # meta device, no random init: the file fills every tensor
         model = AudioLDM2UNet(cfg)
     load_strict(model, ckpt.read_weights("unet"), f"{ckpt.root}/unet", dtype=dtype, device=device)
     return model.eval()

@@ -1,0 +1,436 @@
+"""Benchmark audioldm2_core against diffusers' AudioLDM2Pipeline on identical full-size weights.
+
+    python benchmarks/bench.py                       # the issue's workload: 10.24 s, 20 DPM-Solver++ steps
+    python benchmarks/bench.py --dtype bfloat16      # bf16 on both sides; error against our float32 result
+    python benchmarks/bench.py --low-memory          # ours loads each component for its stage only
+    python benchmarks/bench.py --tiny --steps 1      # a tiny random checkpoint, seconds (as tests/test_bench.py)
+    python benchmarks/bench.py --baseline ../old     # ours against another checkout's audioldm2_core
+
+Weights: the real checkpoints cannot be downloaded here, so a random-weight checkpoint with the exact
+``cvssp/audioldm2`` (or ``-large``) architecture is built once from the shipped hub configs, with the
+reference stack's own ``save_pretrained``, and cached under ``benchmarks/.cache/``. Its tokenizers are the
+small trained ones of ``weights_tools/tiny_tokenizers.py`` while the CLAP and T5 embedding tables keep the
+real vocabulary sizes (50265 / 32128): a small tokenizer's ids are valid ids of the big tables, so every
+matrix has its real shape and only the token sequences are a little different from the real tokenizers'.
+The vocoder is re-drawn near unit gain (``_unit_gain``), so that the waveform, hence its error, depends on
+every stage. ``--checkpoint`` benchmarks any other pipeline folder instead (e.g. the real weights).
+
+Method: every run is a fresh subprocess (clean peak RSS: ``ru_maxrss`` of that process), diffusers and ours
+alternate, ``--repeats`` times each, and the table shows medians. Stage times come from timers wrapped
+around the components' ``forward``/``decode`` methods at class level on both sides (diffusers' code itself
+is not modified; a compiled UNet is timed around its call): text encoders = CLAP text + T5 + projection, GPT-2 = every language-model forward,
+denoising = every UNet forward, VAE = ``decode``, vocoder = ``forward``. "generate" is the whole call;
+"load" is ``from_pretrained`` (imports not included; they are shown on their own row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(__file__).resolve().parent / ".cache"
+PROMPT = "Techno music with a strong, upbeat tempo and high melodic riffs"
+NEGATIVE = "Low quality."
+SEED = 0
+
+# --------------------------------------------------------------------------------------- checkpoint
+
+
+VERSION = "2"  # of the built checkpoint: bump to rebuild caches made by an older recipe
+
+
+def build_checkpoint(out_dir: Path, large: bool = False, tiny: bool = False) -> Path:
+    """The random-weight checkpoint (real sizes from the hub configs, or the tests' tiny one), built once."""
+    out_dir = Path(out_dir)
+    done = out_dir / "DONE"
+    if done.is_file() and done.read_text().strip() == VERSION:
+        return out_dir
+    sys.path.insert(0, str(ROOT))
+    from weights_tools.make_tiny import build_models, make_tiny, real_configs, write_checkpoint
+    from weights_tools.tiny_tokenizers import train_tokenizers
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # a half-written folder, or one from an older recipe
+    print(f"building the random checkpoint in {out_dir} (once) ...", file=sys.stderr, flush=True)
+    if tiny:
+        make_tiny(out_dir, "large" if large else "base", seed=0)
+    else:
+        repo = "cvssp/audioldm2-large" if large else "cvssp/audioldm2"
+        train_tokenizers(out_dir / "_tokenizers", seed=0)  # small vocabularies; the tables stay real-sized
+        models = build_models(real_configs(repo), seed=0)
+        _unit_gain(models["vocoder"], real_configs(repo)["vocoder"]["upsample_rates"])
+        write_checkpoint(out_dir, models, repo_for_configs=repo)
+    done.write_text(VERSION + "\n")
+    return out_dir
+
+
+def _unit_gain(vocoder, upsample_rates: list[int], gain: float = 0.9) -> None:
+    """Re-draw the vocoder's convolutions near unit gain (in place).
+
+    transformers initialises them with std 0.01, which leaves a waveform that is 99.9% tanh(conv_post bias),
+    a constant: its error against diffusers would then measure nothing. Gain 0.9 keeps every layer
+    contributing at the real width without saturating the final tanh (as tests/test_vocoder.py's real-size
+    check does).
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in vocoder.named_parameters():
+            if p.ndim == 1:
+                std = 0.1
+            elif name.startswith(
+                "upsampler."
+            ):  # ConvTranspose1d (in, out, k): in * k / stride taps per sample
+                std = gain * (p.shape[0] * p.shape[2] / upsample_rates[int(name.split(".")[1])]) ** -0.5
+            else:  # Conv1d (out, in, k)
+                std = gain * p[0].numel() ** -0.5
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def checkpoint_dir(args: argparse.Namespace) -> Path:
+    name = ("tiny" if args.tiny else "audioldm2") + ("-large" if args.large else "") + "-random"
+    return (Path(args.cache_dir) if args.cache_dir else CACHE) / name
+
+
+# ------------------------------------------------------------------------------------------ workers
+
+
+class StageTimer:
+    """Accumulates wall time per stage, from timers wrapped around the components' methods."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._depth = 0  # a nested wrapped call (e.g. a T5 inside a timed CLAP) is counted once, by the outer
+
+    def wrap(self, target: object, method: str, stage: str) -> None:
+        """Time every call of ``target.method`` (a class, so that modules loaded later count too, or one object)."""
+        original = getattr(target, method)
+        timer = self
+
+        def timed(*args, **kwargs):
+            if timer._depth:
+                return original(*args, **kwargs)
+            timer._depth += 1
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                timer._depth -= 1
+                timer.seconds[stage] = timer.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+        setattr(target, method, timed)
+
+
+def _rss_mb() -> float:
+    """Current resident set (VmRSS) of this process, MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+
+
+def worker(spec: dict) -> dict:
+    """One measured run in this (fresh) process; returns the measurements and saves the waveform."""
+    import numpy as np
+
+    start = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    timer = StageTimer()
+    dtype = getattr(torch, spec["dtype"])
+    if spec["impl"] == "diffusers":
+        import diffusers  # noqa: F401
+        import transformers  # noqa: F401
+
+        import_s = time.perf_counter() - start
+        pipe, call = _diffusers(spec, dtype, timer)
+    else:
+        sys.path.insert(0, spec.get("root") or str(ROOT))  # --baseline: another checkout's audioldm2_core
+        import audioldm2_core  # noqa: F401
+
+        import_s = time.perf_counter() - start
+        pipe, call = _ours(spec, dtype, timer)
+    load_s, rss_loaded = spec["_load_s"], _rss_mb()
+    t0 = time.perf_counter()
+    audio = call()
+    generate_s = time.perf_counter() - t0
+    audio = np.asarray(audio, dtype=np.float32)
+    np.save(spec["out"], audio)
+    return {
+        "impl": spec["impl"],
+        "import_s": import_s,
+        "load_s": load_s,
+        "generate_s": generate_s,
+        "stages": timer.seconds,
+        "rss_loaded_mb": rss_loaded,
+        "peak_rss_mb": _peak_rss_mb(),
+        "samples": int(audio.shape[-1]),
+    }
+
+
+def _call_kwargs(spec: dict, torch) -> dict:
+    return dict(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=spec["steps"],
+        guidance_scale=spec["guidance"],
+        audio_length_in_s=spec["length"],
+        generator=torch.Generator().manual_seed(SEED),
+        output_type="np",
+    )
+
+
+def _diffusers(spec: dict, dtype, timer: StageTimer):
+    import torch
+    from diffusers import AudioLDM2Pipeline, DDIMScheduler, DPMSolverMultistepScheduler
+    from diffusers.models import AutoencoderKL
+    from diffusers.pipelines.audioldm2.modeling_audioldm2 import (
+        AudioLDM2ProjectionModel,
+        AudioLDM2UNet2DConditionModel,
+    )
+    from transformers import ClapModel, GPT2LMHeadModel, SpeechT5HifiGan, T5EncoderModel
+
+    t0 = time.perf_counter()
+    # As weights_tools/reference.py: the hub's GPT2Model file loaded as GPT2LMHeadModel, which diffusers'
+    # generate_language_model needs under transformers 5; dtype forced (CLAP's config says float64).
+    lm = GPT2LMHeadModel.from_pretrained(spec["ckpt"], subfolder="language_model", dtype=dtype)
+    pipe = AudioLDM2Pipeline.from_pretrained(spec["ckpt"], language_model=lm, dtype=dtype)
+    spec["_load_s"] = time.perf_counter() - t0
+    pipe.set_progress_bar_config(disable=True)
+    base = DDIMScheduler.from_config(pipe.scheduler.config)
+    if spec["sampler"] == "ddim":
+        pipe.scheduler = base
+    else:
+        karras = spec["sampler"] == "dpmpp-2m-karras"
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(base.config, use_karras_sigmas=karras)
+    timer.wrap(ClapModel, "get_text_features", "text encoders")
+    timer.wrap(T5EncoderModel, "forward", "text encoders")
+    timer.wrap(AudioLDM2ProjectionModel, "forward", "text encoders")
+    timer.wrap(GPT2LMHeadModel, "forward", "GPT-2")
+    if spec["compile"]:  # time the compiled module's calls (a timer inside would break dynamo's graph)
+        pipe.unet = torch.compile(pipe.unet)
+        timer.wrap(pipe.unet, "forward", "denoising")
+    else:
+        timer.wrap(AudioLDM2UNet2DConditionModel, "forward", "denoising")
+    timer.wrap(AutoencoderKL, "decode", "VAE")
+    timer.wrap(SpeechT5HifiGan, "forward", "vocoder")
+
+    def call():
+        with torch.no_grad():
+            return pipe(**_call_kwargs(spec, torch)).audios
+
+    return pipe, call
+
+
+def _ours(spec: dict, dtype, timer: StageTimer):
+    import torch
+
+    from audioldm2_core import pipeline as P
+    from audioldm2_core.clap_text import ClapTextEncoder
+    from audioldm2_core.gpt2 import GPT2
+    from audioldm2_core.projection import AudioLDM2Projection
+    from audioldm2_core.t5 import T5Encoder
+    from audioldm2_core.unet import AudioLDM2UNet
+    from audioldm2_core.vae import AutoencoderKLDecoder
+    from audioldm2_core.vocoder import SpeechT5HifiGan
+
+    t0 = time.perf_counter()
+    pipe = P.AudioLDM2.from_pretrained(spec["ckpt"], dtype=dtype, low_memory=spec["low_memory"])
+    spec["_load_s"] = time.perf_counter() - t0
+    timer.wrap(ClapTextEncoder, "forward", "text encoders")
+    timer.wrap(T5Encoder, "forward", "text encoders")
+    timer.wrap(AudioLDM2Projection, "forward", "text encoders")
+    timer.wrap(GPT2, "forward", "GPT-2")
+    if spec["compile"]:  # the pipeline has no compile option: its resident UNet is swapped for a compiled one
+        unet = pipe._modules["unet"] = torch.compile(pipe._get("unet"))
+        timer.wrap(unet, "forward", "denoising")
+    else:
+        timer.wrap(AudioLDM2UNet, "forward", "denoising")
+    timer.wrap(AutoencoderKLDecoder, "decode", "VAE")
+    timer.wrap(SpeechT5HifiGan, "forward", "vocoder")
+
+    def call():
+        return pipe(**_call_kwargs(spec, torch), sampler=spec["sampler"]).audios
+
+    return pipe, call
+
+
+def run_child(spec: dict) -> dict:
+    """Run one measurement in a fresh interpreter and return its result dict."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
+    env["PYTHONPATH"] = (spec.get("root") or str(ROOT)) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{spec['impl']} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------- report
+
+STAGES = ("text encoders", "GPT-2", "denoising", "VAE", "vocoder")
+
+
+def rel_err(a, b) -> float:
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return float("nan")
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def table(results: dict[str, list[dict]], errors: dict[str, float], header: str) -> str:
+    """Medians over repeats, one row per measure, with the ratio other / ours (> 1: ours is better)."""
+    other, ours = results  # column order: the reference (diffusers or --baseline), then ours
+
+    def med(label: str, get) -> float:
+        return statistics.median(get(r) for r in results[label])
+
+    rows = [("import", "s", lambda r: r["import_s"]), ("load", "s", lambda r: r["load_s"])]
+    rows += [(s, "s", lambda r, s=s: r["stages"].get(s, 0.0)) for s in STAGES]
+    rows += [
+        ("generate (end to end)", "s", lambda r: r["generate_s"]),
+        ("load + generate", "s", lambda r: r["load_s"] + r["generate_s"]),
+        ("RSS after load", "MB", lambda r: r["rss_loaded_mb"]),
+        ("peak RSS", "MB", lambda r: r["peak_rss_mb"]),
+    ]
+    lines = [header, "", f"| measure | {other} | {ours} | {other} / {ours} |", "|---|---:|---:|---:|"]
+    for name, unit, get in rows:
+        a, b = med(other, get), med(ours, get)
+        fmt = "{:.2f} s" if unit == "s" else "{:.0f} MB"
+        ratio = f"{a / b:.2f}x" if b >= 0.01 else "-"  # low-memory "load" is ~0: it happens per stage
+        lines.append(f"| {name} | {fmt.format(a)} | {fmt.format(b)} | {ratio} |")
+    lines.append("")
+    lines += [f"- {name}: {value:.2e}" for name, value in errors.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
+    p.add_argument(
+        "--sampler",
+        default="dpmpp-2m",
+        choices=["ddim", "dpmpp-2m", "dpmpp-2m-karras"],
+        help="sampler; diffusers gets the matching scheduler (default dpmpp-2m: DPM-Solver++ 2M)",
+    )
+    p.add_argument("--length", type=float, default=10.24, help="audio length in seconds (default 10.24)")
+    p.add_argument("--guidance", type=float, default=3.5, help="guidance scale (default 3.5)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per implementation, alternating (default 3)")
+    p.add_argument("--large", action="store_true", help="the cvssp/audioldm2-large UNet (2 layers per block)")
+    p.add_argument("--low-memory", action="store_true", help="ours: load each component for its stage only")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet on both sides")
+    p.add_argument("--tiny", action="store_true", help="tiny random checkpoint (the tests' smoke run)")
+    p.add_argument("--checkpoint", help="use this pipeline folder instead of the built random checkpoint")
+    p.add_argument(
+        "--baseline",
+        metavar="ROOT",
+        help="compare with the audioldm2_core of another checkout (e.g. a git worktree) instead of diffusers",
+    )
+    p.add_argument("--cache-dir", help=f"where the checkpoint is built and the outputs go (default {CACHE})")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.compile and args.low_memory:
+        p.error("--compile needs the UNet resident: not with --low-memory")
+
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    ckpt = (
+        Path(args.checkpoint)
+        if args.checkpoint
+        else build_checkpoint(checkpoint_dir(args), args.large, args.tiny)
+    )
+    out = Path(args.cache_dir) if args.cache_dir else CACHE
+    out.mkdir(parents=True, exist_ok=True)
+    _warm_page_cache(ckpt)
+    base = dict(
+        ckpt=str(ckpt),
+        steps=args.steps,
+        sampler=args.sampler,
+        length=args.length,
+        guidance=args.guidance,
+        dtype=args.dtype,
+        threads=args.threads,
+        compile=args.compile,
+        low_memory=args.low_memory,
+    )
+    other = "baseline" if args.baseline else "diffusers"
+    specs = {
+        other: dict(base, impl="ours", root=str(Path(args.baseline).resolve()))
+        if args.baseline
+        else dict(base, impl="diffusers", low_memory=False),
+        "ours": dict(base, impl="ours"),
+    }
+    results: dict[str, list[dict]] = {label: [] for label in specs}
+    waves = {label: out / f"wave-{label}.npy" for label in specs}
+    for r in range(args.repeats):
+        for label in list(specs) if r % 2 == 0 else list(specs)[::-1]:  # alternate who goes first
+            res = run_child(dict(specs[label], out=str(waves[label])))
+            results[label].append(res)
+            print(f"[{r + 1}/{args.repeats}] {label}: " + json.dumps(res), file=sys.stderr, flush=True)
+
+    import numpy as np
+
+    errors = {
+        f"waveform rel. L2 error, ours vs {other}": rel_err(np.load(waves["ours"]), np.load(waves[other]))
+    }
+    if args.dtype != "float32":  # the reduced-precision error, against our own float32 result
+        ref = out / "wave-ours-float32.npy"
+        run_child(dict(base, impl="ours", dtype="float32", low_memory=False, compile=False, out=str(ref)))
+        for label in specs:
+            errors[f"waveform rel. L2 error, {label} {args.dtype} vs ours float32"] = rel_err(
+                np.load(waves[label]), np.load(ref)
+            )
+    wave = np.load(waves["ours"])
+    errors["ours: waveform RMS (a silent or saturated output would make the errors meaningless)"] = float(
+        np.sqrt(np.mean(wave.astype(np.float64) ** 2))
+    )
+    load = os.getloadavg()
+    weights = f"{'large' if args.large else 'base'} {'tiny' if args.tiny else 'full-size'} random weights"
+    header = (
+        f"{f'checkpoint {ckpt}' if args.checkpoint else weights}, "
+        f"{args.length} s, {args.steps} x {args.sampler}, guidance {args.guidance}, {args.dtype}, "
+        f"{args.threads} threads, {'low-memory (ours), ' if args.low_memory else ''}"
+        f"{'compiled UNet, ' if args.compile else ''}median of {args.repeats}; "
+        f"load average {load[0]:.2f} / {load[1]:.2f} (1 / 5 min) at the end"
+    )
+    print(table(results, errors, header))
+
+
+def _warm_page_cache(ckpt: Path) -> None:
+    """Read every file once so neither side pays for the first cold read from disk."""
+    for path in sorted(ckpt.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+
+
+if __name__ == "__main__":
+    main()

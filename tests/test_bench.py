@@ -1,0 +1,24 @@
+"""The benchmark script runs end to end (on the tiny checkpoint, one step), so that CI keeps it working."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).parents[1] / "benchmarks" / "bench.py"
+
+
+def test_bench_runs_end_to_end(tiny_base, tmp_path):
+    cmd = [sys.executable, str(BENCH), "--checkpoint", str(tiny_base), "--cache-dir", str(tmp_path)]
+    cmd += ["--steps", "1", "--length", "0.64", "--repeats", "1", "--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    for row in ("load", "text encoders", "GPT-2", "denoising", "VAE", "vocoder", "generate (end to end)"):
+        # the ratio is "-" where our time rounds to 0 (tiny models)
+        assert re.search(rf"^\| {re.escape(row)} \| [\d.]+ s \| [\d.]+ s \| ([\d.]+x|-) \|$", out, re.M), row
+    assert re.search(r"^\| peak RSS \| \d+ MB \| \d+ MB \| [\d.]+x \|$", out, re.M)
+    err = float(re.search(r"rel\. L2 error, ours vs diffusers: (\S+)", out).group(1))
+    assert err < 1e-5  # the same waveform as diffusers, to float32 rounding
