@@ -12,8 +12,8 @@ reference stack's own ``save_pretrained``, and cached under ``benchmarks/.cache/
 small trained ones of ``weights_tools/tiny_tokenizers.py`` while the CLAP and T5 embedding tables keep the
 real vocabulary sizes (50265 / 32128): a small tokenizer's ids are valid ids of the big tables, so every
 matrix has its real shape and only the token sequences are a little different from the real tokenizers'.
-The vocoder is re-drawn near unit gain (``_unit_gain``), so that the waveform, hence its error, depends on
-every stage. ``--checkpoint`` benchmarks any other pipeline folder instead (e.g. the real weights).
+The vocoder is re-drawn near unit gain (``weights_tools.make_tiny.unit_gain_vocoder``, gain 0.9), so
+that the waveform, hence its error, depends on every stage. ``--checkpoint`` benchmarks any other pipeline folder instead (e.g. the real weights).
 
 Method: every run is a fresh subprocess (clean peak RSS: ``ru_maxrss`` of that process), diffusers and ours
 alternate, ``--repeats`` times each, and the table shows medians. Stage times come from timers wrapped
@@ -54,7 +54,15 @@ def build_checkpoint(out_dir: Path, large: bool = False, tiny: bool = False) -> 
     if done.is_file() and done.read_text().strip() == VERSION:
         return out_dir
     sys.path.insert(0, str(ROOT))
-    from weights_tools.make_tiny import build_models, make_tiny, real_configs, write_checkpoint
+    import torch
+
+    from weights_tools.make_tiny import (
+        build_models,
+        make_tiny,
+        real_configs,
+        unit_gain_vocoder,
+        write_checkpoint,
+    )
     from weights_tools.tiny_tokenizers import train_tokenizers
 
     if out_dir.exists():
@@ -66,34 +74,11 @@ def build_checkpoint(out_dir: Path, large: bool = False, tiny: bool = False) -> 
         repo = "cvssp/audioldm2-large" if large else "cvssp/audioldm2"
         train_tokenizers(out_dir / "_tokenizers", seed=0)  # small vocabularies; the tables stay real-sized
         models = build_models(real_configs(repo), seed=0)
-        _unit_gain(models["vocoder"], real_configs(repo)["vocoder"]["upsample_rates"])
+        rates = real_configs(repo)["vocoder"]["upsample_rates"]
+        unit_gain_vocoder(models["vocoder"], rates, torch.Generator().manual_seed(1), gain=0.9)
         write_checkpoint(out_dir, models, repo_for_configs=repo)
     done.write_text(VERSION + "\n")
     return out_dir
-
-
-def _unit_gain(vocoder, upsample_rates: list[int], gain: float = 0.9) -> None:
-    """Re-draw the vocoder's convolutions near unit gain (in place).
-
-    transformers initialises them with std 0.01, which leaves a waveform that is 99.9% tanh(conv_post bias),
-    a constant: its error against diffusers would then measure nothing. Gain 0.9 keeps every layer
-    contributing at the real width without saturating the final tanh (as tests/test_vocoder.py's real-size
-    check does).
-    """
-    import torch
-
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in vocoder.named_parameters():
-            if p.ndim == 1:
-                std = 0.1
-            elif name.startswith(
-                "upsampler."
-            ):  # ConvTranspose1d (in, out, k): in * k / stride taps per sample
-                std = gain * (p.shape[0] * p.shape[2] / upsample_rates[int(name.split(".")[1])]) ** -0.5
-            else:  # Conv1d (out, in, k)
-                std = gain * p[0].numel() ** -0.5
-            p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def checkpoint_dir(args: argparse.Namespace) -> Path:

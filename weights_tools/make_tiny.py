@@ -166,12 +166,15 @@ def _perturb(model: torch.nn.Module, generator: torch.Generator) -> None:
                 b.copy_(torch.rand(b.shape, generator=generator) + 0.5)
 
 
-def _unit_gain_vocoder(model: torch.nn.Module, upsample_rates: list[int], generator: torch.Generator) -> None:
-    """Re-draw the vocoder's convolutions near unit gain.
+def unit_gain_vocoder(
+    model: torch.nn.Module, upsample_rates: list[int], generator: torch.Generator, gain: float = 1.2
+) -> None:
+    """Re-draw the vocoder's convolutions near unit gain (in place).
 
     transformers initialises them with std 0.01, which leaves little but conv_post's bias at the output: a
-    parity test on such a vocoder would check almost nothing. Gain 1.2 keeps every layer contributing at
-    the tiny width without saturating the final tanh.
+    parity test (or a benchmark's error column) on such a vocoder would check almost nothing. ``gain`` keeps
+    every layer contributing without saturating the final tanh: 1.2 at the tiny width, 0.9 at the real one
+    (the output level grows with the width).
     """
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -180,17 +183,17 @@ def _unit_gain_vocoder(model: torch.nn.Module, upsample_rates: list[int], genera
             elif name.startswith(
                 "upsampler."
             ):  # ConvTranspose1d (in, out, k): in * k / stride taps per sample
-                std = 1.2 * (p.shape[0] * p.shape[2] / upsample_rates[int(name.split(".")[1])]) ** -0.5
+                std = gain * (p.shape[0] * p.shape[2] / upsample_rates[int(name.split(".")[1])]) ** -0.5
             else:  # Conv1d (out, in, k)
-                std = 1.2 * p[0].numel() ** -0.5
+                std = gain * p[0].numel() ** -0.5
             p.copy_(torch.randn(p.shape, generator=generator) * std)
 
 
 def build_models(configs: dict[str, dict[str, Any]], seed: int = 0, tiny: bool = False) -> dict[str, Any]:
     """Instantiate the reference modules with random weights (float32), deterministic for ``seed``.
 
-    ``tiny``: also re-draw the vocoder near unit gain (see ``_unit_gain_vocoder``); at the real width the
-    reference initialisation is kept (benchmarks measure time, not the sound of random weights).
+    ``tiny``: also re-draw the vocoder near unit gain (see ``unit_gain_vocoder``); at the real width the
+    caller chooses (the benchmark re-draws it with gain 0.9).
     """
     from diffusers import AutoencoderKL
     from diffusers.pipelines.audioldm2.modeling_audioldm2 import (
@@ -225,7 +228,7 @@ def build_models(configs: dict[str, dict[str, Any]], seed: int = 0, tiny: bool =
         _perturb(model, torch.Generator().manual_seed(seed * 1000 + 100 + i))
         if name == "vocoder":
             if tiny:
-                _unit_gain_vocoder(
+                unit_gain_vocoder(
                     model, c["vocoder"]["upsample_rates"], torch.Generator().manual_seed(seed * 1000 + 300)
                 )
             with torch.no_grad():  # normalisation statistics, used when normalize_before is set
