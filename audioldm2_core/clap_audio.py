@@ -54,7 +54,7 @@ from torch import nn
 
 from .clap_text import ProjectionHead
 from .config import ClapAudioConfig, UnsupportedConfigError, clap_config
-from .loading import Checkpoint, WeightsError, load_strict
+from .loading import Checkpoint, WeightsError, empty_init, load_strict
 
 __all__ = ["ClapAudio", "load_clap_audio", "is_audio_key", "relative_position_index"]
 
@@ -387,7 +387,7 @@ def load_clap_audio(
 ) -> ClapAudio:
     """Build the CLAP audio branch and fill it strictly from the audio keys of ``text_encoder/``."""
     cfg = clap_config(ckpt.config("text_encoder")).audio
-    with torch.device("meta"):
+    with empty_init():  # meta device, no random init: the file fills every tensor
         model = ClapAudio(cfg)
     source = f"{ckpt.root}/text_encoder"
     state = _derived_keys(ckpt.read_weights("text_encoder", select=is_audio_key), cfg, source)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .config import ProjectionConfig, projection_config
-from .loading import Checkpoint, load_strict
+from .loading import Checkpoint, empty_init, load_strict
 
 __all__ = ["AudioLDM2Projection", "load_projection"]
 
@@ -100,7 +100,7 @@ def load_projection(
 ) -> AudioLDM2Projection:
     """Build the projection model of a checkpoint and fill it strictly from ``projection_model/``."""
     cfg = projection_config(ckpt.config("projection_model"))
-    with torch.device("meta"):
+    with empty_init():  # meta device, no random init: the file fills every tensor
         model = AudioLDM2Projection(cfg)
     source = f"{ckpt.root}/projection_model"
     return load_strict(
