@@ -13,21 +13,10 @@ from safetensors.torch import load_file, save_file
 from audioldm2_core.loading import COMPONENTS, CheckpointError, open_checkpoint
 from audioldm2_core.vae import load_vae
 from tests.helpers import rel_err
+from weights_tools.make_tiny import TINY_VAE
 
 HUB_VAE = Path(__file__).parents[1] / "weights_tools/hub_configs/cvssp__audioldm2/vae/config.json"
-# The brief's tiny size: the real architecture (three UpDecoderBlock2D, 8 latent channels) at small width.
-TINY = dict(
-    in_channels=1,
-    out_channels=1,
-    down_block_types=["DownEncoderBlock2D"] * 3,
-    up_block_types=["UpDecoderBlock2D"] * 3,
-    block_out_channels=(32, 64, 64),
-    layers_per_block=2,
-    latent_channels=8,
-    norm_num_groups=32,
-    sample_size=256,
-    scaling_factor=0.4110932946205139,
-)
+TINY = TINY_VAE  # the tiny checkpoint's VAE: the real architecture at small width
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 

@@ -14,18 +14,10 @@ from audioldm2_core.config import vocoder_config
 from audioldm2_core.loading import COMPONENTS, CheckpointError, open_checkpoint
 from audioldm2_core.vocoder import load_vocoder, num_samples
 from tests.helpers import rel_err
+from weights_tools.make_tiny import TINY_VOCODER, unit_gain_vocoder
 
 HUB_VOCODER = Path(__file__).parents[1] / "weights_tools/hub_configs/cvssp__audioldm2/vocoder/config.json"
-# The brief's tiny size: the hub's rates and kernels (so the real output-length arithmetic), 32 channels.
-TINY = dict(
-    model_in_dim=64,
-    sampling_rate=16000,
-    upsample_initial_channel=32,
-    upsample_rates=[5, 4, 2, 2, 2],
-    upsample_kernel_sizes=[16, 16, 8, 4, 4],
-    resblock_kernel_sizes=[3, 7, 11],
-    resblock_dilation_sizes=[[1, 3, 5]] * 3,
-)
+TINY = TINY_VOCODER  # the hub's rates and kernels (the real output-length arithmetic), 32 channels
 WEIGHTS = "model.safetensors"
 
 
@@ -40,19 +32,8 @@ def write_vocoder_checkpoint(root: Path, config: dict, seed: int = 0, gain: floa
     torch.manual_seed(seed)
     ref = SpeechT5HifiGan(SpeechT5HifiGanConfig(**config)).eval()
     g = torch.Generator().manual_seed(seed + 1)
+    unit_gain_vocoder(ref, config["upsample_rates"], g, gain)  # std-0.01 convs would leave only a bias
     with torch.no_grad():
-        # transformers initialises convs with std 0.01, which leaves little but conv_post's bias at the output;
-        # weights near unit gain keep every layer contributing.
-        for name, p in ref.named_parameters():
-            if p.ndim == 1:
-                std = 0.1
-            elif name.startswith("upsampler."):
-                # ConvTranspose1d weight (in, out, k): each output sample sees in * k / stride taps
-                stride = config["upsample_rates"][int(name.split(".")[1])]
-                std = gain * (p.shape[0] * p.shape[2] / stride) ** -0.5
-            else:  # Conv1d weight (out, in, k)
-                std = gain * p[0].numel() ** -0.5
-            p.copy_(torch.randn(p.shape, generator=g) * std)
         # random statistics, so that normalize_before=True is tested
         ref.mean.copy_(torch.randn(ref.mean.shape, generator=g))
         ref.scale.copy_(torch.rand(ref.scale.shape, generator=g) + 0.5)

@@ -39,6 +39,32 @@ def hub_config(repo: str, component: str) -> dict[str, Any]:
     raise FileNotFoundError(f"no config for {repo} {component} in {HUB_CONFIGS}")
 
 
+# The tiny VAE and vocoder: the real architectures (three UpDecoderBlock2D, 8 latent channels; the hub's
+# upsample rates and kernels, so the real output-length arithmetic) at small width. Tests use them too.
+TINY_VAE = dict(
+    in_channels=1,
+    out_channels=1,
+    down_block_types=["DownEncoderBlock2D"] * 3,
+    up_block_types=["UpDecoderBlock2D"] * 3,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=2,
+    latent_channels=8,
+    norm_num_groups=32,
+    sample_size=256,
+    scaling_factor=0.4110932946205139,
+)
+TINY_VOCODER = dict(
+    model_in_dim=64,
+    sampling_rate=16000,
+    upsample_initial_channel=32,
+    upsample_rates=[5, 4, 2, 2, 2],
+    upsample_kernel_sizes=[16, 16, 8, 4, 4],
+    resblock_kernel_sizes=[3, 7, 11],
+    resblock_dilation_sizes=[[1, 3, 5]] * 3,
+    normalize_before=False,
+)
+
+
 def tiny_configs(variant: str, vocab_sizes: dict[str, int]) -> dict[str, dict[str, Any]]:
     """Reference-library constructor kwargs of every model component at tiny size."""
     if variant not in ("base", "large"):
@@ -107,28 +133,8 @@ def tiny_configs(variant: str, vocab_sizes: dict[str, int]) -> dict[str, dict[st
             cross_attention_dim=[[None, LM_DIM, T5_DIM, None] if large else [None, LM_DIM, T5_DIM]] * 4,
             transformer_layers_per_block=2 if large else 1,
         ),
-        "vae": dict(
-            in_channels=1,
-            out_channels=1,
-            down_block_types=["DownEncoderBlock2D"] * 3,
-            up_block_types=["UpDecoderBlock2D"] * 3,
-            block_out_channels=(32, 64, 64),
-            layers_per_block=2,
-            latent_channels=8,
-            norm_num_groups=32,
-            sample_size=256,
-            scaling_factor=0.4110932946205139,
-        ),
-        "vocoder": dict(
-            model_in_dim=64,
-            sampling_rate=16000,
-            upsample_initial_channel=32,
-            upsample_rates=[5, 4, 2, 2, 2],
-            upsample_kernel_sizes=[16, 16, 8, 4, 4],
-            resblock_kernel_sizes=[3, 7, 11],
-            resblock_dilation_sizes=[[1, 3, 5]] * 3,
-            normalize_before=False,
-        ),
+        "vae": dict(TINY_VAE),
+        "vocoder": dict(TINY_VOCODER),
     }
 
 
