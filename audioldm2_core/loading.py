@@ -467,8 +467,28 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str,
         k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
         for k, v in state.items()
     }
-    module.load_state_dict(state, strict=True, assign=True)
+    _assign(module, state)
     left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left:
         raise WeightsError(f"{source}: tensors not filled from the file: {_key_list(left)}")
     return module.eval()
+
+
+def _assign(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put each tensor of ``state`` in place of the module's (meta) tensor of that name.
+
+    What ``load_state_dict(strict=True, assign=True)`` does once ``check_keys`` has passed, without its
+    per-module Python machinery (a state-dict walk and a hook check per module: half of a UNet's load).
+    Parameters stay parameters (keeping ``requires_grad``), buffers stay buffers.
+    """
+    modules = dict(module.named_modules())
+    for key, tensor in state.items():
+        owner, _, name = key.rpartition(".")
+        m = modules[owner]
+        old = m._parameters.get(name)
+        if old is not None:
+            m._parameters[name] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+        elif name in m._buffers:
+            m._buffers[name] = tensor
+        else:  # check_keys lets only the module's own state-dict names through
+            raise WeightsError(f"{key}: neither a parameter nor a buffer of {type(m).__name__}")
