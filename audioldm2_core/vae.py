@@ -43,6 +43,7 @@ from torch import nn
 
 from .config import VAEConfig, vae_config
 from .loading import Checkpoint, WeightsError, empty_init, load_strict
+from .ops import nearest2x_conv3x3
 
 __all__ = ["AutoencoderKLDecoder", "load_vae"]
 
@@ -115,7 +116,7 @@ class Upsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+        return nearest2x_conv3x3(x, self.conv)  # (B, C, 2H, 2W); see ops.py
 
 
 class UpDecoderBlock2D(nn.Module):
