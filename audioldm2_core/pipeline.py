@@ -258,9 +258,10 @@ class AudioLDM2:
         guided = guidance_scale > 1.0
 
         def model(x: Tensor, t: Tensor) -> Tensor:
-            x_in = torch.cat([x, x]) if guided else x  # [negative, positive] as the conditions are
+            # Under guidance the conditions are [negative, positive] and both halves denoise x: the UNet
+            # takes x once and runs the layers before the first conditioned one on it only once.
             out = unet(
-                x_in,
+                x,
                 t,
                 encoder_hidden_states=generated_prompt_embeds,
                 encoder_hidden_states_1=prompt_embeds,

@@ -10,6 +10,7 @@ Place in the data flow: text -> CLAP + T5 -> projection -> GPT-2 generates the "
 
 Shapes (B = batch, twice the prompts under classifier-free guidance):
     sample                   (B, C=8, T, F)  noisy latent; T = mel frames / 4 (time), F = 64 mel bins / 4 = 16
+                                             (or (B/k, ...), shared by k condition groups: see ``forward``)
     timestep                 int, float, 0-d tensor or (B,)
     encoder_hidden_states    (B, L1, 768)    GPT-2 stream (AudioLDM 2's "LOA", L1 = 8); never masked
     encoder_hidden_states_1  (B, L2, 1024)   T5 stream: the Flan-T5 encoder output itself (not projected)
@@ -35,6 +36,10 @@ Quirks, all as in the reference:
   which is what diffusers does then (and equals x2 otherwise). Stride-2 convs round up: T=25 -> 13 -> 7 -> 4.
 - The transformers' GroupNorm uses eps 1e-6, the resnets' and the output's ``norm_eps`` (1e-5).
 
+Beyond the reference, exact up to float rounding: an upsampler doubling both sides runs as four 2x2
+convolutions of its input (``ops.py``: 2.25x fewer multiplications), and a sample shared by the halves of
+a guidance batch goes through the layers before the first conditioned transformer once (``forward``).
+
 Left out on purpose: class/timestep-cond embeddings, attention processors and slicing, gradient
 checkpointing, dropout, FreeU, LoRA/adapter hooks, ``return_dict``.
 """
@@ -49,6 +54,7 @@ from torch import Tensor, nn
 
 from .config import UNetConfig, unet_config
 from .loading import Checkpoint, empty_init, load_strict
+from .ops import nearest2x_conv3x3
 
 __all__ = ["AudioLDM2UNet", "load_unet", "timestep_embedding"]
 
@@ -92,9 +98,12 @@ class ResnetBlock2D(nn.Module):
         self.output_scale_factor = scale  # mid_block_scale_factor for the mid block (1 on the hub)
 
     def forward(self, x: Tensor, temb_act: Tensor) -> Tensor:
-        """x (B, in_ch, H, W), temb_act = SiLU(time embedding) (B, temb_dim) -> (B, out_ch, H, W)."""
+        """x (B, in_ch, H, W), temb_act = SiLU(time embedding) (>= B, temb_dim) -> (B, out_ch, H, W).
+
+        ``temb_act`` may have more rows than ``x`` before a shared sample is widened (see the UNet's
+        ``forward``): its first B rows are then the ones of ``x``."""
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(temb_act)[:, :, None, None]
+        h = h + self.time_emb_proj(temb_act[: x.shape[0]])[:, :, None, None]
         h = self.conv2(F.silu(self.norm2(h)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
@@ -178,6 +187,8 @@ class Transformer2DModel(nn.Module):
         self.proj_out = nn.Conv2d(inner, channels, 1)
 
     def forward(self, x: Tensor, context: Tensor | None, bias: Tensor | None) -> Tensor:
+        if context is not None and context.shape[0] != x.shape[0]:
+            x = _widen(x, context.shape[0])  # the first layer where the groups of a shared sample differ
         B, _, H, W = x.shape
         h = self.proj_in(self.norm(x))
         h = h.permute(0, 2, 3, 1).reshape(B, H * W, -1)  # (B, H*W, inner): one token per latent cell
@@ -207,7 +218,14 @@ class Upsample2D(nn.Module):
 
     def forward(self, x: Tensor, size: torch.Size) -> Tensor:
         """Nearest-neighbour to ``size`` (the next skip's H, W: 2x, or less for odd sizes), then a conv."""
+        if tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
+            return nearest2x_conv3x3(x, self.conv)  # the same, without building the upsampled input
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+def _widen(x: Tensor, batch: int) -> Tensor:
+    """A shared sample's activations (b, ...) repeated for the ``batch // b`` condition groups."""
+    return x if x.shape[0] == batch else x.repeat(batch // x.shape[0], *([1] * (x.dim() - 1)))
 
 
 def _transformers(
@@ -304,7 +322,7 @@ class UpBlock(nn.Module):
     ) -> Tensor:
         """``skips`` in down order (this block uses them last-first); ``size``: where to upsample to."""
         for i, (resnet, skip) in enumerate(zip(self.resnets, reversed(skips), strict=True)):
-            x = resnet(torch.cat([x, skip], dim=1), temb_act)  # (B, C_x + C_skip, H, W)
+            x = resnet(torch.cat([x, _widen(skip, x.shape[0])], dim=1), temb_act)  # (B, C_x + C_skip, H, W)
             for j, (context, bias) in enumerate(contexts[: self.per_resnet]):
                 x = self.attentions[i * self.per_resnet + j](x, context, bias)
         if self.upsamplers is not None:
@@ -389,12 +407,29 @@ class AudioLDM2UNet(nn.Module):
         encoder_hidden_states_1: Tensor | None = None,
         encoder_attention_mask_1: Tensor | None = None,
     ) -> Tensor:
-        """Predict the noise of ``sample`` (B, C, T, F); see the module docstring for the conditions."""
+        """Predict the noise of ``sample`` (b, C, T, F); see the module docstring for the conditions.
+
+        ``sample`` may have 1/k of the conditions' batch B (e.g. b = B/2 under classifier-free
+        guidance, where both halves denoise the same latents): row i then stands for rows i, i + b, ...,
+        i + (k-1)b, as ``torch.cat([sample] * k)`` would, and ``timestep`` must be a scalar or (b,). The
+        layers before the first transformer that reads a condition (``conv_in``, the first down block,
+        the second block's first resnet and unconditioned transformer: ~6% of a batch-B call) then run
+        once on the b rows, and the activations are repeated where the groups start to differ.
+        Returns (B, C, T, F).
+        """
         cfg = self.cfg
-        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])  # (B,)
+        b, batch = sample.shape[0], encoder_hidden_states.shape[0]
+        if batch % b:
+            raise ValueError(f"sample batch {b} does not divide the conditions' batch {batch}")
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1)
+        if t.numel() not in (1, b):
+            raise ValueError(
+                f"timestep must be a scalar or ({b},) for a sample of batch {b}: {tuple(t.shape)}"
+            )
+        t = _widen(t.expand(b) if t.numel() == 1 else t, batch)  # (B,): row i + j*b has sample i's step
         t_emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         # Every resnet applies SiLU to the embedding before its projection, and nothing else reads it.
-        temb_act = F.silu(self.time_embedding(t_emb.to(sample.dtype)))
+        temb_act = F.silu(self.time_embedding(t_emb.to(sample.dtype)))  # (B, temb_dim)
         contexts = self.contexts(
             encoder_hidden_states, encoder_hidden_states_1, encoder_attention_mask_1, sample.dtype
         )
@@ -410,7 +445,8 @@ class AudioLDM2UNet(nn.Module):
             block_skips, skips = skips[-k:], skips[:-k]
             # Upsample to the size of the next skip: 2x, or 1 less where a stride-2 conv rounded up.
             x = block(x, block_skips, temb_act, contexts, skips[-1].shape[-2:] if skips else None)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        out = self.conv_out(F.silu(self.conv_norm_out(x)))
+        return _widen(out, batch)  # already (B, ...) unless no transformer read a condition
 
 
 def load_unet(

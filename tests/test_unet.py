@@ -132,6 +132,45 @@ def test_matches_reference(pairs, shape, batch, frames, bins, timestep):
     assert err <= 1e-5, err
 
 
+@pytest.mark.parametrize(
+    "shape,batch,frames,timestep",
+    [
+        ("base", 1, 32, 981),  # even sizes: the upsamplers' fast path too
+        ("base", 2, 43, torch.tensor([1, 999])),  # per-sample steps, odd sizes
+        ("large", 2, 32, torch.tensor(500)),
+        ("speech", 1, 25, 10),
+    ],
+)
+def test_shared_sample_matches_reference(pairs, shape, batch, frames, timestep):
+    """Classifier-free guidance's form: the sample once, the conditions for both halves; the reference
+    gets ``torch.cat([sample] * 2)`` and the timesteps repeated, as diffusers' pipeline builds them."""
+    ref, ours = pairs(shape)
+    sample, gpt2, t5_states, mask = _inputs(2 * batch, frames)
+    sample = sample[:batch]
+    wide_t = timestep.repeat(2) if isinstance(timestep, torch.Tensor) and timestep.ndim else timestep
+    with torch.no_grad():
+        expected = ref(
+            torch.cat([sample] * 2),
+            wide_t,
+            encoder_hidden_states=gpt2,
+            encoder_hidden_states_1=t5_states,
+            encoder_attention_mask_1=mask,
+            return_dict=False,
+        )[0]
+        got = ours(sample, timestep, gpt2, t5_states, mask)
+    assert got.shape == expected.shape
+    assert rel_err(got, expected) <= 1e-5
+
+
+def test_shared_sample_errors(pairs):
+    _, ours = pairs("base")
+    sample, gpt2, t5_states, mask = _inputs(3, 25)
+    with torch.no_grad(), pytest.raises(ValueError, match="does not divide"):
+        ours(sample[:2], 10, gpt2, t5_states, mask)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"scalar or \(1,\)"):
+        ours(sample[:1], torch.tensor([1, 2, 3]), gpt2, t5_states, mask)
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_padding_changes_output(pairs, shape):
     """The T5 mask reaches the attention (the speech shape never attends the T5 stream)."""
