@@ -251,3 +251,15 @@ def test_real_size_random_weights(repo):
     err = _compare(ref, ours, sample, torch.tensor([1, 801]), gpt2, t5_states, mask)
     print(f"{repo}: rel err {err:.2e}")
     assert err <= 1e-5
+
+
+def test_autograd_path_matches_inference_path(pairs):
+    """Researchers differentiate through the UNet: the in-place shortcuts stand aside under autograd."""
+    _, ours = pairs("base")
+    sample, gpt2, t5_states, mask = _inputs(2, 32)
+    sample = sample[:1].requires_grad_(True)
+    out = ours(sample, 10, gpt2, t5_states, mask)
+    out.square().sum().backward()
+    assert sample.grad is not None and sample.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert rel_err(ours(sample, 10, gpt2, t5_states, mask), out.detach()) <= 1e-6
