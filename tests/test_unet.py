@@ -263,3 +263,33 @@ def test_autograd_path_matches_inference_path(pairs):
     assert sample.grad is not None and sample.grad.abs().sum() > 0
     with torch.no_grad():
         assert rel_err(ours(sample, 10, gpt2, t5_states, mask), out.detach()) <= 1e-6
+
+
+@pytest.mark.parametrize("heads,length,masked", [(2, 8, False), (4, 7, True)])
+def test_folded_cross_attention_is_exact(monkeypatch, heads, length, masked):
+    """The cross-attention with to_q / to_out folded into keys / values against the plain projections +
+    SDPA, in float64, where the two differ by rounding only."""
+    from audioldm2_core import unet
+
+    torch.manual_seed(0)
+    attn = unet.Attention(32, 24, heads, 32 // heads).double().eval()
+    x, context = torch.randn(2, 40, 32).double(), torch.randn(2, length, 24).double()
+    bias = None
+    if masked:
+        bias = torch.zeros(2, 1, 1, length, dtype=torch.float64)
+        bias[1, ..., -3:] = -10000.0
+    assert unet._fold_pays(x, context, heads)
+    with torch.no_grad():
+        folded = attn(x, context, bias)
+        monkeypatch.setattr(unet, "_fold_pays", lambda *args: False)
+        plain = attn(x, context, bias)
+    assert rel_err(folded, plain) < 1e-12
+
+
+def test_fold_only_where_cheaper_and_in_full_precision():
+    from audioldm2_core.unet import _fold_pays
+
+    x = torch.zeros(1, 4, 256)
+    assert _fold_pays(x, torch.zeros(1, 8, 768), heads=8)  # 64 < 264
+    assert not _fold_pays(x, torch.zeros(1, 77, 1024), heads=8)  # a long T5 prompt: 616 > 333
+    assert not _fold_pays(x.bfloat16(), torch.zeros(1, 8, 768).bfloat16(), heads=8)
