@@ -94,18 +94,25 @@ def _inputs(batch: int, frames: int, bins: int = 16, lm: int = LM, t5: int = T5,
     return sample, gpt2, t5_states, mask
 
 
-def _compare(ref, ours, sample, timestep, gpt2, t5_states, mask) -> float:
+def _compare(ref, ours, sample, timestep, gpt2, t5_states, mask, shared: bool = False) -> float:
+    """Relative error of ours against the reference. ``shared``: ours gets the sample once for both halves
+    of the conditions' batch, the reference ``torch.cat([sample] * 2)`` and the timesteps repeated, as
+    diffusers' pipeline builds them under guidance."""
+    ref_sample, ref_t = sample, timestep
+    if shared:
+        ref_sample = torch.cat([sample] * 2)
+        ref_t = timestep.repeat(2) if isinstance(timestep, torch.Tensor) and timestep.ndim else timestep
     with torch.no_grad():
         expected = ref(
-            sample,
-            timestep,
+            ref_sample,
+            ref_t,
             encoder_hidden_states=gpt2,
             encoder_hidden_states_1=t5_states,
             encoder_attention_mask_1=mask,
             return_dict=False,
         )[0]
         got = ours(sample, timestep, gpt2, t5_states, mask)
-    assert got.shape == sample.shape
+    assert got.shape == ref_sample.shape
     return rel_err(got, expected)
 
 
@@ -142,24 +149,10 @@ def test_matches_reference(pairs, shape, batch, frames, bins, timestep):
     ],
 )
 def test_shared_sample_matches_reference(pairs, shape, batch, frames, timestep):
-    """Classifier-free guidance's form: the sample once, the conditions for both halves; the reference
-    gets ``torch.cat([sample] * 2)`` and the timesteps repeated, as diffusers' pipeline builds them."""
+    """Classifier-free guidance's form: the sample once, the conditions for both halves."""
     ref, ours = pairs(shape)
     sample, gpt2, t5_states, mask = _inputs(2 * batch, frames)
-    sample = sample[:batch]
-    wide_t = timestep.repeat(2) if isinstance(timestep, torch.Tensor) and timestep.ndim else timestep
-    with torch.no_grad():
-        expected = ref(
-            torch.cat([sample] * 2),
-            wide_t,
-            encoder_hidden_states=gpt2,
-            encoder_hidden_states_1=t5_states,
-            encoder_attention_mask_1=mask,
-            return_dict=False,
-        )[0]
-        got = ours(sample, timestep, gpt2, t5_states, mask)
-    assert got.shape == expected.shape
-    assert rel_err(got, expected) <= 1e-5
+    assert _compare(ref, ours, sample[:batch], timestep, gpt2, t5_states, mask, shared=True) <= 1e-5
 
 
 def test_shared_sample_errors(pairs):
