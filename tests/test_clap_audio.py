@@ -10,8 +10,8 @@ import torch
 from audioldm2_core.clap_audio import is_audio_key, load_clap_audio, relative_position_index
 from audioldm2_core.config import UnsupportedConfigError, clap_config
 from audioldm2_core.loading import Checkpoint, WeightsError, open_checkpoint
+from tests.checkpoints import edit_weights, write_component
 from tests.helpers import rel_err
-from tests.text_checkpoints import edit_weights, write_component
 
 HUB_TEXT_ENCODER = "weights_tools/hub_configs/cvssp__audioldm2/text_encoder/config.json"
 # Tiny widths, but the real spec_size 256 / 64 mel bins (the mel->image fold needs them) and window 8.

@@ -11,8 +11,8 @@ import torch
 
 from audioldm2_core.clap_text import load_clap_text, roberta_position_ids
 from audioldm2_core.loading import CheckpointError, open_checkpoint
+from tests.checkpoints import TensorReadSpy, edit_weights, perturb, write_component
 from tests.helpers import rel_err
-from tests.text_checkpoints import TensorReadSpy, edit_weights, perturb, write_component
 
 HUB = Path(__file__).parents[1] / "weights_tools/hub_configs/cvssp__audioldm2/text_encoder/config.json"
 # A small HTSAT audio tower: present in the file, never read by the text encoder.

@@ -18,8 +18,8 @@ import torch
 
 from audioldm2_core.gpt2 import generate, load_gpt2
 from audioldm2_core.loading import CheckpointError, open_checkpoint
+from tests.checkpoints import TensorReadSpy, edit_weights, perturb, write_component
 from tests.helpers import rel_err
-from tests.text_checkpoints import TensorReadSpy, edit_weights, perturb, write_component
 
 HUB = Path(__file__).parents[1] / "weights_tools/hub_configs/cvssp__audioldm2/language_model/config.json"
 SIZES = {

@@ -10,8 +10,8 @@ import torch
 
 from audioldm2_core.loading import CheckpointError, open_checkpoint
 from audioldm2_core.projection import load_projection
+from tests.checkpoints import edit_weights, perturb, write_component
 from tests.helpers import rel_err
-from tests.text_checkpoints import edit_weights, perturb, write_component
 
 HUB = Path(__file__).parents[1] / "weights_tools/hub_configs"
 SIZES = {

@@ -15,10 +15,10 @@ from audioldm2_core.clap_text import load_clap_text
 from audioldm2_core.config import feature_extractor_config
 from audioldm2_core.loading import open_checkpoint
 from audioldm2_core.rerank import rank_within_prompts, score
+from tests.checkpoints import write_component
 from tests.helpers import rel_err
 from tests.test_audio import hub_dict, reference_extractor
 from tests.test_clap_audio import build_reference_clap
-from tests.text_checkpoints import write_component
 
 
 def reference_score_waveforms(text_encoder, feature_extractor, input_ids, attention_mask, audio, n: int):

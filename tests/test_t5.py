@@ -11,8 +11,8 @@ import torch
 
 from audioldm2_core.loading import CheckpointError, open_checkpoint
 from audioldm2_core.t5 import load_t5, relative_position_bucket
+from tests.checkpoints import edit_weights, perturb, write_component
 from tests.helpers import rel_err
-from tests.text_checkpoints import edit_weights, perturb, write_component
 
 HUB = Path(__file__).parents[1] / "weights_tools/hub_configs/cvssp__audioldm2/text_encoder_2/config.json"
 VOCAB = 90

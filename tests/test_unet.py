@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from audioldm2_core.config import unet_config
-from audioldm2_core.loading import COMPONENTS, WeightsError, load_strict, open_checkpoint
+from audioldm2_core.loading import WeightsError, load_strict, open_checkpoint
 from audioldm2_core.unet import AudioLDM2UNet, load_unet
+from tests.checkpoints import edit_weights, perturb, write_component
 from tests.helpers import rel_err
 
 HUB = Path(__file__).parents[1] / "weights_tools/hub_configs"
-WEIGHTS = "diffusion_pytorch_model.safetensors"
 LM, T5 = 32, 48  # tiny widths of the GPT-2 and T5 streams
 
 # The real block layout (DownBlock2D first, UpBlock2D last) at small width.
@@ -47,26 +45,7 @@ def _reference(config: dict, seed: int):
     from diffusers.pipelines.audioldm2.modeling_audioldm2 import AudioLDM2UNet2DConditionModel
 
     torch.manual_seed(seed)
-    ref = AudioLDM2UNet2DConditionModel(**config).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # move norm scales and biases off 1/0 so a swap cannot pass
-        for p in ref.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return ref
-
-
-def write_unet_checkpoint(root: Path, ref) -> Path:
-    """A pipeline folder holding only a unet/ saved by diffusers (model_index lists every component)."""
-    ref.save_pretrained(root / "unet", safe_serialization=True)
-    index = {
-        "_class_name": "AudioLDM2Pipeline",
-        **{c: ["x", classes[0]] for c, classes in COMPONENTS.items()},
-    }
-    (root / "model_index.json").write_text(json.dumps(index))
-    for component in COMPONENTS:  # the other folders exist, empty: only ours is read
-        (root / component).mkdir(exist_ok=True)
-    return root
+    return perturb(AudioLDM2UNet2DConditionModel(**config), seed + 1)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +56,7 @@ def pairs(tmp_path_factory):
     def get(shape: str):
         if shape not in built:
             ref = _reference({**TINY, **SHAPES[shape]}, seed=list(SHAPES).index(shape))
-            root = write_unet_checkpoint(tmp_path_factory.mktemp(f"unet_{shape}"), ref)
+            root = write_component(tmp_path_factory.mktemp(f"unet_{shape}"), "unet", ref)
             built[shape] = ref, load_unet(open_checkpoint(root))
         return built[shape]
 
@@ -193,16 +172,7 @@ def test_matches_reference_on_tiny_checkpoint(request, fixture):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     ref = _reference({**TINY, **SHAPES["base"]}, seed=0)
-    return write_unet_checkpoint(tmp_path_factory.mktemp("unet_saved"), ref)
-
-
-def _tampered(saved: Path, tmp_path: Path, edit) -> Path:
-    root = tmp_path / "ckpt"
-    shutil.copytree(saved, root)
-    state = load_file(root / "unet" / WEIGHTS)
-    edit(state)
-    save_file(state, root / "unet" / WEIGHTS)
-    return root
+    return write_component(tmp_path_factory.mktemp("unet_saved"), "unet", ref)
 
 
 @pytest.mark.parametrize(
@@ -219,7 +189,7 @@ def _tampered(saved: Path, tmp_path: Path, edit) -> Path:
 )
 def test_strict_loading(saved, tmp_path, edit, named):
     with pytest.raises(WeightsError, match=named.replace(".", r"\.")):
-        load_unet(open_checkpoint(_tampered(saved, tmp_path, edit)))
+        load_unet(open_checkpoint(edit_weights(saved, tmp_path / "ckpt", "unet", edit)))
 
 
 def test_load_dtype(saved):

@@ -3,42 +3,28 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
-from audioldm2_core.loading import COMPONENTS, CheckpointError, open_checkpoint
+from audioldm2_core.loading import CheckpointError, open_checkpoint
 from audioldm2_core.vae import load_vae
+from tests.checkpoints import edit_weights, perturb, write_component
 from tests.helpers import rel_err
 from weights_tools.make_tiny import TINY_VAE
 
 HUB_VAE = Path(__file__).parents[1] / "weights_tools/hub_configs/cvssp__audioldm2/vae/config.json"
 TINY = TINY_VAE  # the tiny checkpoint's VAE: the real architecture at small width
-WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def write_vae_checkpoint(root: Path, config: dict, seed: int = 0):
-    """A pipeline folder holding only a vae/ saved by diffusers (model_index lists every component)."""
+    """A pipeline folder holding only a vae/ saved by diffusers; returns the reference model."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    ref = AutoencoderKL(**config).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # move norm scales and biases off 1/0 so a swap cannot pass
-        for p in ref.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    ref.save_pretrained(root / "vae", safe_serialization=True)
-    index = {
-        "_class_name": "AudioLDM2Pipeline",
-        **{c: ["x", classes[0]] for c, classes in COMPONENTS.items()},
-    }
-    (root / "model_index.json").write_text(json.dumps(index))
-    for component in COMPONENTS:  # the other folders exist, empty: only ours is read
-        (root / component).mkdir(exist_ok=True)
+    ref = perturb(AutoencoderKL(**config), seed + 1)
+    write_component(root, "vae", ref)
     return ref
 
 
@@ -67,18 +53,9 @@ def test_decode_matches_reference(tiny, batch: int, frames: int):
     assert rel_err(got, want) <= 1e-5
 
 
-def _copy_with_weights(src: Path, dst: Path, edit) -> Path:
-    shutil.copytree(src, dst)
-    path = dst / "vae" / WEIGHTS
-    state = load_file(path)
-    edit(state)
-    save_file(state, path, metadata={"format": "pt"})
-    return dst
-
-
 def test_missing_decoder_key_is_named(tiny, tmp_path):
-    root = _copy_with_weights(
-        tiny[1], tmp_path / "c", lambda s: s.pop("decoder.up_blocks.1.resnets.2.conv2.bias")
+    root = edit_weights(
+        tiny[1], tmp_path / "c", "vae", lambda s: s.pop("decoder.up_blocks.1.resnets.2.conv2.bias")
     )
     with pytest.raises(
         CheckpointError, match=r"missing keys: decoder\.up_blocks\.1\.resnets\.2\.conv2\.bias"
@@ -90,7 +67,7 @@ def test_unexpected_decoder_key_is_named(tiny, tmp_path):
     def add(s):
         s["decoder.mid_block.attentions.0.to_out.1.weight"] = torch.zeros(64, 64)
 
-    root = _copy_with_weights(tiny[1], tmp_path / "c", add)
+    root = edit_weights(tiny[1], tmp_path / "c", "vae", add)
     with pytest.raises(
         CheckpointError, match=r"unexpected keys: decoder\.mid_block\.attentions\.0\.to_out\.1"
     ):
@@ -101,7 +78,7 @@ def test_key_of_neither_half_is_an_error(tiny, tmp_path):
     def add(s):
         s["discriminator.conv.weight"] = torch.zeros(3)
 
-    root = _copy_with_weights(tiny[1], tmp_path / "c", add)
+    root = edit_weights(tiny[1], tmp_path / "c", "vae", add)
     with pytest.raises(CheckpointError, match=r"discriminator\.conv\.weight"):
         load_vae(open_checkpoint(root))
 
@@ -111,7 +88,7 @@ def test_missing_encoder_is_an_error(tiny, tmp_path):
         for k in [k for k in s if k.startswith(("encoder.", "quant_conv."))]:
             del s[k]
 
-    root = _copy_with_weights(tiny[1], tmp_path / "c", drop)
+    root = edit_weights(tiny[1], tmp_path / "c", "vae", drop)
     with pytest.raises(CheckpointError, match="encoder"):
         load_vae(open_checkpoint(root))
 

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from audioldm2_core.config import vocoder_config
-from audioldm2_core.loading import COMPONENTS, CheckpointError, open_checkpoint
+from audioldm2_core.loading import CheckpointError, open_checkpoint
 from audioldm2_core.vocoder import load_vocoder, num_samples
+from tests.checkpoints import edit_weights, write_component
 from tests.helpers import rel_err
 from weights_tools.make_tiny import TINY_VOCODER, unit_gain_vocoder
 
@@ -37,14 +37,7 @@ def write_vocoder_checkpoint(root: Path, config: dict, seed: int = 0, gain: floa
         # random statistics, so that normalize_before=True is tested
         ref.mean.copy_(torch.randn(ref.mean.shape, generator=g))
         ref.scale.copy_(torch.rand(ref.scale.shape, generator=g) + 0.5)
-    ref.save_pretrained(root / "vocoder")
-    index = {
-        "_class_name": "AudioLDM2Pipeline",
-        **{c: ["x", classes[0]] for c, classes in COMPONENTS.items()},
-    }
-    (root / "model_index.json").write_text(json.dumps(index))
-    for component in COMPONENTS:  # the other folders exist, empty: only ours is read
-        (root / component).mkdir(exist_ok=True)
+    write_component(root, "vocoder", ref)
     return ref
 
 
@@ -90,23 +83,14 @@ def test_file_holds_plain_weights(tiny):
     assert keys == set(load_vocoder(open_checkpoint(root)).state_dict())
 
 
-def _copy_with_weights(src: Path, dst: Path, edit) -> Path:
-    shutil.copytree(src, dst)
-    path = dst / "vocoder" / WEIGHTS
-    state = load_file(path)
-    edit(state)
-    save_file(state, path, metadata={"format": "pt"})
-    return dst
-
-
 def test_missing_key_is_named(tiny, tmp_path):
-    root = _copy_with_weights(tiny[1], tmp_path / "c", lambda s: s.pop("resblocks.7.convs2.1.weight"))
+    root = edit_weights(tiny[1], tmp_path / "c", "vocoder", lambda s: s.pop("resblocks.7.convs2.1.weight"))
     with pytest.raises(CheckpointError, match=r"missing keys: resblocks\.7\.convs2\.1\.weight"):
         load_vocoder(open_checkpoint(root))
 
 
 def test_missing_buffer_is_named(tiny, tmp_path):
-    root = _copy_with_weights(tiny[1], tmp_path / "c", lambda s: s.pop("scale"))
+    root = edit_weights(tiny[1], tmp_path / "c", "vocoder", lambda s: s.pop("scale"))
     with pytest.raises(CheckpointError, match=r"missing keys: scale"):
         load_vocoder(open_checkpoint(root))
 
@@ -115,7 +99,7 @@ def test_unexpected_key_is_named(tiny, tmp_path):
     def add(s):  # as a file saved with weight-norm parametrizations still applied would have
         s["conv_pre.parametrizations.weight.original0"] = torch.ones(32, 1, 1)
 
-    root = _copy_with_weights(tiny[1], tmp_path / "c", add)
+    root = edit_weights(tiny[1], tmp_path / "c", "vocoder", add)
     with pytest.raises(
         CheckpointError, match=r"unexpected keys: conv_pre\.parametrizations\.weight\.original0"
     ):

@@ -1,4 +1,4 @@
-"""Helpers for the text-conditioning tests: one reference component saved in the official layout."""
+"""Test helpers: one reference component saved in the official layout, then edited or read back."""
 
 from __future__ import annotations
 
