@@ -22,3 +22,15 @@ def test_bench_runs_end_to_end(tiny_base, tmp_path):
     assert re.search(r"^\| peak RSS \| \d+ MB \| \d+ MB \| [\d.]+x \|$", out, re.M)
     err = float(re.search(r"rel\. L2 error, ours vs diffusers: (\S+)", out).group(1))
     assert err < 1e-5  # the same waveform as diffusers, to float32 rounding
+
+
+def test_unet_ab_runs(tiny_base):
+    """benchmarks/unet_ab.py: diffusers, a baseline checkout (this one) and ours in one process."""
+    script = BENCH.parent / "unet_ab.py"
+    cmd = [sys.executable, str(script), "--checkpoint", str(tiny_base), "--rounds", "1", "--length", "0.64"]
+    cmd += ["--threads", "1", "--baseline", str(BENCH.parents[1]), "--baseline-shared"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = dict(re.findall(r"^\| (diffusers|baseline|ours) \| .* \| (\S+) \|$", proc.stdout, re.M))
+    assert set(rows) == {"diffusers", "baseline", "ours"}
+    assert all(float(err) < 1e-5 for err in rows.values())  # the same noise prediction, to float32 rounding
