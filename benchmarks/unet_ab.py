@@ -27,10 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_ours(root: Path, ckpt: Path, dtype):
-    """``audioldm2_core.unet.load_unet`` imported from ``root``, then forgotten so another root can follow."""
-    for name in [m for m in sys.modules if m == "audioldm2_core" or m.startswith("audioldm2_core.")]:
-        del sys.modules[name]
+def _load_baseline(root: Path, ckpt: Path, dtype):
+    """The UNet of the ``audioldm2_core`` in ``root``; its modules are then forgotten, so that the next
+    ``import audioldm2_core`` is this checkout's again."""
     sys.path.insert(0, str(root))
     try:
         from audioldm2_core.loading import open_checkpoint
@@ -39,6 +38,8 @@ def _load_ours(root: Path, ckpt: Path, dtype):
         return load_unet(open_checkpoint(ckpt), dtype=dtype)
     finally:
         sys.path.remove(str(root))
+        for name in [m for m in sys.modules if m == "audioldm2_core" or m.startswith("audioldm2_core.")]:
+            del sys.modules[name]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,14 +74,26 @@ def main(argv: list[str] | None = None) -> None:
     impls = {"diffusers": AudioLDM2UNet2DConditionModel.from_pretrained(ckpt / "unet", torch_dtype=dtype)}
     impls["diffusers"].eval()
     if args.baseline:
-        impls["baseline"] = _load_ours(Path(args.baseline).resolve(), ckpt, dtype)
-    impls["ours"] = _load_ours(ROOT, ckpt, dtype)  # last: audioldm2_core stays this checkout's
+        impls["baseline"] = _load_baseline(Path(args.baseline).resolve(), ckpt, dtype)
+    sys.path.insert(0, str(ROOT))  # from here on, audioldm2_core is this checkout's
+    from audioldm2_core.config import vae_config, vocoder_config
+    from audioldm2_core.loading import open_checkpoint
+    from audioldm2_core.pipeline import audio_shape
+    from audioldm2_core.unet import load_unet
+
+    checkpoint = open_checkpoint(ckpt)
+    impls["ours"] = load_unet(checkpoint, dtype=dtype)
 
     cfg = impls["ours"].cfg
     lm, t5 = cfg.cross_attention_dims[0][1], cfg.cross_attention_dims[0][2]
-    frames = 4 * math.ceil(round(args.length * 100) / 4)  # mel frames at 100 per second, a multiple of 4
+    # The latent the pipeline makes for --length seconds: (frames, mel bins) / the VAE's scale.
+    vocoder = vocoder_config(checkpoint.config("vocoder"))
+    scale = vae_config(checkpoint.config("vae")).scale_factor
+    factor = math.prod(vocoder.upsample_rates) / vocoder.sampling_rate
+    frames, _ = audio_shape(args.length, factor, scale, vocoder.sampling_rate)
     g = torch.Generator().manual_seed(0)
-    latent = torch.randn(1, cfg.in_channels, frames // 4, 16, generator=g).to(dtype)
+    latent = torch.randn(1, cfg.in_channels, frames // scale, vocoder.model_in_dim // scale, generator=g)
+    latent = latent.to(dtype)
     gpt2 = torch.randn(2, 8, lm, generator=g).to(dtype)
     t5_states = torch.randn(2, args.t5, t5, generator=g).to(dtype)
     mask = torch.ones(2, args.t5, dtype=torch.long)
