@@ -49,6 +49,7 @@ from torch import nn
 
 from .config import GPT2Config, gpt2_config
 from .loading import Checkpoint, WeightsError, empty_init, load_strict
+from .ops import linear
 
 __all__ = ["GPT2", "KVCache", "generate", "load_gpt2"]
 
@@ -88,8 +89,7 @@ class Conv1D(nn.Module):
         self.bias = nn.Parameter(torch.empty(d_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)  # as transformers computes it
-        return y.view(*x.shape[:-1], -1)
+        return linear(x, self.weight.t(), self.bias)  # b + x @ W, through oneDNN's matmul (see ops)
 
 
 class CausalSelfAttention(nn.Module):

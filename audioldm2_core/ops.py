@@ -1,4 +1,14 @@
-"""Nearest-neighbour 2x upsampling followed by a 3x3 convolution, in 2.25x fewer multiplications.
+"""Exact rewrites of two hot operations on CPU: the linear layers and the upsampler convolutions.
+
+**Linear layers through oneDNN.** ``F.linear`` in float32 on CPU is MKL's GEMM (``addmm``); oneDNN's
+matmul, which PyTorch's compiler uses for frozen linears, computes the same sums faster here (2 threads,
+Zen 4: 200-210 GFLOP/s against 145-200, the gap largest for the 128-token GEMMs of the UNet's deepest
+level), and applies an exact GELU in the same pass. Only the order of the additions differs (relative
+error ~3e-7). :func:`linear` takes that path for float32 CPU tensors when no gradient is recorded (the
+oneDNN op has no backward); otherwise, and in bfloat16, where ``F.linear`` already runs oneDNN's matmul,
+it is ``F.linear``. Measured on the full-size UNet: 2.175 -> 2.000 s per guidance call (-8%).
+
+**Nearest-neighbour 2x upsampling followed by a 3x3 convolution, in 2.25x fewer multiplications.**
 
 The UNet's and the VAE decoder's ``Upsample2D`` repeat every pixel 2x2 and then convolve with a 3x3
 kernel. Each of the four output phases (even/odd row, even/odd column) therefore sees only a 2x2
@@ -24,7 +34,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["nearest2x_conv3x3", "phase_weights"]
+__all__ = ["Linear", "linear", "nearest2x_conv3x3", "phase_weights"]
+
+
+def _onednn_linear_pays(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        return False
+    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, gelu: bool = False) -> Tensor:
+    """``F.linear(x, weight, bias)``, then the exact (erf) GELU if ``gelu``; oneDNN's matmul where it is
+    faster and exact (see the module's docstring)."""
+    if _onednn_linear_pays(x, weight, bias):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none")
+    y = F.linear(x, weight, bias)
+    if not gelu:
+        return y
+    return F.gelu(y) if y.requires_grad else torch.ops.aten.gelu_(y)  # in place unless autograd needs y
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and keys) computed by :func:`linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 def phase_weights(weight: Tensor) -> Tensor:

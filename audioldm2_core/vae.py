@@ -43,7 +43,7 @@ from torch import nn
 
 from .config import VAEConfig, vae_config
 from .loading import Checkpoint, WeightsError, empty_init, load_strict
-from .ops import nearest2x_conv3x3
+from .ops import Linear, nearest2x_conv3x3
 
 __all__ = ["AutoencoderKLDecoder", "load_vae"]
 
@@ -76,10 +76,10 @@ class Attention(nn.Module):
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, channels, eps=_EPS)
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
-        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # diffusers' to_out.1 is a Dropout
+        self.to_q = Linear(channels, channels)
+        self.to_k = Linear(channels, channels)
+        self.to_v = Linear(channels, channels)
+        self.to_out = nn.ModuleList([Linear(channels, channels)])  # diffusers' to_out.1 is a Dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) channels-last -> same."""

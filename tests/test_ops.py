@@ -1,4 +1,5 @@
-"""The upsamplers' nearest-2x + 3x3-conv shortcut (``audioldm2_core.ops``) against the plain computation."""
+"""``audioldm2_core.ops`` against the plain computations: the oneDNN linear and the upsamplers' nearest-2x +
+3x3-conv shortcut."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from audioldm2_core.ops import nearest2x_conv3x3, phase_weights
+from audioldm2_core.ops import Linear, linear, nearest2x_conv3x3, phase_weights
 from tests.helpers import rel_err
 
 
@@ -104,3 +105,66 @@ def test_weights_made_in_inference_mode():
         x = torch.randn(1, 3, 4, 4)
         got = nearest2x_conv3x3(x, conv)
         assert rel_err(got, _plain(x, conv)) < 1e-6
+
+
+# ---- linear -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(2, 37, 24), (5, 24), (1, 1, 24), (0, 24)])
+def test_linear_matches_f_linear(shape, bias, gelu):
+    torch.manual_seed(0)
+    x, w = torch.randn(*shape), torch.randn(40, 24)
+    b = torch.randn(40) if bias else None
+    expected = F.linear(x, w, b)
+    expected = F.gelu(expected) if gelu else expected  # exact (erf) GELU
+    with torch.no_grad():
+        got = linear(x, w, b, gelu=gelu)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    if expected.numel():
+        assert rel_err(got, expected) < 1e-6
+
+
+def test_linear_reads_strided_inputs():
+    """Transposed activations and a row slice of a weight (as GEGLU passes) give the same sums."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 24, 37).transpose(1, 2), torch.randn(80, 24), torch.randn(80)
+    with torch.inference_mode():
+        got = linear(x, w[40:], b[40:])
+    assert rel_err(got, F.linear(x, w[40:], b[40:])) < 1e-6
+
+
+def test_linear_float64_and_bfloat16_are_f_linear():
+    """Outside float32 the plain ``F.linear`` runs: float64 bit for bit (oneDNN has no float64 matmul), and
+    bfloat16 bit for bit too (``F.linear`` is oneDNN's matmul there already)."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 7, 24), torch.randn(40, 24), torch.randn(40)
+    with torch.no_grad():
+        for dtype in (torch.float64, torch.bfloat16):
+            xd, wd, bd = x.to(dtype), w.to(dtype), b.to(dtype)
+            assert torch.equal(linear(xd, wd, bd), F.linear(xd, wd, bd))
+            assert torch.equal(linear(xd, wd, bd, gelu=True), F.gelu(F.linear(xd, wd, bd)))
+
+
+def test_linear_under_autograd_is_differentiable():
+    """oneDNN's op has no backward: with a gradient to record, ``F.linear`` runs, and gradients flow."""
+    torch.manual_seed(0)
+    layer = Linear(24, 40)
+    x = torch.randn(3, 24, requires_grad=True)
+    y = linear(x, layer.weight, layer.bias, gelu=True)
+    y.sum().backward()
+    ref_x = x.detach().requires_grad_()
+    ref_layer = nn.Linear(24, 40)
+    ref_layer.load_state_dict(layer.state_dict())
+    F.gelu(ref_layer(ref_x)).sum().backward()
+    assert torch.allclose(x.grad, ref_x.grad) and torch.allclose(layer.weight.grad, ref_layer.weight.grad)
+
+
+def test_linear_module_keeps_nn_linear_keys():
+    layer, ref = Linear(24, 40, bias=False), nn.Linear(24, 40, bias=False)
+    assert layer.state_dict().keys() == ref.state_dict().keys() == {"weight"}
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 24)
+    with torch.no_grad():
+        assert rel_err(layer(x), ref(x)) < 1e-6
