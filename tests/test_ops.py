@@ -112,7 +112,7 @@ def test_weights_made_in_inference_mode():
 
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(2, 37, 24), (5, 24), (1, 1, 24), (0, 24)])
+@pytest.mark.parametrize("shape", [(2, 37, 24), (5, 24), (1, 1, 24), (0, 24), (24,), (2, 3, 4, 24)])
 def test_linear_matches_f_linear(shape, bias, gelu):
     torch.manual_seed(0)
     x, w = torch.randn(*shape), torch.randn(40, 24)
