@@ -40,8 +40,9 @@ Beyond the reference, exact up to float rounding (float32 parity ~7e-7 at full s
 both sides runs as four 2x2 convolutions of its input (``ops.py``: 2.25x fewer multiplications); a sample
 shared by the halves of a guidance batch goes through the layers before the first conditioned transformer
 once (``forward``); cross-attention to a short context folds ``to_q`` / ``to_out`` into its keys and values
-(``Attention._folded``); ``proj_in`` / ``proj_out`` run as linears in the token layout. Together 8% fewer
-FLOPs and ~1.1x diffusers' speed per call on a 2-core CPU (``benchmarks/unet_ab.py``).
+(``Attention._folded``); ``proj_in`` / ``proj_out`` run as linears in the token layout; every linear runs
+oneDNN's matmul instead of MKL's (``ops.linear``, with GEGLU's GELU fused into its GEMM). Together 8% fewer
+FLOPs and ~1.2x diffusers' speed per call on a 2-core CPU (``benchmarks/unet_ab.py``).
 
 Left out on purpose: class/timestep-cond embeddings, attention processors and slicing, gradient
 checkpointing, dropout, FreeU, LoRA/adapter hooks, ``return_dict``.
