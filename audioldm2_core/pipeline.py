@@ -272,16 +272,17 @@ class AudioLDM2:
                 out = uncond + guidance_scale * (cond - uncond)
             return out
 
-        x = sample(
-            sampler,
-            model,
-            latents,
-            self.scheduler_config,
-            num_inference_steps,
-            eta=eta,
-            generator=generator,
-            callback=callback,
-        )
+        with unet.reuse_context():  # the conditions' keys and values are projected at the first step only
+            x = sample(
+                sampler,
+                model,
+                latents,
+                self.scheduler_config,
+                num_inference_steps,
+                eta=eta,
+                generator=generator,
+                callback=callback,
+            )
         self._release("unet")
         return x
 

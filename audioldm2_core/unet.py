@@ -50,7 +50,9 @@ checkpointing, dropout, FreeU, LoRA/adapter hooks, ``return_dict``.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -126,18 +128,38 @@ class Attention(nn.Module):
         self.to_k = Linear(context_dim, inner, bias=False)
         self.to_v = Linear(context_dim, inner, bias=False)
         self.to_out = nn.ModuleList([Linear(inner, query_dim)])  # to_out.1 was a Dropout: no weights
+        # Set to a dict by AudioLDM2UNet.reuse_context(): then the projections of a context are kept there and
+        # reused while this module is called with the same context tensor (not a module state: no keys).
+        self.context_cache: dict | None = None
 
     def forward(self, x: Tensor, context: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
         """x (B, N, query_dim), context (B, L, context_dim), bias broadcastable to (B, heads, N, L)."""
         if context is not None and _fold_pays(x, context, self.heads):
             return self._folded(x, context, bias)
-        context = x if context is None else context
         B, N, _ = x.shape
         q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)  # (B, heads, N, d)
-        k = self.to_k(context).view(B, -1, self.heads, q.shape[-1]).transpose(1, 2)  # (B, heads, L, d)
-        v = self.to_v(context).view(B, -1, self.heads, q.shape[-1]).transpose(1, 2)  # (B, heads, L, d)
+        if context is None:
+            k, v = self._project(x)
+        else:
+            k, v = self._cached(context, self._project)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale 1/sqrt(d)
         return self.to_out[0](out.transpose(1, 2).reshape(B, N, -1))  # (B, N, heads * d)
+
+    def _project(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, heads, L, d) of a context (B, L, context_dim)."""
+        B, L, _ = context.shape
+        k = self.to_k(context).view(B, L, self.heads, -1).transpose(1, 2)
+        v = self.to_v(context).view(B, L, self.heads, -1).transpose(1, 2)
+        return k, v
+
+    def _cached(self, context: Tensor, project):
+        """``project(context)``, or what it returned for this very tensor inside ``reuse_context()``."""
+        cache = self.context_cache
+        if cache is None or torch.is_grad_enabled():  # autograd: each call builds its own graph
+            return project(context)
+        if cache.get("context") is not context or cache.get("project") != project:
+            cache.update(context=context, project=project, value=project(context))
+        return cache["value"]
 
     def _folded(self, x: Tensor, context: Tensor, bias: Tensor | None) -> Tensor:
         """The same cross-attention, with ``to_q`` folded into the keys and ``to_out`` into the values.
@@ -148,19 +170,26 @@ class Attention(nn.Module):
         C-wide query and output projections of every one of the N tokens: 2NC(H L) multiply-adds instead
         of 2NC(C + L), about a third at 256 channels. Exact in exact arithmetic; float32 rounding only.
         """
-        B, N, C = x.shape
+        B, N, _ = x.shape
         H, L = self.heads, context.shape[1]
-        k = self.to_k(context).view(B, L, H, -1)  # (B, L, H, d)
-        v = self.to_v(context).view(B, L, H, -1)
-        d = k.shape[-1]
-        keys = torch.einsum("hdc,blhd->bchl", self.to_q.weight.view(H, d, C), k) * d**-0.5  # (B, C, H, L)
-        scores = torch.bmm(x, keys.reshape(B, C, H * L)).view(B, N, H, L)
+        keys, values = self._cached(context, self._folded_keys_values)
+        scores = torch.bmm(x, keys).view(B, N, H, L)
         if bias is not None:
             scores = scores + bias.reshape(bias.shape[0], 1, 1, L)  # (B, 1, 1, L): every query, every head
         probs = scores.softmax(-1).view(B, N, H * L)
-        out_w = self.to_out[0]
-        values = torch.einsum("blhd,chd->bhlc", v, out_w.weight.view(-1, H, d))  # (B, H, L, C_out)
-        return torch.baddbmm(out_w.bias, probs, values.reshape(B, H * L, -1))  # (B, N, C_out)
+        return torch.baddbmm(self.to_out[0].bias, probs, values)  # (B, N, C_out)
+
+    def _folded_keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """The folded keys (B, C, H*L) and values (B, H*L, C_out) of a context (B, L, context_dim)."""
+        B, L, _ = context.shape
+        H = self.heads
+        k = self.to_k(context).view(B, L, H, -1)  # (B, L, H, d)
+        v = self.to_v(context).view(B, L, H, -1)
+        d = k.shape[-1]
+        C = self.to_q.weight.shape[1]
+        keys = torch.einsum("hdc,blhd->bchl", self.to_q.weight.view(H, d, C), k) * d**-0.5  # (B, C, H, L)
+        values = torch.einsum("blhd,chd->bhlc", v, self.to_out[0].weight.view(-1, H, d))  # (B, H, L, C_out)
+        return keys.reshape(B, C, H * L), values.reshape(B, H * L, -1)
 
 
 def _fold_pays(x: Tensor, context: Tensor, heads: int) -> bool:
@@ -442,6 +471,23 @@ class AudioLDM2UNet(nn.Module):
             else:
                 out.append((encoder_hidden_states_1, bias_1))
         return out
+
+    @contextlib.contextmanager
+    def reuse_context(self) -> Iterator[AudioLDM2UNet]:
+        """Within this block, each cross-attention projects a condition once and reuses the result while it
+        is called with the same condition tensor again, as in a denoising loop, where the conditions stay
+        the same for every step: the keys and values of the GPT-2 and T5 states (and the folded forms of
+        ``Attention._folded``) are then computed at the first step only, not at every one (~2% of a call).
+        Identity, not content, decides: do not modify a condition tensor in place inside the block. With
+        autograd recording, nothing is reused."""
+        attentions = [m for m in self.modules() if isinstance(m, Attention)]
+        for attention in attentions:
+            attention.context_cache = {}
+        try:
+            yield self
+        finally:
+            for attention in attentions:
+                attention.context_cache = None
 
     def forward(
         self,

@@ -256,3 +256,40 @@ def test_fold_only_where_cheaper_and_in_full_precision():
     assert _fold_pays(x, torch.zeros(1, 8, 768), heads=8)  # 64 < 264
     assert not _fold_pays(x, torch.zeros(1, 77, 1024), heads=8)  # a long T5 prompt: 616 > 333
     assert not _fold_pays(x.bfloat16(), torch.zeros(1, 8, 768).bfloat16(), heads=8)
+
+
+@pytest.mark.parametrize("shape", ["base", "large"])
+def test_reuse_context_is_bit_identical_over_steps(pairs, shape):
+    """Inside ``reuse_context()`` the conditions' projections (plain and folded) are computed once and reused
+    for later steps: the outputs are the very bits of separate calls."""
+    from audioldm2_core.unet import Attention
+
+    _, ours = pairs(shape)
+    sample, gpt2, t5_states, mask = _inputs(2, 32)
+    steps = [(sample[:1], 981), (sample[1:], 500), (sample[:1] * 0.5, 21)]
+    with torch.no_grad():
+        expected = [ours(x, t, gpt2, t5_states, mask) for x, t in steps]
+        with ours.reuse_context():
+            got = [ours(x, t, gpt2, t5_states, mask) for x, t in steps]
+            cross = [m for m in ours.modules() if isinstance(m, Attention) and m.context_cache]
+            assert cross and all(
+                m.context_cache["context"] is gpt2 or m.context_cache["context"] is t5_states for m in cross
+            )
+            # another tensor with other values (same shape): projected anew, not served from the cache
+            other = torch.randn_like(t5_states)
+            got_other = ours(sample[:1], 981, gpt2, other, mask)
+        expected_other = ours(sample[:1], 981, gpt2, other, mask)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert torch.equal(got_other, expected_other)
+    assert all(m.context_cache is None for m in ours.modules() if isinstance(m, Attention))  # released
+
+
+def test_reuse_context_stands_aside_under_autograd(pairs):
+    """With autograd recording, each call projects the conditions itself, so gradients reach the context."""
+    _, ours = pairs("base")
+    sample, gpt2, t5_states, mask = _inputs(2, 32)
+    t5_states = t5_states.requires_grad_(True)
+    with ours.reuse_context():
+        for t in (981, 500):
+            ours(sample[:1], t, gpt2, t5_states, mask).square().sum().backward()
+    assert t5_states.grad is not None and t5_states.grad.abs().sum() > 0
