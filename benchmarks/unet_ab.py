@@ -7,6 +7,7 @@
 Why next to ``bench.py``: this machine's speed drifts by ~10% over minutes, more than most single changes
 are worth, and ``bench.py``'s fresh processes run minutes apart. Here every round calls each implementation
 once on the same inputs, so drift hits all alike, and the per-round ratios show how steady the result is.
+An implementation with ``reuse_context()`` (ours) is called inside it, as the pipeline's denoising loop does.
 
 Inputs are the pipeline's under guidance: the conditions for [negative, positive] (8 GPT-2 states, ``--t5``
 T5 states with the negative prompt's padded), the latent of ``--length`` seconds. diffusers gets the latent
@@ -18,6 +19,7 @@ Weights: the random checkpoint ``bench.py`` builds (same options), or ``--checkp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import statistics
 import sys
@@ -116,7 +118,10 @@ def main(argv: list[str] | None = None) -> None:
 
     times: dict[str, list[float]] = {name: [] for name in impls}
     outs = {}
-    with torch.inference_mode():
+    with torch.inference_mode(), contextlib.ExitStack() as stack:
+        for unet in impls.values():  # as in the pipeline's loop: the conditions are the same at every step
+            if hasattr(unet, "reuse_context"):
+                stack.enter_context(unet.reuse_context())
         for name in impls:  # warm-up: page faults of the mapped weights, kernel set-up
             call(name)
         for _ in range(args.rounds):
