@@ -174,3 +174,13 @@ def test_linear_module_keeps_nn_linear_keys():
     x = torch.randn(4, 24)
     with torch.no_grad():
         assert rel_err(layer(x), ref(x)) < 1e-6
+
+
+def test_linear_respects_mkldnn_switched_off(monkeypatch):
+    """``torch.backends.mkldnn.enabled = False`` (a user's way to rule oneDNN out) gives ``F.linear``."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 7, 24), torch.randn(40, 24), torch.randn(40)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # restored after the test
+    with torch.no_grad():
+        assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+        assert torch.equal(linear(x, w, b, gelu=True), F.gelu(F.linear(x, w, b)))
