@@ -481,13 +481,14 @@ class AudioLDM2UNet(nn.Module):
         Identity, not content, decides: do not modify a condition tensor in place inside the block. With
         autograd recording, nothing is reused."""
         attentions = [m for m in self.modules() if isinstance(m, Attention)]
+        outer = [attention.context_cache for attention in attentions]  # None, or an enclosing block's
         for attention in attentions:
             attention.context_cache = {}
         try:
             yield self
         finally:
-            for attention in attentions:
-                attention.context_cache = None
+            for attention, cache in zip(attentions, outer, strict=True):
+                attention.context_cache = cache
 
     def forward(
         self,

@@ -258,12 +258,16 @@ def test_fold_only_where_cheaper_and_in_full_precision():
     assert not _fold_pays(x.bfloat16(), torch.zeros(1, 8, 768).bfloat16(), heads=8)
 
 
+def _attentions(unet):
+    from audioldm2_core.unet import Attention
+
+    return [m for m in unet.modules() if isinstance(m, Attention)]
+
+
 @pytest.mark.parametrize("shape", ["base", "large"])
 def test_reuse_context_is_bit_identical_over_steps(pairs, shape):
     """Inside ``reuse_context()`` the conditions' projections (plain and folded) are computed once and reused
     for later steps: the outputs are the very bits of separate calls."""
-    from audioldm2_core.unet import Attention
-
     _, ours = pairs(shape)
     sample, gpt2, t5_states, mask = _inputs(2, 32)
     steps = [(sample[:1], 981), (sample[1:], 500), (sample[:1] * 0.5, 21)]
@@ -271,7 +275,7 @@ def test_reuse_context_is_bit_identical_over_steps(pairs, shape):
         expected = [ours(x, t, gpt2, t5_states, mask) for x, t in steps]
         with ours.reuse_context():
             got = [ours(x, t, gpt2, t5_states, mask) for x, t in steps]
-            cross = [m for m in ours.modules() if isinstance(m, Attention) and m.context_cache]
+            cross = [m for m in _attentions(ours) if m.context_cache]
             assert cross and all(
                 m.context_cache["context"] is gpt2 or m.context_cache["context"] is t5_states for m in cross
             )
@@ -281,7 +285,12 @@ def test_reuse_context_is_bit_identical_over_steps(pairs, shape):
         expected_other = ours(sample[:1], 981, gpt2, other, mask)
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
     assert torch.equal(got_other, expected_other)
-    assert all(m.context_cache is None for m in ours.modules() if isinstance(m, Attention))  # released
+    assert all(m.context_cache is None for m in _attentions(ours))  # released
+    with ours.reuse_context():  # nested blocks: the outer one's caches come back when the inner one ends
+        outer = [m.context_cache for m in _attentions(ours)]
+        with ours.reuse_context():
+            pass
+        assert all(m.context_cache is c for m, c in zip(_attentions(ours), outer, strict=True))
 
 
 def test_reuse_context_stands_aside_under_autograd(pairs):
