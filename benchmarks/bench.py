@@ -308,6 +308,17 @@ def table(results: dict[str, list[dict]], errors: dict[str, float], header: str)
         ratio = f"{a / b:.2f}x" if b >= 0.01 else "-"  # low-memory "load" is ~0: it happens per stage
         lines.append(f"| {name} | {fmt.format(a)} | {fmt.format(b)} | {ratio} |")
     lines.append("")
+    # Per alternating pair: this machine drifts by ~10% over minutes, so the spread says how much a median
+    # of a few runs can be trusted.
+    pairs = list(zip(results[other], results[ours], strict=True))
+    speed = [a["generate_s"] / b["generate_s"] for a, b in pairs]  # > 1: ours is faster
+    memory = [b["peak_rss_mb"] / a["peak_rss_mb"] for a, b in pairs]  # < 1: ours peaks lower
+    for label, ratios in (
+        (f"generate per pair, {other} / {ours}", speed),
+        (f"peak RSS per pair, {ours} / {other}", memory),
+    ):
+        listed = ", ".join(f"{x:.2f}x" for x in ratios)
+        lines.append(f"- {label}: {listed} (median {statistics.median(ratios):.2f}x)")
     lines += [f"- {name}: {value:.2e}" for name, value in errors.items()]
     return "\n".join(lines)
 

@@ -20,6 +20,8 @@ def test_bench_runs_end_to_end(tiny_base, tmp_path):
         # the ratio is "-" where our time rounds to 0 (tiny models)
         assert re.search(rf"^\| {re.escape(row)} \| [\d.]+ s \| [\d.]+ s \| ([\d.]+x|-) \|$", out, re.M), row
     assert re.search(r"^\| peak RSS \| \d+ MB \| \d+ MB \| [\d.]+x \|$", out, re.M)
+    assert re.search(r"^- generate per pair, diffusers / ours: [\d.]+x \(median [\d.]+x\)$", out, re.M)
+    assert re.search(r"^- peak RSS per pair, ours / diffusers: [\d.]+x \(median [\d.]+x\)$", out, re.M)
     err = float(re.search(r"rel\. L2 error, ours vs diffusers: (\S+)", out).group(1))
     assert err < 1e-5  # the same waveform as diffusers, to float32 rounding
 
