@@ -24,9 +24,9 @@ weights, interleaved: 16 taps per input pixel instead of 36, and the 4x larger u
 built. The result differs from the reference only by the rounding of the summed weights (relative error
 ~2e-7 in float32). Measured (2 threads, float32): the UNet's three upsamplers 90 -> 50 ms per call.
 
-The summed weights are computed once per weight tensor and cached on the convolution (keyed by the
-weight's storage and version, so ``load_state_dict``/``copy_`` under ``no_grad`` or a move to another
-device recompute them). The fast path runs only where no gradient is recorded; with autograd on, the
+The summed weights are computed once per weight tensor and cached on the convolution, keyed by the weight's
+storage and version, so ``load_state_dict``/``copy_`` under ``no_grad`` or a move to another device
+recompute them (``cache=False``: computed for the call only, for a module that runs once per generation). The fast path runs only where no gradient is recorded; with autograd on, the
 plain upsample + convolution runs, so gradients flow to the conv's own weights.
 """
 
@@ -102,15 +102,17 @@ def _cached_phase_weights(conv: nn.Conv2d) -> Tensor:
     return cached[1]
 
 
-def nearest2x_conv3x3(x: Tensor, conv: nn.Conv2d) -> Tensor:
+def nearest2x_conv3x3(x: Tensor, conv: nn.Conv2d, cache: bool = True) -> Tensor:
     """``conv(F.interpolate(x, scale_factor=2, mode="nearest"))`` for a 3x3, stride-1, padding-1 ``conv``.
 
-    x (B, C, H, W), NCHW or channels-last -> (B, O, 2H, 2W) in the same memory format.
+    x (B, C, H, W), NCHW or channels-last -> (B, O, 2H, 2W) in the same memory format. ``cache=False``
+    sums the phase weights for this call only: for a module called once per generation, where a cached copy
+    (16/9 of the weight) would only occupy memory.
     """
     if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad):
         return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
     B, _, H, W = x.shape
-    phases = _cached_phase_weights(conv)
+    phases = _cached_phase_weights(conv) if cache else phase_weights(conv.weight)
     O = phases.shape[2]
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     if channels_last:  # physical (B, H, 2, W, 2, O) -> logical (B, O, 2H, 2W), channels-last

@@ -116,7 +116,9 @@ class Upsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nearest2x_conv3x3(x, self.conv)  # (B, C, 2H, 2W); see ops.py
+        # (B, C, 2H, 2W); see ops.py. Not cached: the decoder runs once per generation, and the summed
+        # weights (20 MB at full size) would otherwise sit in memory through the vocoder, where the peak is.
+        return nearest2x_conv3x3(x, self.conv, cache=False)
 
 
 class UpDecoderBlock2D(nn.Module):

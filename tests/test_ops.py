@@ -184,3 +184,16 @@ def test_linear_respects_mkldnn_switched_off(monkeypatch):
     with torch.no_grad():
         assert torch.equal(linear(x, w, b), F.linear(x, w, b))
         assert torch.equal(linear(x, w, b, gelu=True), F.gelu(F.linear(x, w, b)))
+
+
+def test_uncached_leaves_nothing_behind():
+    conv = _conv(4, 5)
+    x = torch.randn(1, 4, 3, 5)
+    with torch.no_grad():
+        got = nearest2x_conv3x3(x, conv, cache=False)
+        assert torch.equal(got, nearest2x_conv3x3(x, conv))  # the same sums either way
+    assert "_phase_weights" in conv.__dict__  # the cached call above
+    conv.__dict__.pop("_phase_weights")
+    with torch.no_grad():
+        nearest2x_conv3x3(x, conv, cache=False)
+    assert "_phase_weights" not in conv.__dict__
