@@ -26,8 +26,9 @@ built. The result differs from the reference only by the rounding of the summed 
 
 The summed weights are computed once per weight tensor and cached on the convolution, keyed by the weight's
 storage and version, so ``load_state_dict``/``copy_`` under ``no_grad`` or a move to another device
-recompute them (``cache=False``: computed for the call only, for a module that runs once per generation). The fast path runs only where no gradient is recorded; with autograd on, the
-plain upsample + convolution runs, so gradients flow to the conv's own weights.
+recompute them (``cache=False``: computed for the call only, for a module that runs once per generation).
+The fast path runs only where no gradient is recorded; with autograd on, the plain upsample + convolution
+runs, so gradients flow to the conv's own weights.
 """
 
 from __future__ import annotations
