@@ -58,6 +58,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="load each component only while it runs (default: on for one prompt, off for a prompts file)",
     )
+    p.add_argument(
+        "--cpu-attention",
+        action="store_true",
+        help="the C++ attention kernel for the UNet on the CPU (faster; built on first use, needs a C++ compiler)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if (args.prompt is None) == (args.prompts_file is None):
@@ -149,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"audioldm2: error: {e}", file=sys.stderr)
         return 2
     try:
+        if args.cpu_attention:
+            from . import cpu_attention
+
+            cpu_attention.enable()
         low_memory = args.low_memory if args.low_memory is not None else len(jobs) == 1
         pipe = AudioLDM2.from_pretrained(
             args.model, revision=args.revision, device=args.device, dtype=args.dtype, low_memory=low_memory

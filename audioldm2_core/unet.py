@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import cpu_attention
 from .config import UNetConfig, unet_config
 from .loading import Checkpoint, empty_init, load_strict
 from .ops import Linear, linear, nearest2x_conv3x3
@@ -140,6 +141,10 @@ class Attention(nn.Module):
         q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)  # (B, heads, N, d)
         if context is None:
             k, v = self._project(x)
+            # the opt-in C++ kernel, where it applies: (B, N, heads * d)
+            out = cpu_attention.attention(q, k, v) if bias is None else None
+            if out is not None:
+                return self.to_out[0](out)
         else:
             k, v = self._cached(context, self._project)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale 1/sqrt(d)

@@ -5,6 +5,7 @@
     python benchmarks/bench.py --low-memory          # ours loads each component for its stage only
     python benchmarks/bench.py --tiny --steps 1      # a tiny random checkpoint, seconds (as tests/test_bench.py)
     python benchmarks/bench.py --baseline ../old     # ours against another checkout's audioldm2_core
+    python benchmarks/bench.py --cpu-attention       # ours with the C++ attention kernel (cpu_attention.py)
 
 Weights: the real checkpoints cannot be downloaded here, so a random-weight checkpoint with the exact
 ``cvssp/audioldm2`` (or ``-large``) architecture is built once from the shipped hub configs, with the
@@ -237,6 +238,10 @@ def _ours(spec: dict, dtype, timer: StageTimer):
     from audioldm2_core.vocoder import SpeechT5HifiGan
 
     t0 = time.perf_counter()
+    if spec.get("cpu_attention"):  # loading the built kernel counts as load time (~1 ms)
+        from audioldm2_core import cpu_attention
+
+        cpu_attention.enable()
     pipe = P.AudioLDM2.from_pretrained(spec["ckpt"], dtype=dtype, low_memory=spec["low_memory"])
     spec["_load_s"] = time.perf_counter() - t0
     timer.wrap(ClapTextEncoder, "forward", "text encoders")
@@ -340,6 +345,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--large", action="store_true", help="the cvssp/audioldm2-large UNet (2 layers per block)")
     p.add_argument("--low-memory", action="store_true", help="ours: load each component for its stage only")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet on both sides")
+    p.add_argument(
+        "--cpu-attention",
+        action="store_true",
+        help="ours: the C++ attention kernel (audioldm2_core.cpu_attention)",
+    )
     p.add_argument("--tiny", action="store_true", help="tiny random checkpoint (the tests' smoke run)")
     p.add_argument("--checkpoint", help="use this pipeline folder instead of the built random checkpoint")
     p.add_argument(
@@ -375,12 +385,18 @@ def main(argv: list[str] | None = None) -> None:
         threads=args.threads,
         compile=args.compile,
         low_memory=args.low_memory,
+        cpu_attention=args.cpu_attention,
     )
+    if args.cpu_attention:  # built here once (~12 s), so that the runs only load it
+        sys.path.insert(0, str(ROOT))
+        from audioldm2_core import cpu_attention
+
+        cpu_attention.enable()
     other = "baseline" if args.baseline else "diffusers"
     specs = {
-        other: dict(base, impl="ours", root=str(Path(args.baseline).resolve()))
+        other: dict(base, impl="ours", root=str(Path(args.baseline).resolve()), cpu_attention=False)
         if args.baseline
-        else dict(base, impl="diffusers", low_memory=False),
+        else dict(base, impl="diffusers", low_memory=False, cpu_attention=False),
         "ours": dict(base, impl="ours"),
     }
     results: dict[str, list[dict]] = {label: [] for label in specs}
@@ -413,7 +429,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{f'checkpoint {ckpt}' if args.checkpoint else weights}, "
         f"{args.length} s, {args.steps} x {args.sampler}, guidance {args.guidance}, {args.dtype}, "
         f"{args.threads} threads, {'low-memory (ours), ' if args.low_memory else ''}"
-        f"{'compiled UNet, ' if args.compile else ''}median of {args.repeats}; "
+        f"{'compiled UNet, ' if args.compile else ''}{'C++ CPU attention (ours), ' if args.cpu_attention else ''}"
+        f"median of {args.repeats}; "
         f"load average {load[0]:.2f} / {load[1]:.2f} (1 / 5 min) at the end"
     )
     print(table(results, errors, header))

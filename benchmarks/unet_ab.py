@@ -3,6 +3,7 @@
     python benchmarks/unet_ab.py                               # diffusers vs ours, float32, 7 rounds
     python benchmarks/unet_ab.py --dtype bfloat16 --rounds 9
     python benchmarks/unet_ab.py --baseline ../old-checkout    # + another checkout's audioldm2_core
+    python benchmarks/unet_ab.py --cpu-attention               # + ours with the C++ attention kernel
 
 Why next to ``bench.py``: this machine's speed drifts by ~10% over minutes, more than most single changes
 are worth, and ``bench.py``'s fresh processes run minutes apart. Here every round calls each implementation
@@ -57,6 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache-dir", help="where bench.py builds its checkpoint")
     p.add_argument("--baseline", help="another checkout whose audioldm2_core UNet joins the rotation")
     p.add_argument("--baseline-shared", action="store_true", help="the baseline takes the shared latent")
+    p.add_argument(
+        "--cpu-attention",
+        action="store_true",
+        help="+ ours with audioldm2_core.cpu_attention (the same UNet)",
+    )
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
@@ -78,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.baseline:
         impls["baseline"] = _load_baseline(Path(args.baseline).resolve(), ckpt, dtype)
     sys.path.insert(0, str(ROOT))  # from here on, audioldm2_core is this checkout's
+    from audioldm2_core import cpu_attention
     from audioldm2_core.config import vae_config, vocoder_config
     from audioldm2_core.loading import open_checkpoint
     from audioldm2_core.pipeline import audio_shape
@@ -85,6 +92,10 @@ def main(argv: list[str] | None = None) -> None:
 
     checkpoint = open_checkpoint(ckpt)
     impls["ours"] = load_unet(checkpoint, dtype=dtype)
+    if args.cpu_attention:
+        cpu_attention.enable()  # built here if it is not yet, before anything is timed
+        impls["ours, cpu_attention"] = impls["ours"]
+    cpu_attention.enable(False)
 
     cfg = impls["ours"].cfg
     lm, t5 = cfg.cross_attention_dims[0][1], cfg.cross_attention_dims[0][2]
@@ -113,14 +124,16 @@ def main(argv: list[str] | None = None) -> None:
                 encoder_attention_mask_1=mask,
                 return_dict=False,
             )[0]
-        shared = name == "ours" or args.baseline_shared
+        shared = name.startswith("ours") or args.baseline_shared
+        if name.startswith("ours"):
+            cpu_attention.enable(name == "ours, cpu_attention")
         return unet(latent if shared else wide, 500, gpt2, t5_states, mask)
 
     times: dict[str, list[float]] = {name: [] for name in impls}
     outs = {}
     with torch.inference_mode(), contextlib.ExitStack() as stack:
-        for unet in impls.values():  # as in the pipeline's loop: the conditions are the same at every step
-            if hasattr(unet, "reuse_context"):
+        for unet in {id(u): u for u in impls.values()}.values():  # as in the pipeline's loop: the conditions
+            if hasattr(unet, "reuse_context"):  # are the same at every step
                 stack.enter_context(unet.reuse_context())
         for name in impls:  # warm-up: page faults of the mapped weights, kernel set-up
             call(name)

@@ -17,3 +17,13 @@ def tiny_base(tmp_path_factory):
 def tiny_large(tmp_path_factory):
     """The cvssp/audioldm2-large shape: UNet [[None, lm, t5, None]] per block, two transformer layers."""
     return make_tiny(tmp_path_factory.mktemp("tiny") / "large", variant="large", seed=1)
+
+
+@pytest.fixture
+def cpu_attention_on():
+    """audioldm2_core.cpu_attention enabled (built on first use, ~12 s, then cached), off again afterwards."""
+    from audioldm2_core import cpu_attention
+
+    cpu_attention.enable()
+    yield cpu_attention
+    cpu_attention.enable(False)

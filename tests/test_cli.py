@@ -13,8 +13,8 @@ import soundfile as sf
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+def run(*args: str, cwd: Path | None = None, **env_extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **env_extra}
     return subprocess.run(
         [sys.executable, "-m", "audioldm2_core", *args],
         capture_output=True,
@@ -46,6 +46,22 @@ def test_same_seed_same_file_and_candidates(tiny_base, tmp_path):
     assert (best == sf.read(tmp_path / "b.rank1.wav")[0]).all()
     a = sf.read(tmp_path / "a.wav")[0]
     assert a.shape == (16000,) and (a == sf.read(tmp_path / "a.wav")[0]).all()
+
+
+def test_cpu_attention_flag(tiny_base, tmp_path):
+    """--cpu-attention: the kernel is built (or found built) and used where it applies; the same audio within
+    float32 rounding. Without a compiler: one line saying what is missing, nothing written."""
+    args = ["wind in the trees", "--model", str(tiny_base), "--steps", "2", "--length", "1.0", "--seed", "1"]
+    assert run(*args, "-o", str(tmp_path / "plain.wav"), "--quiet").returncode == 0
+    r = run(*args, "-o", str(tmp_path / "kernel.wav"), "--quiet", "--cpu-attention")
+    assert r.returncode == 0, r.stderr
+    plain, kernel = sf.read(tmp_path / "plain.wav")[0], sf.read(tmp_path / "kernel.wav")[0]
+    assert abs(plain - kernel).max() <= 1e-5 * abs(plain).max()
+    r = run(*args, "-o", str(tmp_path / "none.wav"), "--cpu-attention", CXX="/nonexistent/c++",
+            XDG_CACHE_HOME=str(tmp_path / "cache"))  # fmt: skip
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "the CPU attention kernel could not be built: it needs a C++ compiler" in r.stderr.splitlines()[-1]
+    assert not (tmp_path / "none.wav").exists()
 
 
 def test_prompts_file(tiny_base, tmp_path):

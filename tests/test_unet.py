@@ -302,3 +302,24 @@ def test_reuse_context_stands_aside_under_autograd(pairs):
         for t in (981, 500):
             ours(sample[:1], t, gpt2, t5_states, mask).square().sum().backward()
     assert t5_states.grad is not None and t5_states.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("shape", ["base", "large", "speech"])
+def test_cpu_attention_kernel_matches_reference(pairs, cpu_attention_on, monkeypatch, shape):
+    """With the opt-in C++ kernel taking the self-attentions (head widths 16 and 32 here; -large's deeper
+    blocks have width 8, which stays with PyTorch's kernel), plain and shared."""
+    monkeypatch.setattr(cpu_attention_on, "MIN_KEYS", 1)
+    calls = []
+    kernel = cpu_attention_on.attention
+
+    def counted(q, k, v):
+        out = kernel(q, k, v)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(cpu_attention_on, "attention", counted)
+    ref, ours = pairs(shape)
+    sample, gpt2, t5_states, mask = _inputs(2, 43)
+    assert _compare(ref, ours, sample, torch.tensor([1, 999]), gpt2, t5_states, mask) <= 1e-5
+    assert _compare(ref, ours, sample[:1], 500, gpt2, t5_states, mask, shared=True) <= 1e-5
+    assert any(calls) and (all(calls) or shape == "large")

@@ -1,0 +1,215 @@
+// Exact softmax attention, softmax(q k^T / sqrt(d)) v, for the CPU: the UNet's widest self-attention.
+//
+// PyTorch's CPU flash-attention kernel runs the first attention level's self-attention (1024 tokens, head width
+// 32, batch 2 x 8 heads) at ~125 GFLOP/s in float32, in both float32 and bfloat16: it multiplies small blocks
+// through a general GEMM and passes over each block of scores several times. Here one task takes a (batch,
+// head) pair and a chunk of queries, copies that head's keys (transposed, in 32-key panels) and values once
+// into contiguous float32 buffers, then for each tile of 8 queries:
+//   1. scores: the whole row of scores (all L keys, L * 4 bytes) in 8 x 32 register blocks, with the row max;
+//   2. softmax numerators exp(s - max) in place and their sum (an exact two-pass softmax: the rows fit in L1);
+//   3. out = P V / sum, accumulated in registers.
+// Everything is float32 (bfloat16 inputs are widened when copied; the output is rounded once). Head widths that
+// are multiples of 16 (one 16-float vector per 16 columns; GCC vector extensions, so AVX-512 with
+// -march=native and two AVX2 halves elsewhere). Called as torch.ops.audioldm2.attention(q, k, v) with q
+// (B, H, N, d) and k, v (B, H, L, d), any strides with unit last stride; returns (B, N, H, d) contiguous.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+typedef float vf __attribute__((vector_size(64)));
+typedef int vi __attribute__((vector_size(64)));
+typedef float vf_unaligned __attribute__((vector_size(64), aligned(4)));
+constexpr int W = 16;        // floats per vector
+constexpr int R = 8;         // queries per tile
+constexpr int KW = 2 * W;    // keys per score block (and per panel of the transposed keys)
+constexpr int64_t QCHUNK = 256;  // queries per task
+
+inline vf load(const float* p) { return *(const vf_unaligned*)p; }
+inline void store(float* p, vf v) { *(vf_unaligned*)p = v; }
+inline vf splat(float s) { return vf{} + s; }
+inline float hmax(vf v) { float m = v[0]; for (int i = 1; i < W; i++) m = std::max(m, v[i]); return m; }
+inline float hsum(vf v) { float s = 0; for (int i = 0; i < W; i++) s += v[i]; return s; }
+
+// exp(x) for x <= 0 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-5 polynomial for e^r; ~1 ulp).
+inline vf exp_nonpositive(vf x) {
+  x = x < -87.3f ? splat(-87.3f) : x;                  // exp(-87.3) ~ 1e-38: flushes to 0 as the reference does
+  vf n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round(x / ln2) by the 1.5 * 2^23 trick
+  vf r = x - n * 0.693359375f + n * 2.12194440e-4f;              // ln2 in two parts: r exact to ~1 ulp
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.f;
+  vi e = (__builtin_convertvector(n, vi) + 127) << 23;  // 2^n as float bits
+  return p * (vf)e;
+}
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+
+// One tile of `rows` <= R queries against all keys. kt: keys in panels [L/KW][d][KW] (zero past L); vp: values
+// [L][d]; s: R score rows of stride ss; o: output rows of stride so.
+template <int ND, typename T>
+void tile(const T* q, int64_t sq, int rows, const float* kt, const float* vp, int L, int Lp, float* s, int ss,
+          T* o, int64_t so, float scale) {
+  constexpr int D = ND * W;
+  constexpr int G = ND <= 2 ? 8 : ND <= 4 ? 4 : ND <= 8 ? 2 : 1;  // rows per pass of step 3: G * ND registers
+  float qs[R][D];
+  for (int r = 0; r < R; r++)
+    for (int d = 0; d < D; d++) qs[r][d] = r < rows ? to_float(q[r * sq + d]) * scale : 0.f;
+
+  // 1. scores, 8 rows x 32 keys at a time, and each row's running max
+  vf mx[R];
+  for (int r = 0; r < R; r++) mx[r] = splat(-INFINITY);
+  for (int j = 0; j < Lp; j += KW) {
+    vf a[R][2];
+    for (int r = 0; r < R; r++) a[r][0] = a[r][1] = vf{};
+    const float* panel = kt + (int64_t)j * D;
+    for (int d = 0; d < D; d++) {
+      vf k0 = load(panel + d * KW), k1 = load(panel + d * KW + W);
+      for (int r = 0; r < R; r++) {
+        a[r][0] += qs[r][d] * k0;
+        a[r][1] += qs[r][d] * k1;
+      }
+    }
+    if (j + KW > L)  // the panel's padding keys get -inf, so exp gives 0
+      for (int r = 0; r < R; r++)
+        for (int l = std::max(L - j, 0); l < KW; l++) a[r][l / W][l % W] = -INFINITY;
+    for (int r = 0; r < R; r++) {
+      store(s + r * ss + j, a[r][0]);
+      store(s + r * ss + j + W, a[r][1]);
+      mx[r] = a[r][0] > mx[r] ? a[r][0] : mx[r];
+      mx[r] = a[r][1] > mx[r] ? a[r][1] : mx[r];
+    }
+  }
+
+  // 2. numerators in place, and the denominators
+  float inv[R];
+  for (int r = 0; r < R; r++) {
+    const float m = hmax(mx[r]);
+    vf sum = vf{};
+    for (int j = 0; j < Lp; j += W) {
+      vf e = exp_nonpositive(load(s + r * ss + j) - m);
+      store(s + r * ss + j, e);
+      sum += e;
+    }
+    inv[r] = 1.f / hsum(sum);
+  }
+
+  // 3. out = P V / sum, G rows at a time; blocks of 128 keys summed in registers, then added up (blocked
+  //    summation: the rounding error grows with L / 128 + 128 terms instead of L)
+  for (int r0 = 0; r0 < rows; r0 += G) {
+    vf total[G][ND];
+    for (int g = 0; g < G; g++)
+      for (int n = 0; n < ND; n++) total[g][n] = vf{};
+    for (int j0 = 0; j0 < L; j0 += 128) {
+      vf acc[G][ND];
+      for (int g = 0; g < G; g++)
+        for (int n = 0; n < ND; n++) acc[g][n] = vf{};
+      for (int j = j0; j < std::min(L, j0 + 128); j++) {
+        vf v[ND];
+        for (int n = 0; n < ND; n++) v[n] = load(vp + (int64_t)j * D + n * W);
+        for (int g = 0; g < G; g++) {
+          const float p = s[(r0 + g) * ss + j];
+          for (int n = 0; n < ND; n++) acc[g][n] += p * v[n];
+        }
+      }
+      for (int g = 0; g < G; g++)
+        for (int n = 0; n < ND; n++) total[g][n] += acc[g][n];
+    }
+    for (int g = 0; g < G && r0 + g < rows; g++) {
+      T* out = o + (r0 + g) * so;
+      for (int n = 0; n < ND; n++) {
+        vf y = total[g][n] * inv[r0 + g];
+        if constexpr (std::is_same_v<T, float>) {
+          store(out + n * W, y);
+        } else {
+          for (int i = 0; i < W; i++) out[n * W + i] = static_cast<T>(y[i]);
+        }
+      }
+    }
+  }
+}
+
+template <int ND, typename T>
+void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out) {
+  constexpr int D = ND * W;
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), L = k.size(2);
+  const int Lp = (int)((L + KW - 1) / KW * KW), ss = Lp + W;  // + W: score rows not 4 KiB apart (L1 sets)
+  const float scale = 1.f / std::sqrt((float)D);
+  const int64_t chunks = (N + QCHUNK - 1) / QCHUNK;
+  const T *Q = q.data_ptr<T>(), *K = k.data_ptr<T>(), *V = v.data_ptr<T>();
+  T* O = out.data_ptr<T>();
+  at::parallel_for(0, B * H * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kt((size_t)D * Lp, 0.f), vp((size_t)L * D), s((size_t)R * ss);
+    int64_t packed = -1;  // the (batch, head) whose keys and values are in kt / vp
+    for (int64_t t = begin; t < end; t++) {
+      const int64_t bh = t / chunks, c = t % chunks, b = bh / H, h = bh % H;
+      if (bh != packed) {
+        const T* kb = K + b * k.stride(0) + h * k.stride(1);
+        const T* vb = V + b * v.stride(0) + h * v.stride(1);
+        for (int64_t j = 0; j < L; j++) {
+          float* panel = kt.data() + (j / KW) * KW * D + j % KW;
+          for (int d = 0; d < D; d++) {
+            panel[d * KW] = to_float(kb[j * k.stride(2) + d]);
+            vp[j * D + d] = to_float(vb[j * v.stride(2) + d]);
+          }
+        }
+        packed = bh;
+      }
+      const T* qb = Q + b * q.stride(0) + h * q.stride(1);
+      for (int64_t i = c * QCHUNK; i < std::min(N, (c + 1) * QCHUNK); i += R)
+        tile<ND, T>(qb + i * q.stride(2), q.stride(2), (int)std::min<int64_t>(R, N - i), kt.data(), vp.data(), (int)L,
+                    Lp, s.data(), ss, O + ((b * N + i) * H + h) * D, H * D, scale);
+    }
+  });
+}
+
+template <typename T>
+void dispatch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out) {
+  switch (q.size(3) / W) {
+    case 1: return attention_impl<1, T>(q, k, v, out);
+    case 2: return attention_impl<2, T>(q, k, v, out);
+    case 3: return attention_impl<3, T>(q, k, v, out);
+    case 4: return attention_impl<4, T>(q, k, v, out);
+    case 5: return attention_impl<5, T>(q, k, v, out);
+    case 6: return attention_impl<6, T>(q, k, v, out);
+    case 7: return attention_impl<7, T>(q, k, v, out);
+    case 8: return attention_impl<8, T>(q, k, v, out);
+  }
+}
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q, k, v must be (B, H, N, d)");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "attention: CPU tensors only");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
+                  (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
+              "attention: q, k, v must all be float32 or all bfloat16");
+  const int64_t d = q.size(3);
+  TORCH_CHECK(d % W == 0 && d > 0 && d <= 8 * W, "attention: head width must be a multiple of 16 up to 128, got ", d);
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(1) == q.size(1) && v.size(1) == q.size(1) &&
+                  k.size(3) == d && v.size(3) == d && v.size(2) == k.size(2) && k.size(2) > 0,
+              "attention: shapes do not match: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "attention: the last dimension must be contiguous");
+  auto out = at::empty({q.size(0), q.size(2), q.size(1), d}, q.options());
+  if (q.scalar_type() == at::kFloat)
+    dispatch<float>(q, k, v, out);
+  else
+    dispatch<c10::BFloat16>(q, k, v, out);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(audioldm2, m) { m.def("attention(Tensor q, Tensor k, Tensor v) -> Tensor"); }
+TORCH_LIBRARY_IMPL(audioldm2, CPU, m) { m.impl("attention", &attention); }

@@ -1,0 +1,116 @@
+"""The opt-in C++ attention kernel (``audioldm2_core.cpu_attention``) against PyTorch's attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from audioldm2_core import cpu_attention
+from tests.helpers import rel_err
+
+
+def _qkv(batch, heads, n, length, d, dtype, layout, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "tokens":  # (B, N, H, d) memory seen as (B, H, N, d): how the UNet's projections come out
+        q = torch.randn(batch, n, heads, d, generator=g).to(dtype).transpose(1, 2)
+        k, v = (torch.randn(batch, length, heads, d, generator=g).to(dtype).transpose(1, 2) for _ in range(2))
+    else:
+        q = torch.randn(batch, heads, n, d, generator=g).to(dtype)
+        k, v = (torch.randn(batch, heads, length, d, generator=g).to(dtype) for _ in range(2))
+    return q, k, v
+
+
+# Head widths 16-128; keys below, at and above a 32-key panel, not multiples of it; query counts that are
+# not multiples of the 8-query tile or of a task's 256; both memory layouts.
+SHAPES = [
+    (2, 8, 1024, 1024, 32, "tokens"),  # the UNet's first attention level
+    (1, 2, 17, 5, 16, "heads"),
+    (2, 3, 37, 45, 128, "tokens"),
+    (1, 8, 300, 299, 48, "heads"),
+    (2, 1, 7, 33, 64, "tokens"),
+    (1, 4, 129, 64, 80, "tokens"),
+    (1, 2, 520, 129, 96, "heads"),
+    (1, 2, 9, 31, 112, "tokens"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,heads,n,length,d,layout", SHAPES)
+def test_kernel_matches_reference(cpu_attention_on, batch, heads, n, length, d, layout, dtype):
+    q, k, v = _qkv(batch, heads, n, length, d, dtype, layout)
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).transpose(1, 2)
+    torch_err = rel_err(F.scaled_dot_product_attention(q, k, v).transpose(1, 2), exact)
+    got = torch.ops.audioldm2.attention(q, k, v)
+    assert got.shape == (batch, n, heads, d) and got.dtype == dtype and got.is_contiguous()
+    err = rel_err(got, exact)
+    # float32: within float32 rounding and no worse than PyTorch's own kernel (measured ~3e-7 both);
+    # bfloat16: the output is rounded once (PyTorch also rounds the probabilities): ~1.7e-3 against ~2.2e-3.
+    assert err <= (1e-6 if dtype == torch.float32 else 4e-3), err
+    assert err <= 1.25 * torch_err + 1e-8, (err, torch_err)
+
+
+def test_large_scores_and_uniform_rows(cpu_attention_on):
+    """Large logits (the softmax's max subtraction), and rows whose scores are all equal."""
+    q, k, v = _qkv(1, 2, 40, 70, 32, torch.float32, "heads")
+    q = q * 30.0  # scores up to ~1e3: exp would overflow without the max
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).transpose(1, 2)
+    assert rel_err(torch.ops.audioldm2.attention(q, k, v), exact) <= 1e-6
+    zeros = torch.zeros_like(q)  # every score 0: the output is the mean of the values
+    got = torch.ops.audioldm2.attention(zeros, k, v)
+    assert rel_err(got, v.mean(2, keepdim=True).expand_as(q).transpose(1, 2)) <= 1e-6
+
+
+def test_wrapper_applies_only_where_it_should(cpu_attention_on, monkeypatch):
+    q, k, v = _qkv(1, 2, 8, 600, 32, torch.float32, "tokens")
+    out = cpu_attention.attention(q, k, v)
+    assert out.shape == (1, 8, 64)  # (B, N, H * d), the layout of the output projection's input
+    assert rel_err(out, F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)) <= 1e-6
+    assert cpu_attention.attention(q, k[:, :, :100], v[:, :, :100]) is None  # < MIN_KEYS: PyTorch's kernel
+    q24, k24, v24 = _qkv(1, 2, 8, 600, 24, torch.float32, "tokens")
+    assert cpu_attention.attention(q24, k24, v24) is None  # head width not a multiple of 16
+    assert cpu_attention.attention(q.double(), k.double(), v.double()) is None
+    assert cpu_attention.attention(q, k.bfloat16(), v) is None
+    assert cpu_attention.attention(q.requires_grad_(), k, v) is None  # autograd: no backward here
+    with torch.no_grad():
+        assert cpu_attention.attention(q, k, v) is not None
+    cpu_attention.enable(False)
+    assert not cpu_attention.enabled() and cpu_attention.attention(q, k, v) is None
+
+
+def test_kernel_rejects_bad_input(cpu_attention_on):
+    q, k, v = _qkv(1, 2, 8, 40, 32, torch.float32, "heads")
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        torch.ops.audioldm2.attention(q[..., :24], k[..., :24], v[..., :24])
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        torch.ops.audioldm2.attention(q, k, v[:, :, :10])
+    with pytest.raises(RuntimeError, match="float32 or all bfloat16"):
+        torch.ops.audioldm2.attention(q, k.double(), v)
+    with pytest.raises(RuntimeError, match="last dimension"):
+        torch.ops.audioldm2.attention(torch.randn(1, 2, 8, 64)[..., ::2], k, v)  # width 32, stride 2
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setattr(cpu_attention, "_enabled", None)
+    monkeypatch.setenv(cpu_attention.ENV, "0")
+    assert not cpu_attention.enabled()
+    monkeypatch.setattr(cpu_attention, "_enabled", None)
+    monkeypatch.setenv(cpu_attention.ENV, "fast")
+    with pytest.raises(ValueError, match="expected 1 or 0"):
+        cpu_attention.enabled()
+    monkeypatch.setattr(cpu_attention, "_enabled", None)
+    monkeypatch.delenv(cpu_attention.ENV)
+    assert not cpu_attention.enabled()
+
+
+def test_build_failure_is_a_clear_error(tmp_path, monkeypatch):
+    bad = tmp_path / "attention.cpp"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the real build stays untouched
+    monkeypatch.setattr(cpu_attention, "SOURCE", bad)
+    monkeypatch.setattr(cpu_attention, "NAME", "audioldm2_attention_broken_test")
+    monkeypatch.setattr(cpu_attention, "_built", False)
+    monkeypatch.setattr(cpu_attention, "_enabled", None)
+    with pytest.raises(RuntimeError, match=r"could not be built: it needs a C\+\+ compiler"):
+        cpu_attention.enable()
+    assert cpu_attention._enabled is None  # not half-enabled
