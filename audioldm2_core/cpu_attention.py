@@ -2,17 +2,18 @@
 
 The first attention level of the UNet (1024 tokens for 10.24 s of audio, head width 32, batch 2 x 8 heads)
 runs 20 self-attentions per call (4 per layer: ``attn1`` of each transformer and ``attn2`` of the one without a
-condition). PyTorch's CPU flash-attention kernel does each in ~16 ms in float32 and ~17 ms in bfloat16, about
-17% of a float32 UNet call (2 threads, Zen 4). ``csrc/attention.cpp`` computes the same exact softmax attention
-(float32 arithmetic, a two-pass softmax over whole rows of scores held in L1, register-blocked products) in
-~14 ms in both dtypes, with a relative error no larger than PyTorch's (see the file's header).
+condition). PyTorch's CPU flash-attention kernel does each in ~16.5 ms in float32 and ~17.5 ms in bfloat16,
+about 17% of a float32 UNet call and 27% of a bfloat16 one (2 threads, Zen 4). ``csrc/attention.cpp`` computes
+the same exact softmax attention (a two-pass softmax over whole rows of scores held in L1, register-blocked
+products; in bfloat16 the products by AVX512-BF16 dot products where the CPU has them) in ~14 ms in float32
+and ~9.5 ms in bfloat16, with relative errors no larger than PyTorch's (see the file's header). Per UNet call
+(``benchmarks/unet_ab.py``): float32 -2.6%, bfloat16 -11%.
 
-It is C++, compiled with ``torch.utils.cpp_extension`` on first use (~12 s; the library is kept under
-``~/.cache/audioldm2_core/`` (``$XDG_CACHE_HOME``) and later processes load it in ~10 ms), so it needs a C++
-compiler and ninja. Hence opt-in:
-``enable()``, the environment variable ``AUDIOLDM2_CPU_ATTENTION=1``, or the CLI's ``--cpu-attention``.
-Where it does not apply (CUDA, autograd, masks, fewer than ``MIN_KEYS`` keys, head widths that are not a
-multiple of 16 up to 128), PyTorch's ``scaled_dot_product_attention`` runs as before.
+It is C++, compiled with ``torch.utils.cpp_extension`` on first use (~15 s; the library is kept under
+``~/.cache/audioldm2_core/`` (``$XDG_CACHE_HOME``) and later processes load it in ~1 ms), so it needs a C++
+compiler and ninja. Hence opt-in: ``enable()``, the environment variable ``AUDIOLDM2_CPU_ATTENTION=1``, or
+the CLI's ``--cpu-attention``. Where it does not apply (CUDA, autograd, masks, fewer keys than ``min_keys``,
+head widths that are not a multiple of 16 up to 128), PyTorch's ``scaled_dot_product_attention`` runs.
 """
 
 from __future__ import annotations
@@ -25,13 +26,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["ENV", "MIN_KEYS", "attention", "enable", "enabled"]
+__all__ = ["ENV", "attention", "enable", "enabled", "min_keys"]
 
 ENV = "AUDIOLDM2_CPU_ATTENTION"
 NAME = "audioldm2_attention"
 SOURCE = Path(__file__).with_name("csrc") / "attention.cpp"
-# Below this many keys PyTorch's kernel is as fast (level 2, 256 tokens, head width 48: 1.5 ms both).
+# Below this many keys PyTorch's kernel is as fast: float32 at the second level (256 tokens, head width 48),
+# 1.5 ms both; bfloat16 without AVX512-BF16 likewise. With it, 256 keys: 1.0 against 1.8 ms, 64 keys (head
+# width 80): 0.20 against 0.32 ms.
 MIN_KEYS = 512
+MIN_KEYS_BF16_DOT = 64
 # Vector ISA flags per PyTorch's CPU capability (not -march=native: the build folder, named after the
 # capability, may be shared by machines with different CPUs).
 _ISA_FLAGS = {
@@ -105,6 +109,13 @@ def _build() -> None:
     _built = True
 
 
+def min_keys(dtype: torch.dtype) -> int:
+    """The fewest keys for which the kernel is used (it is faster from there on)."""
+    if dtype == torch.bfloat16 and torch.ops.audioldm2.has_bf16_dot():
+        return MIN_KEYS_BF16_DOT
+    return MIN_KEYS
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
     """softmax(q k^T / sqrt(d)) v for q (B, H, N, d), k and v (B, H, L, d), as (B, N, H * d); ``None`` where
     the kernel is off or does not apply (the caller then runs PyTorch's attention)."""
@@ -115,7 +126,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
         q.device.type != "cpu"
         or q.dtype not in (torch.float32, torch.bfloat16)
         or not (q.dtype == k.dtype == v.dtype)
-        or k.shape[2] < MIN_KEYS
+        or k.shape[2] < min_keys(q.dtype)
         or d % 16
         or d > 128
         or q.stride(-1) != 1

@@ -35,17 +35,22 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "bfloat16 widened"])
 @pytest.mark.parametrize("batch,heads,n,length,d,layout", SHAPES)
 def test_kernel_matches_reference(cpu_attention_on, batch, heads, n, length, d, layout, dtype):
+    """bfloat16 takes AVX512-BF16 dot products where the CPU has them ("bfloat16 widened": float32 products
+    of the widened inputs, the path of other CPUs)."""
+    bf16_dot = dtype != "bfloat16 widened"
+    dtype = torch.bfloat16 if isinstance(dtype, str) else dtype
     q, k, v = _qkv(batch, heads, n, length, d, dtype, layout)
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).transpose(1, 2)
     torch_err = rel_err(F.scaled_dot_product_attention(q, k, v).transpose(1, 2), exact)
-    got = torch.ops.audioldm2.attention(q, k, v)
+    got = torch.ops.audioldm2.attention(q, k, v, bf16_dot)
     assert got.shape == (batch, n, heads, d) and got.dtype == dtype and got.is_contiguous()
     err = rel_err(got, exact)
     # float32: within float32 rounding and no worse than PyTorch's own kernel (measured ~3e-7 both);
-    # bfloat16: the output is rounded once (PyTorch also rounds the probabilities): ~1.7e-3 against ~2.2e-3.
+    # bfloat16: the output rounded once, the probabilities too with dot products, as PyTorch does: ~2.2e-3
+    # both (widened: ~1.7e-3).
     assert err <= (1e-6 if dtype == torch.float32 else 4e-3), err
     assert err <= 1.25 * torch_err + 1e-8, (err, torch_err)
 
@@ -66,7 +71,8 @@ def test_wrapper_applies_only_where_it_should(cpu_attention_on, monkeypatch):
     out = cpu_attention.attention(q, k, v)
     assert out.shape == (1, 8, 64)  # (B, N, H * d), the layout of the output projection's input
     assert rel_err(out, F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)) <= 1e-6
-    assert cpu_attention.attention(q, k[:, :, :100], v[:, :, :100]) is None  # < MIN_KEYS: PyTorch's kernel
+    assert cpu_attention.min_keys(torch.float32) == cpu_attention.MIN_KEYS
+    assert cpu_attention.attention(q, k[:, :, :100], v[:, :, :100]) is None  # < min_keys: PyTorch's kernel
     q24, k24, v24 = _qkv(1, 2, 8, 600, 24, torch.float32, "tokens")
     assert cpu_attention.attention(q24, k24, v24) is None  # head width not a multiple of 16
     assert cpu_attention.attention(q.double(), k.double(), v.double()) is None

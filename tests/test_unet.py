@@ -308,7 +308,7 @@ def test_reuse_context_stands_aside_under_autograd(pairs):
 def test_cpu_attention_kernel_matches_reference(pairs, cpu_attention_on, monkeypatch, shape):
     """With the opt-in C++ kernel taking the self-attentions (head widths 16 and 32 here; -large's deeper
     blocks have width 8, which stays with PyTorch's kernel), plain and shared."""
-    monkeypatch.setattr(cpu_attention_on, "MIN_KEYS", 1)
+    monkeypatch.setattr(cpu_attention_on, "min_keys", lambda dtype: 1)
     calls = []
     kernel = cpu_attention_on.attention
 
