@@ -31,11 +31,13 @@ __all__ = ["ENV", "attention", "enable", "enabled", "min_keys"]
 ENV = "AUDIOLDM2_CPU_ATTENTION"
 NAME = "audioldm2_attention"
 SOURCE = Path(__file__).with_name("csrc") / "attention.cpp"
-# Below this many keys PyTorch's kernel is as fast: float32 at the second level (256 tokens, head width 48),
-# 1.5 ms both; bfloat16 without AVX512-BF16 likewise. With it, 256 keys: 1.0 against 1.8 ms, 64 keys (head
-# width 80): 0.20 against 0.32 ms.
-MIN_KEYS = 512
+# Below this many keys PyTorch's kernel is as fast or faster. float32 (with the output's copy to (B, N, H * d)
+# that PyTorch's kernel needs): 256 keys, head width 48: 1.35 against 1.55 ms; 128 keys: 0.40 against 0.49 ms;
+# 64 keys, head width 80: 0.25 against 0.23 ms. bfloat16 with AVX512-BF16: 256 keys 1.0 against 1.8 ms, 64
+# keys 0.20 against 0.32 ms; widened to float32 (other CPUs), 256 keys 1.9 against 1.6 ms, 1024: 13.3 against 17.5.
+MIN_KEYS = 128
 MIN_KEYS_BF16_DOT = 64
+MIN_KEYS_BF16_WIDENED = 512
 # Vector ISA flags per PyTorch's CPU capability (not -march=native: the build folder, named after the
 # capability, may be shared by machines with different CPUs).
 _ISA_FLAGS = {
@@ -111,8 +113,8 @@ def _build() -> None:
 
 def min_keys(dtype: torch.dtype) -> int:
     """The fewest keys for which the kernel is used (it is faster from there on)."""
-    if dtype == torch.bfloat16 and torch.ops.audioldm2.has_bf16_dot():
-        return MIN_KEYS_BF16_DOT
+    if dtype == torch.bfloat16:
+        return MIN_KEYS_BF16_DOT if torch.ops.audioldm2.has_bf16_dot() else MIN_KEYS_BF16_WIDENED
     return MIN_KEYS
 
 
