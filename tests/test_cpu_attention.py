@@ -120,3 +120,12 @@ def test_build_failure_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"could not be built: it needs a C\+\+ compiler"):
         cpu_attention.enable()
     assert cpu_attention._enabled is None  # not half-enabled
+    assert not list((tmp_path / "cache").rglob("*.so"))  # no library, and the build folder is gone
+    assert not list((tmp_path / "cache").rglob("build-*"))
+
+
+def test_build_is_cached_and_renamed_into_place(cpu_attention_on):
+    """The library sits in a folder keyed by source, flags and versions; no per-process build folder stays."""
+    folder = cpu_attention.build_directory()
+    assert folder.parent.name == "audioldm2_core" and list(folder.glob("*.so"))
+    assert not list(folder.glob("build-*"))
