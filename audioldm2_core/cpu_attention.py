@@ -7,7 +7,7 @@ about 17% of a float32 UNet call and 27% of a bfloat16 one (2 threads, Zen 4). `
 the same exact softmax attention (a two-pass softmax over whole rows of scores held in L1, register-blocked
 products; in bfloat16 the products by AVX512-BF16 dot products where the CPU has them) in ~14 ms in float32
 and ~9.5 ms in bfloat16, with relative errors no larger than PyTorch's (see the file's header). Per UNet call
-(``benchmarks/unet_ab.py``): float32 -2.6%, bfloat16 -11%.
+(``benchmarks/unet_ab.py``): float32 -3.6%, bfloat16 -14%.
 
 It is C++, compiled with ``torch.utils.cpp_extension`` on first use (~15 s; the library is kept under
 ``~/.cache/audioldm2_core/`` (``$XDG_CACHE_HOME``) and later processes load it in ~1 ms), so it needs a C++
