@@ -202,8 +202,9 @@ def test_load_dtype(saved):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("repo", ["cvssp__audioldm2", "cvssp__audioldm2-large"])
-def test_real_size_random_weights(repo):
-    """The real architecture with random weights, at a short latent (T=20: not a multiple of 8)."""
+def test_real_size_random_weights(repo, cpu_attention_on, monkeypatch):
+    """The real architecture with random weights, at a short latent (T=20: not a multiple of 8); without and
+    with the C++ attention kernel (head widths 32, 48, 80 at the real size)."""
     config = json.loads((HUB / repo / "unet/config.json").read_text())
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     ref = _reference(config, seed=0)
@@ -211,9 +212,12 @@ def test_real_size_random_weights(repo):
         ours = AudioLDM2UNet(unet_config(config))
     load_strict(ours, ref.state_dict(), repo)  # shares the reference's tensors: no second copy in memory
     sample, gpt2, t5_states, mask = _inputs(2, 20, lm=768, t5=1024)
-    err = _compare(ref, ours, sample, torch.tensor([1, 801]), gpt2, t5_states, mask)
-    print(f"{repo}: rel err {err:.2e}")
-    assert err <= 1e-5
+    monkeypatch.setattr(cpu_attention_on, "min_keys", lambda dtype: 1)  # 80 tokens at the first level here
+    for kernel in (False, True):
+        cpu_attention_on.enable(kernel)
+        err = _compare(ref, ours, sample, torch.tensor([1, 801]), gpt2, t5_states, mask)
+        print(f"{repo}{' (CPU attention kernel)' if kernel else ''}: rel err {err:.2e}")
+        assert err <= 1e-5
 
 
 def test_autograd_path_matches_inference_path(pairs):
