@@ -34,7 +34,9 @@ namespace {
 
 typedef float vf __attribute__((vector_size(64)));
 typedef int vi __attribute__((vector_size(64)));
+typedef unsigned vu __attribute__((vector_size(64)));
 typedef float vf_unaligned __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t vh_unaligned __attribute__((vector_size(32), aligned(2)));  // 16 bfloat16
 constexpr int W = 16;        // floats per vector
 constexpr int R = 8;         // queries per tile
 constexpr int KW = 2 * W;    // keys per score block (and per panel of the transposed keys)
@@ -43,6 +45,11 @@ constexpr int64_t QCHUNK = 256;  // queries per task
 inline vf load(const float* p) { return *(const vf_unaligned*)p; }
 inline void store(float* p, vf v) { *(vf_unaligned*)p = v; }
 inline vf splat(float s) { return vf{} + s; }
+// 16 floats rounded to bfloat16 (to nearest even; finite values) and stored
+inline void store_bf16(uint16_t* p, vf x) {
+  vu b = (vu)x;
+  *(vh_unaligned*)p = __builtin_convertvector((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16, vh_unaligned);
+}
 inline float hmax(vf v) { float m = v[0]; for (int i = 1; i < W; i++) m = std::max(m, v[i]); return m; }
 inline float hsum(vf v) { float s = 0; for (int i = 0; i < W; i++) s += v[i]; return s; }
 
@@ -62,8 +69,43 @@ inline vf exp_nonpositive(vf x) {
   return p * (vf)e;
 }
 
+inline void store_out(float* p, vf y) { store(p, y); }
+inline void store_out(c10::BFloat16* p, vf y) { store_bf16(reinterpret_cast<uint16_t*>(p), y); }
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+
+// Scores a[r][0..1] of keys j..j+31 into row r of s (the keys past L set to -inf, so exp gives 0), and each
+// row's running max.
+inline void store_scores(vf (&a)[R][2], int j, int L, float* s, int ss, vf (&mx)[R]) {
+  if (j + KW > L)
+    for (int r = 0; r < R; r++)
+      for (int l = std::max(L - j, 0); l < KW; l++) a[r][l / W][l % W] = -INFINITY;
+  for (int r = 0; r < R; r++) {
+    store(s + r * ss + j, a[r][0]);
+    store(s + r * ss + j + W, a[r][1]);
+    mx[r] = a[r][0] > mx[r] ? a[r][0] : mx[r];
+    mx[r] = a[r][1] > mx[r] ? a[r][1] : mx[r];
+  }
+}
+
+// 2. exp(s - max) for each row and 1 / their sum; the numerators go back into s, or (ToBF16, for the dot-product
+//    path) into pb rounded to bfloat16.
+template <bool ToBF16>
+inline void numerators(float* s, uint16_t* pb, int ss, int Lp, const vf (&mx)[R], float (&inv)[R]) {
+  for (int r = 0; r < R; r++) {
+    const float m = hmax(mx[r]);
+    vf sum = vf{};
+    for (int j = 0; j < Lp; j += W) {
+      vf e = exp_nonpositive(load(s + r * ss + j) - m);
+      if constexpr (ToBF16)
+        store_bf16(pb + r * ss + j, e);
+      else
+        store(s + r * ss + j, e);
+      sum += e;
+    }
+    inv[r] = 1.f / hsum(sum);
+  }
+}
 
 // One tile of `rows` <= R queries against all keys. kt: keys in panels [L/KW][d][KW] (zero past L); vp: values
 // [L][d]; s: R score rows of stride ss; o: output rows of stride so.
@@ -90,29 +132,11 @@ void tile(const T* q, int64_t sq, int rows, const float* kt, const float* vp, in
         a[r][1] += qs[r][d] * k1;
       }
     }
-    if (j + KW > L)  // the panel's padding keys get -inf, so exp gives 0
-      for (int r = 0; r < R; r++)
-        for (int l = std::max(L - j, 0); l < KW; l++) a[r][l / W][l % W] = -INFINITY;
-    for (int r = 0; r < R; r++) {
-      store(s + r * ss + j, a[r][0]);
-      store(s + r * ss + j + W, a[r][1]);
-      mx[r] = a[r][0] > mx[r] ? a[r][0] : mx[r];
-      mx[r] = a[r][1] > mx[r] ? a[r][1] : mx[r];
-    }
+    store_scores(a, j, L, s, ss, mx);
   }
 
-  // 2. numerators in place, and the denominators
   float inv[R];
-  for (int r = 0; r < R; r++) {
-    const float m = hmax(mx[r]);
-    vf sum = vf{};
-    for (int j = 0; j < Lp; j += W) {
-      vf e = exp_nonpositive(load(s + r * ss + j) - m);
-      store(s + r * ss + j, e);
-      sum += e;
-    }
-    inv[r] = 1.f / hsum(sum);
-  }
+  numerators<false>(s, nullptr, ss, Lp, mx, inv);  // 2.
 
   // 3. out = P V / sum, G rows at a time; blocks of 128 keys summed in registers, then added up (blocked
   //    summation: the rounding error grows with L / 128 + 128 terms instead of L)
@@ -136,15 +160,7 @@ void tile(const T* q, int64_t sq, int rows, const float* kt, const float* vp, in
         for (int n = 0; n < ND; n++) total[g][n] += acc[g][n];
     }
     for (int g = 0; g < G && r0 + g < rows; g++) {
-      T* out = o + (r0 + g) * so;
-      for (int n = 0; n < ND; n++) {
-        vf y = total[g][n] * inv[r0 + g];
-        if constexpr (std::is_same_v<T, float>) {
-          store(out + n * W, y);
-        } else {
-          for (int i = 0; i < W; i++) out[n * W + i] = static_cast<T>(y[i]);
-        }
-      }
+      for (int n = 0; n < ND; n++) store_out(o + (r0 + g) * so + n * W, total[g][n] * inv[r0 + g]);
     }
   }
 }
@@ -222,28 +238,11 @@ BF16_TARGET void tile_dp(const bf16* q, int64_t sq, int rows, const uint16_t* kt
       b[r][0] = (vf)a[r][0] * scale;
       b[r][1] = (vf)a[r][1] * scale;
     }
-    if (j + KW > L)
-      for (int r = 0; r < R; r++)
-        for (int l = std::max(L - j, 0); l < KW; l++) b[r][l / W][l % W] = -INFINITY;
-    for (int r = 0; r < R; r++) {
-      store(s + r * ss + j, b[r][0]);
-      store(s + r * ss + j + W, b[r][1]);
-      mx[r] = b[r][0] > mx[r] ? b[r][0] : mx[r];
-      mx[r] = b[r][1] > mx[r] ? b[r][1] : mx[r];
-    }
+    store_scores(b, j, L, s, ss, mx);
   }
 
   float inv[R];
-  for (int r = 0; r < R; r++) {
-    const float m = hmax(mx[r]);
-    vf sum = vf{};
-    for (int j = 0; j < Lp; j += W) {
-      vf e = exp_nonpositive(load(s + r * ss + j) - m);
-      _mm256_storeu_si256((__m256i*)(pb + r * ss + j), (__m256i)_mm512_cvtneps_pbh((__m512)e));
-      sum += e;
-    }
-    inv[r] = 1.f / hsum(sum);
-  }
+  numerators<true>(s, pb, ss, Lp, mx, inv);
 
   constexpr int G = ND <= 2 ? 8 : ND <= 4 ? 4 : ND <= 8 ? 2 : 1;
   const int pairs = (L + 1) / 2;
@@ -269,9 +268,7 @@ BF16_TARGET void tile_dp(const bf16* q, int64_t sq, int rows, const uint16_t* kt
         for (int n = 0; n < ND; n++) total[g][n] += (vf)acc[g][n];
     }
     for (int g = 0; g < G && r0 + g < rows; g++)
-      for (int n = 0; n < ND; n++)
-        _mm256_storeu_si256((__m256i*)(o + (r0 + g) * so + n * W),
-                            (__m256i)_mm512_cvtneps_pbh((__m512)(total[g][n] * inv[r0 + g])));
+      for (int n = 0; n < ND; n++) store_out(o + (r0 + g) * so + n * W, total[g][n] * inv[r0 + g]);
   }
 }
 
