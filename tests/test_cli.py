@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
+from tests.helpers import AVX512
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -50,10 +52,14 @@ def test_same_seed_same_file_and_candidates(tiny_base, tmp_path):
 
 def test_cpu_attention_flag(tiny_base, tmp_path):
     """--cpu-attention: the kernel is built (or found built) and used where it applies; the same audio within
-    float32 rounding. Without a compiler: one line saying what is missing, nothing written."""
+    float32 rounding. Without a compiler, or without AVX-512: one line saying what is missing, nothing written."""
     args = ["wind in the trees", "--model", str(tiny_base), "--steps", "2", "--length", "1.0", "--seed", "1"]
     assert run(*args, "-o", str(tmp_path / "plain.wav"), "--quiet").returncode == 0
     r = run(*args, "-o", str(tmp_path / "kernel.wav"), "--quiet", "--cpu-attention")
+    if not AVX512:  # refused in one line, nothing written
+        assert r.returncode == 1 and "the CPU attention kernel needs AVX-512" in r.stderr.splitlines()[-1]
+        assert not (tmp_path / "kernel.wav").exists()
+        return
     assert r.returncode == 0, r.stderr
     plain, kernel = sf.read(tmp_path / "plain.wav")[0], sf.read(tmp_path / "kernel.wav")[0]
     assert abs(plain - kernel).max() <= 1e-5 * abs(plain).max()

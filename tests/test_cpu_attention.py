@@ -113,6 +113,7 @@ def test_build_failure_is_a_clear_error(tmp_path, monkeypatch):
     bad = tmp_path / "attention.cpp"
     bad.write_text("this is not C++\n")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the real build stays untouched
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")  # compiled, not run
     monkeypatch.setattr(cpu_attention, "SOURCE", bad)
     monkeypatch.setattr(cpu_attention, "NAME", "audioldm2_attention_broken_test")
     monkeypatch.setattr(cpu_attention, "_built", False)
@@ -129,3 +130,13 @@ def test_build_is_cached_and_renamed_into_place(cpu_attention_on):
     folder = cpu_attention.build_directory()
     assert folder.parent.name == "audioldm2_core" and list(folder.glob("*.so"))
     assert not list(folder.glob("build-*"))
+
+
+def test_refused_without_avx512(monkeypatch):
+    """Built for AVX2 the kernel was 30x slower than PyTorch's: other CPUs get a clear error, not a slow path."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(cpu_attention, "_built", False)
+    monkeypatch.setattr(cpu_attention, "_enabled", None)
+    with pytest.raises(RuntimeError, match=r"needs AVX-512 \(PyTorch reports AVX2 for this CPU\)"):
+        cpu_attention.enable()
+    assert cpu_attention._enabled is None
