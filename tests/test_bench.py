@@ -42,3 +42,19 @@ def test_unet_ab_runs(tiny_base):
     rows = dict(re.findall(rf"^\| ({names}) \| .* \| (\S+) \|$", proc.stdout, re.M))
     assert set(rows) == {"diffusers", "baseline", "ours"} | ({"ours, cpu_attention"} if AVX512 else set())
     assert all(float(err) < 1e-5 for err in rows.values())  # the same noise prediction, to float32 rounding
+
+
+def test_pipeline_ab_runs(tiny_base):
+    """benchmarks/pipeline_ab.py: whole generations of diffusers and ours (and with the kernel) in one process."""
+    script = BENCH.parent / "pipeline_ab.py"
+    cmd = [sys.executable, str(script), "--checkpoint", str(tiny_base), "--rounds", "2", "--steps", "2"]
+    cmd += ["--length", "0.64", "--threads", "1"] + (["--cpu-attention"] if AVX512 else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    names = "diffusers|ours|ours, cpu_attention"
+    rows = re.findall(
+        rf"^\| ({names}) \| [\d.]+ s \| [\d.]+ s \| ([\d.]+)x \| ([\d., ]+) \| (\S+) \|$", proc.stdout, re.M
+    )
+    assert {r[0] for r in rows} == {"diffusers", "ours"} | ({"ours, cpu_attention"} if AVX512 else set())
+    assert all(len(r[2].split(", ")) == 2 for r in rows)  # one ratio per round
+    assert all(float(r[3]) < 1e-5 for r in rows)  # the same waveform as diffusers, to float32 rounding

@@ -1,0 +1,122 @@
+"""Whole generations in one process: diffusers' pipeline and ours (optionally also with the C++ attention
+kernel) called in rotation on the same weights.
+
+    python benchmarks/pipeline_ab.py                    # the issue's workload (10.24 s, 20 DPM++ steps), 5 rounds
+    python benchmarks/pipeline_ab.py --cpu-attention    # + ours with audioldm2_core.cpu_attention
+
+Why next to ``bench.py``: its fresh processes are the measure of a one-shot run (load time, peak memory), but
+they run a minute apart, and this machine's speed for the same work moves by ~10% between half hours: three
+float32 tables of the same code gave 1.21x-1.31x. Here every round generates once with each implementation,
+so drift hits all alike, and the per-round ratios show how steady the result is. Not measured here: load
+time, peak memory, and a fresh process's one-off costs (each implementation makes a 1-step generation before
+the timed rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class _NoStageTimes:
+    """Stands in for ``bench.StageTimer``: whole generations only (its class-level wraps would stack here)."""
+
+    def wrap(self, target: object, method: str, stage: str) -> None:
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=5, help="generations per implementation (default 5)")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
+    p.add_argument("--sampler", default="dpmpp-2m", choices=["ddim", "dpmpp-2m", "dpmpp-2m-karras"])
+    p.add_argument("--length", type=float, default=10.24, help="audio length in seconds (default 10.24)")
+    p.add_argument("--guidance", type=float, default=3.5, help="guidance scale (default 3.5)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--large", action="store_true", help="the cvssp/audioldm2-large UNet")
+    p.add_argument("--tiny", action="store_true", help="tiny random checkpoint (the tests' smoke run)")
+    p.add_argument("--checkpoint", help="a pipeline folder instead of the built random checkpoint")
+    p.add_argument("--cache-dir", help="where bench.py builds its checkpoint")
+    p.add_argument("--cpu-attention", action="store_true", help="+ ours with audioldm2_core.cpu_attention")
+    args = p.parse_args(argv)
+    if args.rounds < 1 or args.steps < 1:
+        p.error("--rounds and --steps must be at least 1")
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT))
+    import bench
+    import numpy as np
+    import torch
+
+    from audioldm2_core import cpu_attention
+
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    ckpt = (
+        Path(args.checkpoint)
+        if args.checkpoint
+        else bench.build_checkpoint(bench.checkpoint_dir(args), args.large, args.tiny)
+    )
+    spec = dict(
+        ckpt=str(ckpt),
+        steps=args.steps,
+        sampler=args.sampler,
+        length=args.length,
+        guidance=args.guidance,
+        compile=False,
+        low_memory=False,
+    )
+    calls = {"diffusers": bench._diffusers(spec, dtype, _NoStageTimes())[1]}
+    calls["ours"] = bench._ours(spec, dtype, _NoStageTimes())[1]
+    if args.cpu_attention:
+        cpu_attention.enable()  # built here if it is not yet, before anything is timed
+        calls["ours, cpu_attention"] = calls["ours"]
+    cpu_attention.enable(False)
+
+    def generate(name: str):
+        if name.startswith("ours"):
+            cpu_attention.enable(name == "ours, cpu_attention")
+        return np.asarray(calls[name](), dtype=np.float64)
+
+    steps = spec["steps"]
+    spec["steps"] = 1  # warm-up: first-touch memory and kernel set-up, outside the timed rounds
+    for name in calls:
+        generate(name)
+    spec["steps"] = steps
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    waves = {}
+    for r in range(args.rounds):
+        for name in list(calls) if r % 2 == 0 else list(calls)[::-1]:  # alternate who goes first
+            start = time.perf_counter()
+            waves[name] = generate(name)
+            times[name].append(time.perf_counter() - start)
+            print(f"[{r + 1}/{args.rounds}] {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
+
+    ref = waves["diffusers"]
+    print(
+        f"{'large' if args.large else 'base'} {'tiny' if args.tiny else 'full-size'} random weights, "
+        f"{args.length} s, {args.steps} x {args.sampler}, guidance {args.guidance}, {args.dtype}, "
+        f"{args.threads} threads, one process, {args.rounds} rounds"
+    )
+    print()
+    print(
+        "| implementation | median | min | diffusers / it (median of rounds) | per round | rel. error vs diffusers |"
+    )
+    print("|---|---:|---:|---:|---|---:|")
+    for name, ts in times.items():
+        ratios = [d / t for d, t in zip(times["diffusers"], ts, strict=True)]
+        err = float(np.linalg.norm(waves[name] - ref) / np.linalg.norm(ref))
+        print(
+            f"| {name} | {statistics.median(ts):.2f} s | {min(ts):.2f} s | {statistics.median(ratios):.3f}x | "
+            f"{', '.join(f'{x:.2f}' for x in ratios)} | {err:.2e} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
