@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["ENV", "attention", "enable", "enabled", "min_keys"]
+__all__ = ["ENV", "attention", "enable", "enabled", "min_keys", "supported"]
 
 ENV = "AUDIOLDM2_CPU_ATTENTION"
 NAME = "audioldm2_attention"
@@ -49,6 +49,7 @@ _CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512
 
 _enabled: bool | None = None  # None: not decided yet, the environment variable decides on first use
 _built = False
+_bf16_dot = False  # whether the built kernel takes bfloat16 through AVX512-BF16 dot products (asked once)
 
 
 def enable(flag: bool = True) -> None:
@@ -69,6 +70,11 @@ def enabled() -> bool:
     return bool(_enabled)
 
 
+def supported() -> bool:
+    """Whether this CPU is one the kernel is written for (AVX-512, as PyTorch reports it)."""
+    return torch.backends.cpu.get_cpu_capability() == _ISA
+
+
 def build_directory() -> Path:
     """Where the kernel is built: a folder per source, flags, torch and Python version, so that a cached
     build is loaded directly (~1 ms) and never a stale or foreign one."""
@@ -79,13 +85,13 @@ def build_directory() -> Path:
 
 
 def _build() -> None:
-    global _built
+    global _built, _bf16_dot
     if _built:
         return
-    isa = torch.backends.cpu.get_cpu_capability()
-    if isa != _ISA:
+    if not supported():
         raise RuntimeError(
-            f"the CPU attention kernel needs AVX-512 (PyTorch reports {isa} for this CPU); without {ENV}=1 "
+            f"the CPU attention kernel needs AVX-512 (PyTorch reports {torch.backends.cpu.get_cpu_capability()} "
+            f"for this CPU); without {ENV}=1 "
             "or --cpu-attention, PyTorch's attention kernel is used"
         )
     folder = build_directory()
@@ -114,13 +120,14 @@ def _build() -> None:
         ) from e
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    _bf16_dot = bool(torch.ops.audioldm2.has_bf16_dot())
     _built = True
 
 
 def min_keys(dtype: torch.dtype) -> int:
     """The fewest keys for which the kernel is used (it is faster from there on)."""
     if dtype == torch.bfloat16:
-        return MIN_KEYS_BF16_DOT if torch.ops.audioldm2.has_bf16_dot() else MIN_KEYS_BF16_WIDENED
+        return MIN_KEYS_BF16_DOT if _bf16_dot else MIN_KEYS_BF16_WIDENED
     return MIN_KEYS
 
 

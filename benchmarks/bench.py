@@ -87,6 +87,14 @@ def checkpoint_dir(args: argparse.Namespace) -> Path:
     return (Path(args.cache_dir) if args.cache_dir else CACHE) / name
 
 
+def resolve_checkpoint(args: argparse.Namespace) -> Path:
+    """``--checkpoint``, or the random checkpoint of ``--tiny`` / ``--large``, built on first use (also for
+    ``unet_ab.py`` and ``pipeline_ab.py``, which take the same options)."""
+    if args.checkpoint:
+        return Path(args.checkpoint)
+    return build_checkpoint(checkpoint_dir(args), args.large, args.tiny)
+
+
 # ------------------------------------------------------------------------------------------ workers
 
 
@@ -367,11 +375,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
 
-    ckpt = (
-        Path(args.checkpoint)
-        if args.checkpoint
-        else build_checkpoint(checkpoint_dir(args), args.large, args.tiny)
-    )
+    ckpt = resolve_checkpoint(args)
     out = Path(args.cache_dir) if args.cache_dir else CACHE
     out.mkdir(parents=True, exist_ok=True)
     _warm_page_cache(ckpt)
@@ -396,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     specs = {
         other: dict(base, impl="ours", root=str(Path(args.baseline).resolve()), cpu_attention=False)
         if args.baseline
-        else dict(base, impl="diffusers", low_memory=False, cpu_attention=False),
+        else dict(base, impl="diffusers", low_memory=False),
         "ours": dict(base, impl="ours"),
     }
     results: dict[str, list[dict]] = {label: [] for label in specs}

@@ -58,11 +58,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    ckpt = (
-        Path(args.checkpoint)
-        if args.checkpoint
-        else bench.build_checkpoint(bench.checkpoint_dir(args), args.large, args.tiny)
-    )
+    ckpt = bench.resolve_checkpoint(args)
     spec = dict(
         ckpt=str(ckpt),
         steps=args.steps,

@@ -74,11 +74,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    ckpt = (
-        Path(args.checkpoint)
-        if args.checkpoint
-        else bench.build_checkpoint(bench.checkpoint_dir(args), args.large, args.tiny)
-    )
+    ckpt = bench.resolve_checkpoint(args)
     impls = {"diffusers": AudioLDM2UNet2DConditionModel.from_pretrained(ckpt / "unet", torch_dtype=dtype)}
     impls["diffusers"].eval()
     if args.baseline:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from audioldm2_core import cpu_attention
+
 
 def rel_err(ours, ref) -> float:
     """Relative L2 error ||ours - ref|| / ||ref|| in float64 (0 when both are exactly zero)."""
@@ -18,4 +20,4 @@ def rel_err(ours, ref) -> float:
 
 # audioldm2_core.cpu_attention is built for AVX-512 and refuses other CPUs with a clear error; the tests that
 # run the kernel need such a CPU (this workplace's have one), those of the refusal run everywhere.
-AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+AVX512 = cpu_attention.supported()
