@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cstring>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -162,6 +163,22 @@ void tile(const T* q, int64_t sq, int rows, const float* kt, const float* vp, in
     for (int g = 0; g < G && r0 + g < rows; g++) {
       for (int n = 0; n < ND; n++) store_out(o + (r0 + g) * so + n * W, total[g][n] * inv[r0 + g]);
     }
+  }
+}
+
+// f(std::integral_constant<int, nd>) for nd = head width / W in 1..8 (checked by the caller): the head width
+// as a compile-time constant, so that the register blocks are fully unrolled.
+template <typename F>
+void with_vectors_per_head(int64_t nd, F f) {
+  switch (nd) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    case 8: return f(std::integral_constant<int, 8>{});
   }
 }
 
@@ -311,17 +328,8 @@ bool has_bf16_dot() { return __builtin_cpu_supports("avx512bf16"); }
 
 bool dispatch_dp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out) {
   if (!has_bf16_dot()) return false;
-  switch (q.size(3) / W) {
-    case 1: attention_dp<1>(q, k, v, out); return true;
-    case 2: attention_dp<2>(q, k, v, out); return true;
-    case 3: attention_dp<3>(q, k, v, out); return true;
-    case 4: attention_dp<4>(q, k, v, out); return true;
-    case 5: attention_dp<5>(q, k, v, out); return true;
-    case 6: attention_dp<6>(q, k, v, out); return true;
-    case 7: attention_dp<7>(q, k, v, out); return true;
-    case 8: attention_dp<8>(q, k, v, out); return true;
-  }
-  return false;
+  with_vectors_per_head(q.size(3) / W, [&](auto nd) { attention_dp<nd.value>(q, k, v, out); });
+  return true;
 }
 #else
 bool has_bf16_dot() { return false; }
@@ -330,16 +338,7 @@ bool dispatch_dp(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Te
 
 template <typename T>
 void dispatch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out) {
-  switch (q.size(3) / W) {
-    case 1: return attention_impl<1, T>(q, k, v, out);
-    case 2: return attention_impl<2, T>(q, k, v, out);
-    case 3: return attention_impl<3, T>(q, k, v, out);
-    case 4: return attention_impl<4, T>(q, k, v, out);
-    case 5: return attention_impl<5, T>(q, k, v, out);
-    case 6: return attention_impl<6, T>(q, k, v, out);
-    case 7: return attention_impl<7, T>(q, k, v, out);
-    case 8: return attention_impl<8, T>(q, k, v, out);
-  }
+  with_vectors_per_head(q.size(3) / W, [&](auto nd) { attention_impl<nd.value, T>(q, k, v, out); });
 }
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool bf16_dot) {
