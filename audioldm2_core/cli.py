@@ -63,6 +63,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="the C++ attention kernel for the UNet on the CPU (faster; built on first use, needs a C++ compiler)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the UNet under torch.compile (minutes to compile first: for many steps or prompts, on a GPU)",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay each denoising loop from a CUDA graph (CUDA devices only)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if (args.prompt is None) == (args.prompts_file is None):
@@ -129,6 +139,8 @@ def _check_args(args: argparse.Namespace) -> list[tuple[str, Path]]:
         raise ValueError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if args.candidates < 1:
         raise ValueError(f"--candidates must be at least 1, got {args.candidates}")
+    if args.cuda_graphs and not args.device.startswith("cuda"):
+        raise ValueError(f"--cuda-graphs needs a CUDA --device, not {args.device!r}")
     if args.prompts_file is not None:
         folder = Path(args.output or ".")
         _check_writable(folder)
@@ -160,7 +172,13 @@ def main(argv: list[str] | None = None) -> int:
             cpu_attention.enable()
         low_memory = args.low_memory if args.low_memory is not None else len(jobs) == 1
         pipe = AudioLDM2.from_pretrained(
-            args.model, revision=args.revision, device=args.device, dtype=args.dtype, low_memory=low_memory
+            args.model,
+            revision=args.revision,
+            device=args.device,
+            dtype=args.dtype,
+            low_memory=low_memory,
+            compile=args.compile,
+            cuda_graphs=args.cuda_graphs,
         )
         for text, path in jobs:
             generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None

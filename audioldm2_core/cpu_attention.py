@@ -121,7 +121,15 @@ def _build() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _bf16_dot = bool(torch.ops.audioldm2.has_bf16_dot())
+    # The output's shape for torch.compile's tracing (which runs no kernels): then a compiled UNet calls the
+    # kernel as one opaque op of its graph.
+    torch.library.register_fake("audioldm2::attention")(_attention_shape)
     _built = True
+
+
+def _attention_shape(q: Tensor, k: Tensor, v: Tensor, bf16_dot: bool = True) -> Tensor:
+    B, H, N, d = q.shape
+    return q.new_empty(B, N, H, d)
 
 
 def min_keys(dtype: torch.dtype) -> int:

@@ -43,6 +43,8 @@ __all__ = ["Linear", "linear", "nearest2x_conv3x3", "phase_weights"]
 def _onednn_linear_pays(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
         return False
+    if torch.compiler.is_compiling():  # under torch.compile the compiler picks the GEMM itself
+        return False
     if torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
@@ -113,6 +115,8 @@ def nearest2x_conv3x3(x: Tensor, conv: nn.Conv2d, cache: bool = True) -> Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad):
         return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
     B, _, H, W = x.shape
+    # Under torch.compile the sums are part of the graph (the cache keys on storage, which a trace cannot).
+    cache = cache and not torch.compiler.is_compiling()
     phases = _cached_phase_weights(conv) if cache else phase_weights(conv.weight)
     O = phases.shape[2]
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)

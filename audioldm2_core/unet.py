@@ -160,7 +160,8 @@ class Attention(nn.Module):
     def _cached(self, context: Tensor, project):
         """``project(context)``, or what it returned for this very tensor inside ``reuse_context()``."""
         cache = self.context_cache
-        if cache is None or torch.is_grad_enabled():  # autograd: each call builds its own graph
+        # autograd: each call builds its own graph; torch.compile: the projections are traced into the graph
+        if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return project(context)
         if cache.get("context") is not context or cache.get("project") != project:
             cache.update(context=context, project=project, value=project(context))

@@ -92,6 +92,7 @@ def test_prompts_file(tiny_base, tmp_path):
         (["rain", "--length", "-3"], "--length must be a positive number of seconds, got -3.0"),
         (["rain", "--sampler", "euler"], "unknown sampler 'euler'"),
         (["rain", "--candidates", "0"], "--candidates must be at least 1"),
+        (["rain", "--cuda-graphs"], "--cuda-graphs needs a CUDA --device, not 'cpu'"),
         (["rain", "-o", "/nonexistent-dir/x.wav"], "output folder /nonexistent-dir does not exist"),
         (["rain", "--model", "/no/such/folder"], "/no/such/folder: no such folder, and not a hub repo id"),
         (["rain", "--model", "nobody/no-such-model"], "nobody/no-such-model: not in the local hub cache"),
