@@ -6,6 +6,7 @@
     python benchmarks/bench.py --tiny --steps 1      # a tiny random checkpoint, seconds (as tests/test_bench.py)
     python benchmarks/bench.py --baseline ../old     # ours against another checkout's audioldm2_core
     python benchmarks/bench.py --cpu-attention       # ours with the C++ attention kernel (cpu_attention.py)
+    python benchmarks/bench.py --device cuda --dtype float16 --cuda-graphs   # on a GPU (issue 6's GPU path)
 
 Weights: the real checkpoints cannot be downloaded here, so a random-weight checkpoint with the exact
 ``cvssp/audioldm2`` (or ``-large``) architecture is built once from the shipped hub configs, with the
@@ -22,6 +23,12 @@ around the components' ``forward``/``decode`` methods at class level on both sid
 is not modified; a compiled UNet is timed around its call): text encoders = CLAP text + T5 + projection, GPT-2 = every language-model forward,
 denoising = every UNet forward, VAE = ``decode``, vocoder = ``forward``. "generate" is the whole call;
 "load" is ``from_pretrained`` (imports not included; they are shown on their own row).
+
+On a GPU (``--device cuda``): every timer synchronises the device before it reads the clock, "load" includes
+the copy to the device, and the table adds the peak of allocated GPU memory. ``--compile`` compiles the UNet
+on both sides; ``--cuda-graphs`` replays our denoising loop from a CUDA graph (diffusers has no such option;
+its nearest is ``torch.compile(mode="reduce-overhead")``). float32 timings on a GPU keep PyTorch's defaults
+(TF32 convolutions in cuDNN on both sides).
 """
 
 from __future__ import annotations
@@ -101,8 +108,9 @@ def resolve_checkpoint(args: argparse.Namespace) -> Path:
 class StageTimer:
     """Accumulates wall time per stage, from timers wrapped around the components' methods."""
 
-    def __init__(self) -> None:
+    def __init__(self, sync=None) -> None:
         self.seconds: dict[str, float] = {}
+        self.sync = sync or (lambda: None)  # torch.cuda.synchronize on a GPU: time the work, not its launch
         self._depth = 0  # a nested wrapped call (e.g. a T5 inside a timed CLAP) is counted once, by the outer
 
     def wrap(self, target: object, method: str, stage: str) -> None:
@@ -114,10 +122,12 @@ class StageTimer:
             if timer._depth:
                 return original(*args, **kwargs)
             timer._depth += 1
+            timer.sync()
             start = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
+                timer.sync()
                 timer._depth -= 1
                 timer.seconds[stage] = timer.seconds.get(stage, 0.0) + time.perf_counter() - start
 
@@ -147,7 +157,8 @@ def worker(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    timer = StageTimer()
+    cuda = torch.device(spec.get("device", "cpu")).type == "cuda"
+    timer = StageTimer(torch.cuda.synchronize if cuda else None)
     dtype = getattr(torch, spec["dtype"])
     if spec["impl"] == "diffusers":
         import diffusers  # noqa: F401
@@ -163,11 +174,12 @@ def worker(spec: dict) -> dict:
         pipe, call = _ours(spec, dtype, timer)
     load_s, rss_loaded = spec["_load_s"], _rss_mb()
     t0 = time.perf_counter()
-    audio = call()
+    audio = call()  # a numpy array: the device has finished
     generate_s = time.perf_counter() - t0
     audio = np.asarray(audio, dtype=np.float32)
     np.save(spec["out"], audio)
-    return {
+    gpu = {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if cuda else {}
+    return gpu | {
         "impl": spec["impl"],
         "import_s": import_s,
         "load_s": load_s,
@@ -206,6 +218,10 @@ def _diffusers(spec: dict, dtype, timer: StageTimer):
     # generate_language_model needs under transformers 5; dtype forced (CLAP's config says float64).
     lm = GPT2LMHeadModel.from_pretrained(spec["ckpt"], subfolder="language_model", dtype=dtype)
     pipe = AudioLDM2Pipeline.from_pretrained(spec["ckpt"], language_model=lm, dtype=dtype)
+    device = torch.device(spec.get("device", "cpu"))
+    if device.type != "cpu":
+        pipe.to(device)
+        torch.cuda.synchronize(device)
     spec["_load_s"] = time.perf_counter() - t0
     pipe.set_progress_bar_config(disable=True)
     base = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -219,7 +235,9 @@ def _diffusers(spec: dict, dtype, timer: StageTimer):
     timer.wrap(AudioLDM2ProjectionModel, "forward", "text encoders")
     timer.wrap(GPT2LMHeadModel, "forward", "GPT-2")
     if spec["compile"]:  # time the compiled module's calls (a timer inside would break dynamo's graph)
-        pipe.unet = torch.compile(pipe.unet)
+        # as ours (pipeline._compiled): static shapes, and on the CPU Inductor's freezing (prepacked weights)
+        cpu = torch.device(spec.get("device", "cpu")).type == "cpu"
+        pipe.unet = torch.compile(pipe.unet, dynamic=False, options={"freezing": True} if cpu else None)
         timer.wrap(pipe.unet, "forward", "denoising")
     else:
         timer.wrap(AudioLDM2UNet2DConditionModel, "forward", "denoising")
@@ -250,17 +268,24 @@ def _ours(spec: dict, dtype, timer: StageTimer):
         from audioldm2_core import cpu_attention
 
         cpu_attention.enable()
-    pipe = P.AudioLDM2.from_pretrained(spec["ckpt"], dtype=dtype, low_memory=spec["low_memory"])
+    # Options only where they are asked for: a --baseline checkout may predate them.
+    options = {
+        k: spec[k] for k in ("device", "compile", "cuda_graphs") if spec.get(k) not in (None, False, "cpu")
+    }
+    pipe = P.AudioLDM2.from_pretrained(spec["ckpt"], dtype=dtype, low_memory=spec["low_memory"], **options)
+    if torch.device(spec.get("device", "cpu")).type == "cuda":
+        torch.cuda.synchronize()
     spec["_load_s"] = time.perf_counter() - t0
     timer.wrap(ClapTextEncoder, "forward", "text encoders")
     timer.wrap(T5Encoder, "forward", "text encoders")
     timer.wrap(AudioLDM2Projection, "forward", "text encoders")
     timer.wrap(GPT2, "forward", "GPT-2")
-    if spec["compile"]:  # the pipeline has no compile option: its resident UNet is swapped for a compiled one
-        unet = pipe._modules["unet"] = torch.compile(pipe._get("unet"))
-        timer.wrap(unet, "forward", "denoising")
+    if spec["compile"]:  # the pipeline's compiled UNet (resident), timed around its call
+        timer.wrap(pipe._get("unet"), "forward", "denoising")
     else:
         timer.wrap(AudioLDM2UNet, "forward", "denoising")
+    if spec.get("cuda_graphs"):  # a replayed step calls no forward: time the guided call (with its 3 adds)
+        timer.wrap(P.CudaGraphDenoiser, "__call__", "denoising")
     timer.wrap(AutoencoderKLDecoder, "decode", "VAE")
     timer.wrap(SpeechT5HifiGan, "forward", "vocoder")
 
@@ -314,6 +339,8 @@ def table(results: dict[str, list[dict]], errors: dict[str, float], header: str)
         ("RSS after load", "MB", lambda r: r["rss_loaded_mb"]),
         ("peak RSS", "MB", lambda r: r["peak_rss_mb"]),
     ]
+    if "peak_gpu_mb" in results[ours][0]:
+        rows.append(("peak GPU memory (allocated)", "MB", lambda r: r["peak_gpu_mb"]))
     lines = [header, "", f"| measure | {other} | {ours} | {other} / {ours} |", "|---|---:|---:|---:|"]
     for name, unit, get in rows:
         a, b = med(other, get), med(ours, get)
@@ -347,7 +374,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--length", type=float, default=10.24, help="audio length in seconds (default 10.24)")
     p.add_argument("--guidance", type=float, default=3.5, help="guidance scale (default 3.5)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype"
+    )
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    p.add_argument("--cuda-graphs", action="store_true", help="ours: the denoising loop from a CUDA graph")
     p.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="runs per implementation, alternating (default 3)")
     p.add_argument("--large", action="store_true", help="the cvssp/audioldm2-large UNet (2 layers per block)")
@@ -370,6 +401,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.compile and args.low_memory:
         p.error("--compile needs the UNet resident: not with --low-memory")
+    if (args.cuda_graphs or args.dtype == "float16") and not args.device.startswith("cuda"):
+        p.error("--cuda-graphs and float16 need --device cuda")
 
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -390,6 +423,8 @@ def main(argv: list[str] | None = None) -> None:
         compile=args.compile,
         low_memory=args.low_memory,
         cpu_attention=args.cpu_attention,
+        device=args.device,
+        cuda_graphs=args.cuda_graphs,
     )
     if args.cpu_attention:  # built here once (~12 s), so that the runs only load it
         sys.path.insert(0, str(ROOT))
@@ -398,7 +433,9 @@ def main(argv: list[str] | None = None) -> None:
         cpu_attention.enable()
     other = "baseline" if args.baseline else "diffusers"
     specs = {
-        other: dict(base, impl="ours", root=str(Path(args.baseline).resolve()), cpu_attention=False)
+        other: dict(
+            base, impl="ours", root=str(Path(args.baseline).resolve()), cpu_attention=False, cuda_graphs=False
+        )
         if args.baseline
         else dict(base, impl="diffusers", low_memory=False),
         "ours": dict(base, impl="ours"),
@@ -418,7 +455,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.dtype != "float32":  # the reduced-precision error, against our own float32 result
         ref = out / "wave-ours-float32.npy"
-        run_child(dict(base, impl="ours", dtype="float32", low_memory=False, compile=False, out=str(ref)))
+        fp32 = dict(base, impl="ours", dtype="float32", low_memory=False, compile=False, cuda_graphs=False)
+        run_child(dict(fp32, out=str(ref)))
         for label in specs:
             errors[f"waveform rel. L2 error, {label} {args.dtype} vs ours float32"] = rel_err(
                 np.load(waves[label]), np.load(ref)
@@ -433,6 +471,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{f'checkpoint {ckpt}' if args.checkpoint else weights}, "
         f"{args.length} s, {args.steps} x {args.sampler}, guidance {args.guidance}, {args.dtype}, "
         f"{args.threads} threads, {'low-memory (ours), ' if args.low_memory else ''}"
+        f"{f'device {args.device}, ' if args.device != 'cpu' else ''}{'CUDA graphs (ours), ' if args.cuda_graphs else ''}"
         f"{'compiled UNet, ' if args.compile else ''}{'C++ CPU attention (ours), ' if args.cpu_attention else ''}"
         f"median of {args.repeats}; "
         f"load average {load[0]:.2f} / {load[1]:.2f} (1 / 5 min) at the end"

@@ -3,13 +3,16 @@ kernel) called in rotation on the same weights.
 
     python benchmarks/pipeline_ab.py                    # the issue's workload (10.24 s, 20 DPM++ steps), 5 rounds
     python benchmarks/pipeline_ab.py --cpu-attention    # + ours with audioldm2_core.cpu_attention
+    python benchmarks/pipeline_ab.py --device cuda --dtype float16 --cuda-graphs --compile   # a GPU: + both
 
 Why next to ``bench.py``: its fresh processes are the measure of a one-shot run (load time, peak memory), but
 they run a minute apart, and this machine's speed for the same work moves by ~10% between half hours: three
 float32 tables of the same code gave 1.21x-1.31x. Here every round generates once with each implementation,
 so drift hits all alike, and the per-round ratios show how steady the result is. Not measured here: load
 time, peak memory, and a fresh process's one-off costs (each implementation makes a 1-step generation before
-the timed rounds).
+the timed rounds). On a GPU, ``--cuda-graphs`` adds ours with the denoising loop replayed from a CUDA graph
+and ``--compile`` ours with the UNet under ``torch.compile`` (compiled in the warm-up); both together, also
+ours with both. The same loaded weights serve every variant of ours.
 """
 
 from __future__ import annotations
@@ -37,7 +40,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sampler", default="dpmpp-2m", choices=["ddim", "dpmpp-2m", "dpmpp-2m-karras"])
     p.add_argument("--length", type=float, default=10.24, help="audio length in seconds (default 10.24)")
     p.add_argument("--guidance", type=float, default=3.5, help="guidance scale (default 3.5)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    p.add_argument(
+        "--cuda-graphs", action="store_true", help="+ ours with the denoising loop from a CUDA graph"
+    )
+    p.add_argument("--compile", action="store_true", help="+ ours with the UNet under torch.compile")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--large", action="store_true", help="the cvssp/audioldm2-large UNet")
     p.add_argument("--tiny", action="store_true", help="tiny random checkpoint (the tests' smoke run)")
@@ -47,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.rounds < 1 or args.steps < 1:
         p.error("--rounds and --steps must be at least 1")
+    if (args.cuda_graphs or args.dtype == "float16") and not args.device.startswith("cuda"):
+        p.error("--cuda-graphs and float16 need --device cuda")
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     sys.path.insert(0, str(ROOT))
@@ -55,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from audioldm2_core import cpu_attention
+    from audioldm2_core import pipeline as P
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -67,21 +78,35 @@ def main(argv: list[str] | None = None) -> None:
         guidance=args.guidance,
         compile=False,
         low_memory=False,
+        device=args.device,
     )
     calls = {"diffusers": bench._diffusers(spec, dtype, _NoStageTimes())[1]}
-    calls["ours"] = bench._ours(spec, dtype, _NoStageTimes())[1]
+    pipe, calls["ours"] = bench._ours(spec, dtype, _NoStageTimes())
+    # Each variant of ours: (kernel on, CUDA graphs on, UNet module) set before each of its generations.
+    unet = pipe._get("unet")
+    variants = {"ours": (False, False, unet)}
     if args.cpu_attention:
         cpu_attention.enable()  # built here if it is not yet, before anything is timed
-        calls["ours, cpu_attention"] = calls["ours"]
+        variants["ours, cpu_attention"] = (True, False, unet)
+    if args.cuda_graphs:
+        variants["ours, CUDA graphs"] = (False, True, unet)
+    if args.compile:  # as compile=True does it; with the kernel when --cpu-attention is given
+        compiled = P._compiled(unet, {}, torch.device(args.device))
+        variants["ours, compiled"] = (args.cpu_attention, False, compiled)
+        if args.cuda_graphs:
+            variants["ours, compiled + CUDA graphs"] = (False, True, compiled)
+    for name in variants:
+        calls[name] = calls["ours"]
     cpu_attention.enable(False)
 
     def generate(name: str):
-        if name.startswith("ours"):
-            cpu_attention.enable(name == "ours, cpu_attention")
+        if name in variants:
+            kernel, pipe.cuda_graphs, pipe._modules["unet"] = variants[name]
+            cpu_attention.enable(kernel)
         return np.asarray(calls[name](), dtype=np.float64)
 
     steps = spec["steps"]
-    spec["steps"] = 1  # warm-up: first-touch memory and kernel set-up, outside the timed rounds
+    spec["steps"] = 1  # warm-up: first-touch memory, kernel set-up, compilation, outside the timed rounds
     for name in calls:
         generate(name)
     spec["steps"] = steps
@@ -98,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{'large' if args.large else 'base'} {'tiny' if args.tiny else 'full-size'} random weights, "
         f"{args.length} s, {args.steps} x {args.sampler}, guidance {args.guidance}, {args.dtype}, "
-        f"{args.threads} threads, one process, {args.rounds} rounds"
+        f"{args.threads} threads, {f'device {args.device}, ' if args.device != 'cpu' else ''}"
+        f"one process, {args.rounds} rounds"
     )
     print()
     print(

@@ -4,6 +4,7 @@
     python benchmarks/unet_ab.py --dtype bfloat16 --rounds 9
     python benchmarks/unet_ab.py --baseline ../old-checkout    # + another checkout's audioldm2_core
     python benchmarks/unet_ab.py --cpu-attention               # + ours with the C++ attention kernel
+    python benchmarks/unet_ab.py --compile                     # + ours under torch.compile (minutes to build)
 
 Why next to ``bench.py``: this machine's speed drifts by ~10% over minutes, more than most single changes
 are worth, and ``bench.py``'s fresh processes run minutes apart. Here every round calls each implementation
@@ -63,6 +64,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="+ ours with audioldm2_core.cpu_attention (the same UNet)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="+ ours under torch.compile (the same UNet; with the kernel when --cpu-attention is given)",
+    )
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
@@ -91,6 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.cpu_attention:
         cpu_attention.enable()  # built here if it is not yet, before anything is timed
         impls["ours, cpu_attention"] = impls["ours"]
+    if args.compile:
+        from audioldm2_core.pipeline import _compiled
+
+        impls["ours, compiled"] = _compiled(impls["ours"], {}, torch.device("cpu"))  # as compile=True
     cpu_attention.enable(False)
 
     cfg = impls["ours"].cfg
@@ -122,7 +132,9 @@ def main(argv: list[str] | None = None) -> None:
             )[0]
         shared = name.startswith("ours") or args.baseline_shared
         if name.startswith("ours"):
-            cpu_attention.enable(name == "ours, cpu_attention")
+            cpu_attention.enable(
+                name == "ours, cpu_attention" or (name == "ours, compiled" and args.cpu_attention)
+            )
         return unet(latent if shared else wide, 500, gpt2, t5_states, mask)
 
     times: dict[str, list[float]] = {name: [] for name in impls}
@@ -131,8 +143,11 @@ def main(argv: list[str] | None = None) -> None:
         for unet in {id(u): u for u in impls.values()}.values():  # as in the pipeline's loop: the conditions
             if hasattr(unet, "reuse_context"):  # are the same at every step
                 stack.enter_context(unet.reuse_context())
-        for name in impls:  # warm-up: page faults of the mapped weights, kernel set-up
+        for name in impls:  # warm-up: page faults of the mapped weights, kernel set-up, compilation
+            start = time.perf_counter()
             call(name)
+            if name == "ours, compiled":
+                print(f"torch.compile: first call {time.perf_counter() - start:.1f} s", flush=True)
         for _ in range(args.rounds):
             for name in impls:
                 start = time.perf_counter()
