@@ -148,17 +148,17 @@ class CudaGraphDenoiser:
 
     def __init__(self, model: Callable[[Tensor, Tensor], Tensor]):
         self.model = model
-        self._replay: Callable[[], None] | None = None
-        self._static: tuple[Tensor, Tensor, Tensor] | None = None  # x, t, out
+        # after the first call: (replay, static x, static t, static output)
+        self._recorded: tuple[Callable[[], None], Tensor, Tensor, Tensor] | None = None
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        if self._replay is None:
+        if self._recorded is None:
             out = self._warm_up(lambda: self.model(x, t))
             static_x, static_t = x.clone(), torch.as_tensor(t, device=x.device).clone()
-            self._replay, static_out = self._capture(lambda: self.model(static_x, static_t))
-            self._static = static_x, static_t, static_out
+            replay, static_out = self._capture(lambda: self.model(static_x, static_t))
+            self._recorded = replay, static_x, static_t, static_out
             return out
-        static_x, static_t, static_out = self._static
+        replay, static_x, static_t, static_out = self._recorded
         if x.shape != static_x.shape or x.dtype != static_x.dtype:
             raise ValueError(
                 f"a CUDA-graphed denoiser was recorded for x {tuple(static_x.shape)} {static_x.dtype}, "
@@ -166,7 +166,7 @@ class CudaGraphDenoiser:
             )
         static_x.copy_(x)
         static_t.copy_(t)
-        self._replay()
+        replay()
         return static_out.clone()
 
     def _warm_up(self, fn: Callable[[], Tensor]) -> Tensor:
