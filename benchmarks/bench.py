@@ -102,6 +102,24 @@ def resolve_checkpoint(args: argparse.Namespace) -> Path:
     return build_checkpoint(checkpoint_dir(args), args.large, args.tiny)
 
 
+def check_device_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--cuda-graphs`` and float16 run on a CUDA device only (also for ``pipeline_ab.py``)."""
+    if (args.cuda_graphs or args.dtype == "float16") and not args.device.startswith("cuda"):
+        p.error("--cuda-graphs and float16 need --device cuda")
+
+
+def run_spec(args: argparse.Namespace, ckpt: Path) -> dict:
+    """The workload of a run, as the workers take it (also for ``pipeline_ab.py``)."""
+    return dict(
+        ckpt=str(ckpt),
+        steps=args.steps,
+        sampler=args.sampler,
+        length=args.length,
+        guidance=args.guidance,
+        device=args.device,
+    )
+
+
 # ------------------------------------------------------------------------------------------ workers
 
 
@@ -149,6 +167,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
 
 
+def _device(spec: dict):
+    import torch
+
+    return torch.device(spec.get("device", "cpu"))
+
+
 def worker(spec: dict) -> dict:
     """One measured run in this (fresh) process; returns the measurements and saves the waveform."""
     import numpy as np
@@ -157,7 +181,7 @@ def worker(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    cuda = torch.device(spec.get("device", "cpu")).type == "cuda"
+    cuda = _device(spec).type == "cuda"
     timer = StageTimer(torch.cuda.synchronize if cuda else None)
     dtype = getattr(torch, spec["dtype"])
     if spec["impl"] == "diffusers":
@@ -218,7 +242,7 @@ def _diffusers(spec: dict, dtype, timer: StageTimer):
     # generate_language_model needs under transformers 5; dtype forced (CLAP's config says float64).
     lm = GPT2LMHeadModel.from_pretrained(spec["ckpt"], subfolder="language_model", dtype=dtype)
     pipe = AudioLDM2Pipeline.from_pretrained(spec["ckpt"], language_model=lm, dtype=dtype)
-    device = torch.device(spec.get("device", "cpu"))
+    device = _device(spec)
     if device.type != "cpu":
         pipe.to(device)
         torch.cuda.synchronize(device)
@@ -236,7 +260,7 @@ def _diffusers(spec: dict, dtype, timer: StageTimer):
     timer.wrap(GPT2LMHeadModel, "forward", "GPT-2")
     if spec["compile"]:  # time the compiled module's calls (a timer inside would break dynamo's graph)
         # as ours (pipeline._compiled): static shapes, and on the CPU Inductor's freezing (prepacked weights)
-        cpu = torch.device(spec.get("device", "cpu")).type == "cpu"
+        cpu = device.type == "cpu"
         pipe.unet = torch.compile(pipe.unet, dynamic=False, options={"freezing": True} if cpu else None)
         timer.wrap(pipe.unet, "forward", "denoising")
     else:
@@ -273,7 +297,7 @@ def _ours(spec: dict, dtype, timer: StageTimer):
         k: spec[k] for k in ("device", "compile", "cuda_graphs") if spec.get(k) not in (None, False, "cpu")
     }
     pipe = P.AudioLDM2.from_pretrained(spec["ckpt"], dtype=dtype, low_memory=spec["low_memory"], **options)
-    if torch.device(spec.get("device", "cpu")).type == "cuda":
+    if _device(spec).type == "cuda":
         torch.cuda.synchronize()
     spec["_load_s"] = time.perf_counter() - t0
     timer.wrap(ClapTextEncoder, "forward", "text encoders")
@@ -401,8 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.compile and args.low_memory:
         p.error("--compile needs the UNet resident: not with --low-memory")
-    if (args.cuda_graphs or args.dtype == "float16") and not args.device.startswith("cuda"):
-        p.error("--cuda-graphs and float16 need --device cuda")
+    check_device_options(p, args)
 
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -412,18 +435,12 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.cache_dir) if args.cache_dir else CACHE
     out.mkdir(parents=True, exist_ok=True)
     _warm_page_cache(ckpt)
-    base = dict(
-        ckpt=str(ckpt),
-        steps=args.steps,
-        sampler=args.sampler,
-        length=args.length,
-        guidance=args.guidance,
+    base = run_spec(args, ckpt) | dict(
         dtype=args.dtype,
         threads=args.threads,
         compile=args.compile,
         low_memory=args.low_memory,
         cpu_attention=args.cpu_attention,
-        device=args.device,
         cuda_graphs=args.cuda_graphs,
     )
     if args.cpu_attention:  # built here once (~12 s), so that the runs only load it

@@ -55,12 +55,12 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.rounds < 1 or args.steps < 1:
         p.error("--rounds and --steps must be at least 1")
-    if (args.cuda_graphs or args.dtype == "float16") and not args.device.startswith("cuda"):
-        p.error("--cuda-graphs and float16 need --device cuda")
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     sys.path.insert(0, str(ROOT))
     import bench
+
+    bench.check_device_options(p, args)
     import numpy as np
     import torch
 
@@ -70,16 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     ckpt = bench.resolve_checkpoint(args)
-    spec = dict(
-        ckpt=str(ckpt),
-        steps=args.steps,
-        sampler=args.sampler,
-        length=args.length,
-        guidance=args.guidance,
-        compile=False,
-        low_memory=False,
-        device=args.device,
-    )
+    spec = bench.run_spec(args, ckpt) | dict(compile=False, low_memory=False)
     calls = {"diffusers": bench._diffusers(spec, dtype, _NoStageTimes())[1]}
     pipe, calls["ours"] = bench._ours(spec, dtype, _NoStageTimes())
     # Each variant of ours: (kernel on, CUDA graphs on, UNet module) set before each of its generations.
