@@ -55,7 +55,6 @@ from torch import nn
 from .clap_text import ProjectionHead
 from .config import ClapAudioConfig, UnsupportedConfigError, clap_config
 from .loading import Checkpoint, WeightsError, empty_init, load_strict
-from .ops import Linear
 
 __all__ = ["ClapAudio", "load_clap_audio", "is_audio_key", "relative_position_index"]
 
@@ -117,7 +116,7 @@ class _Dense(nn.Module):
 
     def __init__(self, d_in: int, d_out: int):
         super().__init__()
-        self.dense = Linear(d_in, d_out)
+        self.dense = nn.Linear(d_in, d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense(x)
@@ -132,9 +131,9 @@ class SwinSelfAttention(nn.Module):
             raise UnsupportedConfigError(f"CLAP audio: width {dim} is not a multiple of {num_heads} heads")
         self.num_heads, self.window = num_heads, window
         self.relative_position_bias_table = nn.Parameter(torch.empty((2 * window - 1) ** 2, num_heads))
-        self.query = Linear(dim, dim, bias=qkv_bias)
-        self.key = Linear(dim, dim, bias=qkv_bias)
-        self.value = Linear(dim, dim, bias=qkv_bias)
+        self.query = nn.Linear(dim, dim, bias=qkv_bias)
+        self.key = nn.Linear(dim, dim, bias=qkv_bias)
+        self.value = nn.Linear(dim, dim, bias=qkv_bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """x (B * nW, N, C), mask (nW, N, N) or None -> (B * nW, N, C)."""
@@ -200,7 +199,7 @@ class SwinPatchMerging(nn.Module):
     def __init__(self, dim: int, resolution: tuple[int, int]):
         super().__init__()
         self.resolution = resolution
-        self.reduction = Linear(4 * dim, 2 * dim, bias=False)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
         self.norm = nn.LayerNorm(4 * dim)  # default eps 1e-5, not layer_norm_eps (as the reference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

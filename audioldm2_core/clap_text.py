@@ -41,7 +41,6 @@ from torch import nn
 
 from .config import ClapTextConfig, clap_config
 from .loading import Checkpoint, WeightsError, empty_init, load_strict
-from .ops import Linear
 
 __all__ = ["ClapTextEncoder", "load_clap_text", "roberta_position_ids"]
 
@@ -82,9 +81,9 @@ class SelfAttention(nn.Module):
                 f"CLAP text: hidden_size {cfg.hidden_size} not divisible by {cfg.num_heads} heads"
             )
         self.num_heads = cfg.num_heads
-        self.query = Linear(cfg.hidden_size, cfg.hidden_size)
-        self.key = Linear(cfg.hidden_size, cfg.hidden_size)
-        self.value = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         B, L, D = x.shape
@@ -102,7 +101,7 @@ class DenseLayerNorm(nn.Module):
 
     def __init__(self, d_in: int, cfg: ClapTextConfig):
         super().__init__()
-        self.dense = Linear(d_in, cfg.hidden_size)
+        self.dense = nn.Linear(d_in, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -122,7 +121,7 @@ class Attention(nn.Module):
 class Intermediate(nn.Module):
     def __init__(self, cfg: ClapTextConfig):
         super().__init__()
-        self.dense = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(self.dense(x))  # exact erf GELU (hidden_act "gelu")
@@ -154,7 +153,7 @@ class Encoder(nn.Module):
 class Pooler(nn.Module):
     def __init__(self, cfg: ClapTextConfig):
         super().__init__()
-        self.dense = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.dense(x[:, 0]))  # the <s> token's state, (B, hidden)
@@ -179,8 +178,8 @@ class ProjectionHead(nn.Module):
 
     def __init__(self, d_in: int, d_out: int):
         super().__init__()
-        self.linear1 = Linear(d_in, d_out)
-        self.linear2 = Linear(d_out, d_out)
+        self.linear1 = nn.Linear(d_in, d_out)
+        self.linear2 = nn.Linear(d_out, d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear2(F.relu(self.linear1(x)))

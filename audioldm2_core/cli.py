@@ -73,6 +73,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="replay each denoising loop from a CUDA graph (CUDA devices only)",
     )
+    p.add_argument(
+        "--plain",
+        action="store_true",
+        help="the plain reference model, without the speed layer's exact rewrites (audioldm2_core.fast)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if (args.prompt is None) == (args.prompts_file is None):
@@ -179,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             low_memory=low_memory,
             compile=args.compile,
             cuda_graphs=args.cuda_graphs,
+            fast=not args.plain,
         )
         for text, path in jobs:
             generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None

@@ -125,7 +125,6 @@ def _encode_texts(
     return t5_states, generate(stack.gpt2, hidden, mask, max_new_tokens)
 
 
-@torch.no_grad()
 def encode_prompt(
     stack: TextStack,
     prompt: str | Sequence[str] | None,

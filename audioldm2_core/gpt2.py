@@ -49,7 +49,6 @@ from torch import nn
 
 from .config import GPT2Config, gpt2_config
 from .loading import Checkpoint, WeightsError, empty_init, load_strict
-from .ops import linear
 
 __all__ = ["GPT2", "KVCache", "generate", "load_gpt2"]
 
@@ -89,7 +88,8 @@ class Conv1D(nn.Module):
         self.bias = nn.Parameter(torch.empty(d_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight.t(), self.bias)  # b + x @ W, through oneDNN's matmul (see ops)
+        y = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)  # b + x @ W, as transformers
+        return y.view(*x.shape[:-1], -1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -101,12 +101,13 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = Conv1D(cfg.n_embd, 3 * cfg.n_embd)
         self.c_proj = Conv1D(cfg.n_embd, cfg.n_embd)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None, pos: int) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.c_attn(x).split(D, dim=2)
         # (B, T, D) -> (B, heads, T, d)
         q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
-        k, v = cache.update(self.layer, pos, k, v)  # (B, h, pos + T, d)
+        if cache is not None:
+            k, v = cache.update(self.layer, pos, k, v)  # (B, h, pos + T, d)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale 1/sqrt(d), as the reference
         return self.c_proj(y.transpose(1, 2).reshape(B, T, D))
 
@@ -129,7 +130,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None, pos: int) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), mask, cache, pos)
         return x + self.mlp(self.ln_2(x))
 
@@ -144,12 +145,26 @@ class GPT2(nn.Module):
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
 
-    def forward(self, x: torch.Tensor, key_valid: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_valid: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        pos: int = 0,
+    ) -> torch.Tensor:
         """Embeddings (B, T, D) at positions pos..pos+T-1 -> final hidden states (B, T, D).
 
-        key_valid (B, pos + T): the mask of every position so far (padding False).
+        key_valid (B, pos + T): the mask of every position so far (padding False / 0; None: all valid).
+        Without ``cache`` this is the plain causal forward over x (pos 0), as for teacher-forced training;
+        with one, the keys and values of positions < pos come from it.
         """
-        T = x.shape[1]
+        B, T = x.shape[:2]
+        if cache is None and pos != 0:
+            raise ValueError("GPT-2: a forward from position > 0 needs the cache of the positions before it")
+        key_valid = (
+            torch.ones(B, pos + T, dtype=torch.bool, device=x.device) if key_valid is None else key_valid
+        )
+        key_valid = key_valid.bool()
         positions = torch.arange(pos, pos + T, device=x.device)
         # query i (at pos + i) sees key j when j <= pos + i and j is not padding: (B, 1, T, pos + T)
         causal = positions[:, None] >= torch.arange(pos + T, device=x.device)[None, :]
@@ -174,14 +189,15 @@ def decode_one(
     return model(x, key_valid[:, : pos + 1], cache, pos)
 
 
-@torch.no_grad()
 def generate(
     model: GPT2, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int
 ) -> torch.Tensor:
     """Continue a sequence of embeddings (B, L, D) with mask (B, L) by ``max_new_tokens`` states (B, n, D).
 
     Equals diffusers' ``AudioLDM2Pipeline.generate_language_model(inputs_embeds, attention_mask=...,
-    max_new_tokens=n)`` (the pipeline reads ``n`` from ``model.cfg.max_new_tokens``, 8).
+    max_new_tokens=n)`` (the pipeline reads ``n`` from ``model.cfg.max_new_tokens``, 8). With autograd
+    recording, each step reruns the whole sequence without a cache (the cache's in-place writes would
+    invalidate the keys saved for backward); the result is the same.
     """
     B, L, D = inputs_embeds.shape
     if attention_mask.shape != (B, L):
@@ -194,9 +210,15 @@ def generate(
         raise ValueError(
             f"GPT-2: {L} input states + {max_new_tokens} new ones exceed its {model.cfg.n_positions} positions"
         )
-    cache = KVCache(model.cfg, B, L + max_new_tokens - 1, inputs_embeds.dtype, inputs_embeds.device)
     # every generated position is valid: the mask grows by ones, (B, L + max_new_tokens - 1)
     key_valid = torch.cat([attention_mask != 0, attention_mask.new_ones(B, max_new_tokens - 1).bool()], dim=1)
+    if torch.is_grad_enabled():
+        sequence = inputs_embeds
+        for _ in range(max_new_tokens):
+            x = model(sequence, key_valid[:, : sequence.shape[1]])[:, -1:]
+            sequence = torch.cat([sequence, x], dim=1)
+        return sequence[:, L:]
+    cache = KVCache(model.cfg, B, L + max_new_tokens - 1, inputs_embeds.dtype, inputs_embeds.device)
     x = prefill(model, inputs_embeds, key_valid[:, :L], cache)
     states = [x]
     for pos in range(L, L + max_new_tokens - 1):

@@ -21,6 +21,12 @@ of compilation at the first call, so worth it for many steps or many generations
 (CUDA only) records the guided UNet call of the first step in a CUDA graph and replays it for the others, which
 removes the per-kernel launch cost of the many small kernels of a UNet call (see :class:`CudaGraphDenoiser`).
 
+Speed: with ``fast=True`` (the default) every component goes through ``fast.optimize`` after loading, which
+switches its modules to exact faster rewrites where this CPU supports them and they pay (``fast.py``);
+``fast=False`` keeps the plain reference model. Either way the components are public attributes with diffusers'
+names (``pipe.unet``, ``pipe.vae``, ...), which a user may read, modify, hook or replace; the stages
+(``encode_prompt``, ``denoise``, ``decode``) work under autograd, and only ``__call__`` runs in inference mode.
+
 Left out on purpose: the speech (``transcription``) path until the VITS phoneme encoder lands,
 ``return_dict`` / tuple outputs, ``callback_on_step_end`` tensor plumbing, model offload hooks.
 """
@@ -40,6 +46,7 @@ import torch
 from torch import Tensor
 
 from . import conditioning
+from . import fast as fast_layer
 from .audio import clap_features, resample
 from .clap_audio import load_clap_audio
 from .clap_text import load_clap_text
@@ -114,8 +121,7 @@ def _check_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 def _compiled(unet: torch.nn.Module, options: dict[str, Any] | None, device: torch.device) -> torch.nn.Module:
     """The UNet under ``torch.compile(**options)`` (``None``: as it is). Static shapes by default (a new
-    length or batch compiles again). The same module underneath: ``reuse_context()`` and the weights are the
-    UNet's own. On the CPU, Inductor's ``freezing`` too (unless the options name a mode or another backend):
+    length or batch compiles again). The same module underneath: the weights are the UNet's own. On the CPU, Inductor's ``freezing`` too (unless the options name a mode or another backend):
     the weights become constants of the graph, prepacked for oneDNN; without it the compiled linears are
     MKL's GEMMs, slower than the eager oneDNN ones (full-size float32 call, 2 threads: 2.11 s without, 1.97 s
     with, eager 1.84 s). Weights changed after the first call are then not seen: compile again. Even so,
@@ -140,7 +146,7 @@ def _compile_options(compile: bool | dict[str, Any]) -> dict[str, Any] | None:
 
 class CudaGraphDenoiser:
     """A denoiser ``model(x, t)`` replayed from a CUDA graph: the first call runs it normally, on a side
-    stream (which also warms up cuBLAS/cuDNN and fills the UNet's condition caches), then records it into a
+    stream (which also warms up cuBLAS/cuDNN), then records it into a
     graph with static input buffers; every later call copies its ``x`` and ``t`` into those buffers, replays
     the graph, and returns a copy of the static output. The shapes, dtypes and conditions must stay those of
     the first call, as in one denoising loop; build one per loop. Only ``model``'s GPU work is recorded:
@@ -184,8 +190,34 @@ class CudaGraphDenoiser:
         return graph.replay, out
 
 
+class _Component:
+    """A pipeline attribute holding one component under diffusers' name (``pipe.unet``): loaded on first read
+    (with ``low_memory``, again after a stage released it); assigning one replaces it for good."""
+
+    def __set_name__(self, owner, name: str):
+        self.name = name
+
+    def __get__(self, pipe: AudioLDM2 | None, owner=None):
+        return self if pipe is None else pipe._get(self.name)
+
+    def __set__(self, pipe: AudioLDM2, module) -> None:
+        pipe._modules[self.name] = module
+        pipe._replaced.add(self.name)
+
+
 class AudioLDM2:
     """AudioLDM 2 text-to-audio. ``AudioLDM2.from_pretrained("cvssp/audioldm2")("a dog barking").audios``."""
+
+    tokenizer = _Component()  # RoBERTa, for CLAP
+    tokenizer_2 = _Component()  # T5
+    text_encoder = _Component()  # CLAP's text branch (diffusers: the whole ClapModel)
+    text_encoder_2 = _Component()  # Flan-T5 encoder
+    projection_model = _Component()
+    language_model = _Component()  # GPT-2
+    unet = _Component()
+    vae = _Component()  # the VAE's decoder
+    vocoder = _Component()
+    clap_audio = _Component()  # CLAP's audio branch, for re-ranking
 
     def __init__(
         self,
@@ -195,8 +227,12 @@ class AudioLDM2:
         low_memory: bool = False,
         compile: bool | dict[str, Any] = False,
         cuda_graphs: bool = False,
+        fast: bool = True,
     ):
         self.ckpt = ckpt
+        self.fast = bool(fast)
+        # component -> the speed layer's decisions for it (rewrite -> Decision), filled as components load
+        self.fast_decisions: dict[str, dict[str, fast_layer.Decision]] = {}
         self.device = torch.device(device)
         self.dtype = _check_dtype(dtype)
         if self.dtype == torch.float16 and self.device.type == "cpu":
@@ -218,6 +254,7 @@ class AudioLDM2:
                 f"vocoder mel bins {v.model_in_dim} are not divisible by the VAE scale factor {s}"
             )
         self._modules: dict[str, torch.nn.Module | Any] = {}
+        self._replaced: set[str] = set()  # components a user assigned: never released, never reloaded
         if not low_memory:
             for name in self._GENERATION:
                 self._get(name)
@@ -233,8 +270,10 @@ class AudioLDM2:
         low_memory: bool = False,
         compile: bool | dict[str, Any] = False,
         cuda_graphs: bool = False,
+        fast: bool = True,
     ) -> AudioLDM2:
-        """Load an official checkpoint: a local pipeline folder or a hub repo id (optionally a revision)."""
+        """Load an official checkpoint: a local pipeline folder or a hub repo id (optionally a revision).
+        ``fast=False``: the plain reference model, without the speed layer (``fast.py``)."""
         return cls(
             open_checkpoint(path_or_repo_id, revision),
             device=device,
@@ -242,6 +281,7 @@ class AudioLDM2:
             low_memory=low_memory,
             compile=compile,
             cuda_graphs=cuda_graphs,
+            fast=fast,
         )
 
     # ------------------------------------------------------------------------------ components
@@ -258,7 +298,7 @@ class AudioLDM2:
         "text_encoder_2": lambda p: load_t5(p.ckpt, p.dtype, p.device),
         "projection_model": lambda p: load_projection(p.ckpt, p.dtype, p.device),
         "language_model": lambda p: load_gpt2(p.ckpt, p.dtype, p.device),
-        "unet": lambda p: _compiled(load_unet(p.ckpt, p.dtype, p.device), p.compile, p.device),
+        "unet": lambda p: load_unet(p.ckpt, p.dtype, p.device),
         "vae": lambda p: load_vae(p.ckpt, p._decoder_dtype, p.device),
         "vocoder": lambda p: load_vocoder(p.ckpt, p._decoder_dtype, p.device),
         # Only for re-ranking: never loaded up front, never read for plain generation.
@@ -268,29 +308,37 @@ class AudioLDM2:
 
     def _get(self, name: str):
         if name not in self._modules:
-            self._modules[name] = self._LOADERS[name](self)
+            # Loaded outside inference mode even when a stage asks for it inside: the weights are then normal
+            # tensors, which a user may train, and whose version counters the speed layer's caches read.
+            with torch.inference_mode(False):
+                module = self._LOADERS[name](self)
+                if self.fast and isinstance(module, torch.nn.Module):
+                    self.fast_decisions[name] = fast_layer.optimize(module)
+                if name == "unet":
+                    module = _compiled(module, self.compile, self.device)
+            self._modules[name] = module
         return self._modules[name]
 
     def _release(self, *names: str) -> None:
         if self.low_memory:
             for name in names:
-                self._modules.pop(name, None)
+                if name not in self._replaced:
+                    self._modules.pop(name, None)
             _return_freed_memory()
 
     def text_stack(self) -> conditioning.TextStack:
         return conditioning.TextStack(
-            tokenizer=self._get("tokenizer"),
-            tokenizer_2=self._get("tokenizer_2"),
-            clap=self._get("text_encoder"),
-            t5=self._get("text_encoder_2"),
-            projection=self._get("projection_model"),
-            gpt2=self._get("language_model"),
+            tokenizer=self.tokenizer,
+            tokenizer_2=self.tokenizer_2,
+            clap=self.text_encoder,
+            t5=self.text_encoder_2,
+            projection=self.projection_model,
+            gpt2=self.language_model,
             max_new_tokens=self.max_new_tokens,
         )
 
     # ---------------------------------------------------------------------------------- stages
 
-    @torch.inference_mode()
     def encode_prompt(
         self,
         prompt: str | list[str] | None,
@@ -331,7 +379,6 @@ class AudioLDM2:
         )
         return out
 
-    @torch.inference_mode()
     def denoise(
         self,
         latents: Tensor,
@@ -347,14 +394,13 @@ class AudioLDM2:
         callback: Callable[[int, Tensor, Tensor], None] | None = None,
     ) -> Tensor:
         """Run a sampler from x_T = ``latents``; the closure below owns guidance and both conditions."""
-        unet = self._get("unet")
+        unet = self.unet
         guided = guidance_scale > 1.0
 
         def model(x: Tensor, t: Tensor) -> Tensor:
-            # Under guidance the conditions are [negative, positive] and both halves denoise x: the UNet
-            # takes x once and runs the layers before the first conditioned one on it only once.
+            # Under guidance the conditions are [negative, positive] and both halves denoise x.
             out = unet(
-                x,
+                torch.cat([x] * 2) if guided else x,
                 t,
                 encoder_hidden_states=generated_prompt_embeds,
                 encoder_hidden_states_1=prompt_embeds,
@@ -367,32 +413,29 @@ class AudioLDM2:
 
         if self.cuda_graphs:
             model = CudaGraphDenoiser(model)
-        with unet.reuse_context():  # the conditions' keys and values are projected at the first step only
-            x = sample(
-                sampler,
-                model,
-                latents,
-                self.scheduler_config,
-                num_inference_steps,
-                eta=eta,
-                generator=generator,
-                callback=callback,
-            )
+        x = sample(
+            sampler,
+            model,
+            latents,
+            self.scheduler_config,
+            num_inference_steps,
+            eta=eta,
+            generator=generator,
+            callback=callback,
+        )
         self._release("unet")
         return x
 
-    @torch.inference_mode()
     def decode(self, latents: Tensor) -> Tensor:
         """Latents (B, 8, t, 16) -> float32 waveforms (B, samples) at the vocoder's rate, untrimmed."""
-        vae = self._get("vae")
+        vae = self.vae
         mel = vae.decode(latents.to(self._decoder_dtype))  # (B, 1, T, 64)
         self._release("vae")
-        vocoder = self._get("vocoder")
+        vocoder = self.vocoder
         audio = vocoder(mel.squeeze(1))  # (B, samples)
         self._release("vocoder")
         return audio.float()
 
-    @torch.inference_mode()
     def score_waveforms(
         self, prompts: list[str], audio: Tensor, num_waveforms_per_prompt: int
     ) -> tuple[Tensor, Tensor]:
@@ -404,13 +447,11 @@ class AudioLDM2:
         prompt's group only (diffusers issue 13602), ties kept in generation order.
         """
         fe = feature_extractor_config(self.ckpt.config("feature_extractor"))
-        tokens = self._get("tokenizer")(prompts)
-        text = self._get("text_encoder")(
-            tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
-        )
+        tokens = self.tokenizer(prompts)
+        text = self.text_encoder(tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device))
         self._release("tokenizer", "text_encoder")
         features = clap_features(resample(audio.float().cpu(), self.sample_rate, fe.sampling_rate), fe)
-        clap_audio = self._get("clap_audio")
+        clap_audio = self.clap_audio
         embeds = clap_audio(features.to(self.device, self.dtype))  # (P * N, D), unit norm
         logits = score(text.float(), embeds.float(), clap_audio.logit_scale_t.float())
         self._release("clap_audio")

@@ -35,7 +35,6 @@ from torch import nn
 
 from .config import ProjectionConfig, projection_config
 from .loading import Checkpoint, empty_init, load_strict
-from .ops import Linear
 
 __all__ = ["AudioLDM2Projection", "load_projection"]
 
@@ -57,8 +56,8 @@ class AudioLDM2Projection(nn.Module):
         super().__init__()
         self.cfg = cfg
         D = cfg.language_model_dim
-        self.projection = Linear(cfg.text_encoder_dim, D)  # CLAP stream
-        self.projection_1 = Linear(cfg.text_encoder_1_dim, D)  # T5 / VITS stream
+        self.projection = nn.Linear(cfg.text_encoder_dim, D)  # CLAP stream
+        self.projection_1 = nn.Linear(cfg.text_encoder_1_dim, D)  # T5 / VITS stream
         self.sos_embed = nn.Parameter(torch.empty(D))
         self.eos_embed = nn.Parameter(torch.empty(D))
         self.sos_embed_1 = nn.Parameter(torch.empty(D))

@@ -49,7 +49,6 @@ from torch import nn
 
 from .config import T5Config, t5_config
 from .loading import Checkpoint, WeightsError, empty_init, load_strict
-from .ops import Linear
 
 __all__ = ["T5Encoder", "load_t5", "relative_position_bucket"]
 
@@ -111,10 +110,10 @@ class T5Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         inner = cfg.num_heads * cfg.d_kv  # need not equal d_model
-        self.q = Linear(cfg.d_model, inner, bias=False)
-        self.k = Linear(cfg.d_model, inner, bias=False)
-        self.v = Linear(cfg.d_model, inner, bias=False)
-        self.o = Linear(inner, cfg.d_model, bias=False)
+        self.q = nn.Linear(cfg.d_model, inner, bias=False)
+        self.k = nn.Linear(cfg.d_model, inner, bias=False)
+        self.v = nn.Linear(cfg.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, cfg.d_model, bias=False)
         if has_relative_attention_bias:
             self.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
 
@@ -154,9 +153,9 @@ class T5DenseGatedActDense(nn.Module):
 
     def __init__(self, cfg: T5Config):
         super().__init__()
-        self.wi_0 = Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.wi_1 = Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.wo = Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = gelu_new(self.wi_0(x)) * self.wi_1(x)
@@ -168,8 +167,8 @@ class T5DenseActDense(nn.Module):
 
     def __init__(self, cfg: T5Config):
         super().__init__()
-        self.wi = Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.wo = Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.wo(F.relu(self.wi(x)).to(self.wo.weight.dtype))

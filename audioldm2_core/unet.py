@@ -10,7 +10,6 @@ Place in the data flow: text -> CLAP + T5 -> projection -> GPT-2 generates the "
 
 Shapes (B = batch, twice the prompts under classifier-free guidance):
     sample                   (B, C=8, T, F)  noisy latent; T = mel frames / 4 (time), F = 64 mel bins / 4 = 16
-                                             (or (B/k, ...), shared by k condition groups: see ``forward``)
     timestep                 int, float, 0-d tensor or (B,)
     encoder_hidden_states    (B, L1, 768)    GPT-2 stream (AudioLDM 2's "LOA", L1 = 8); never masked
     encoder_hidden_states_1  (B, L2, 1024)   T5 stream: the Flan-T5 encoder output itself (not projected)
@@ -36,32 +35,24 @@ Quirks, all as in the reference:
   which is what diffusers does then (and equals x2 otherwise). Stride-2 convs round up: T=25 -> 13 -> 7 -> 4.
 - The transformers' GroupNorm uses eps 1e-6, the resnets' and the output's ``norm_eps`` (1e-5).
 
-Beyond the reference, exact up to float rounding (float32 parity ~7e-7 at full size): an upsampler doubling
-both sides runs as four 2x2 convolutions of its input (``ops.py``: 2.25x fewer multiplications); a sample
-shared by the halves of a guidance batch goes through the layers before the first conditioned transformer
-once (``forward``); cross-attention to a short context folds ``to_q`` / ``to_out`` into its keys and values
-(``Attention._folded``); ``proj_in`` / ``proj_out`` run as linears in the token layout; every linear runs
-oneDNN's matmul instead of MKL's (``ops.linear``, with GEGLU's GELU fused into its GEMM). Together 8% fewer
-FLOPs and ~1.2x diffusers' speed per call on a 2-core CPU (``benchmarks/unet_ab.py``).
+This file is the plain computation, module by module as diffusers writes it. The exact rewrites that make
+inference faster (folded cross-attention, fused GEGLU, phase upsampling, oneDNN linears, ...) live in
+``fast.py`` and are applied to a loaded model from outside; they stand aside for hooked or replaced modules.
 
 Left out on purpose: class/timestep-cond embeddings, attention processors and slicing, gradient
-checkpointing, dropout, FreeU, LoRA/adapter hooks, ``return_dict``.
+checkpointing, dropout, FreeU, adapter registries (wrap or replace a module instead), ``return_dict``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import cpu_attention
 from .config import UNetConfig, unet_config
 from .loading import Checkpoint, empty_init, load_strict
-from .ops import Linear, linear, nearest2x_conv3x3
 
 __all__ = ["AudioLDM2UNet", "load_unet", "timestep_embedding"]
 
@@ -84,8 +75,8 @@ def timestep_embedding(t: Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: f
 class TimestepEmbedding(nn.Module):
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
-        self.linear_1 = Linear(in_dim, dim)
-        self.linear_2 = Linear(dim, dim)
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
@@ -98,24 +89,20 @@ class ResnetBlock2D(nn.Module):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.time_emb_proj = Linear(temb_dim, out_ch)
+        self.time_emb_proj = nn.Linear(temb_dim, out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
         self.output_scale_factor = scale  # mid_block_scale_factor for the mid block (1 on the hub)
 
-    def forward(self, x: Tensor, temb_act: Tensor) -> Tensor:
-        """x (B, in_ch, H, W), temb_act = SiLU(time embedding) (>= B, temb_dim) -> (B, out_ch, H, W).
-
-        ``temb_act`` may have more rows than ``x`` before a shared sample is widened (see the UNet's
-        ``forward``): its first B rows are then the ones of ``x``."""
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        """x (B, in_ch, H, W), temb (B, temb_dim) -> (B, out_ch, H, W)."""
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(temb_act[: x.shape[0]])[:, :, None, None]
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(F.silu(self.norm2(h)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        out = x + h
-        return out if self.output_scale_factor == 1 else out / self.output_scale_factor
+        return (x + h) / self.output_scale_factor
 
 
 class Attention(nn.Module):
@@ -125,108 +112,40 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = heads
         inner = heads * head_dim
-        self.to_q = Linear(query_dim, inner, bias=False)
-        self.to_k = Linear(context_dim, inner, bias=False)
-        self.to_v = Linear(context_dim, inner, bias=False)
-        self.to_out = nn.ModuleList([Linear(inner, query_dim)])  # to_out.1 was a Dropout: no weights
-        # Set to a dict by AudioLDM2UNet.reuse_context(): then the projections of a context are kept there and
-        # reused while this module is called with the same context tensor (not a module state: no keys).
-        self.context_cache: dict | None = None
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])  # to_out.1 was a Dropout: no weights
 
     def forward(self, x: Tensor, context: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
         """x (B, N, query_dim), context (B, L, context_dim), bias broadcastable to (B, heads, N, L)."""
-        if context is not None and _fold_pays(x, context, self.heads):
-            return self._folded(x, context, bias)
+        context = x if context is None else context
         B, N, _ = x.shape
+        L = context.shape[1]
         q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)  # (B, heads, N, d)
-        if context is None:
-            k, v = self._project(x)
-            # the opt-in C++ kernel, where it applies: (B, N, heads * d)
-            out = cpu_attention.attention(q, k, v) if bias is None else None
-            if out is not None:
-                return self.to_out[0](out)
-        else:
-            k, v = self._cached(context, self._project)
+        k = self.to_k(context).view(B, L, self.heads, -1).transpose(1, 2)  # (B, heads, L, d)
+        v = self.to_v(context).view(B, L, self.heads, -1).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale 1/sqrt(d)
         return self.to_out[0](out.transpose(1, 2).reshape(B, N, -1))  # (B, N, heads * d)
 
-    def _project(self, context: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and values (B, heads, L, d) of a context (B, L, context_dim)."""
-        B, L, _ = context.shape
-        k = self.to_k(context).view(B, L, self.heads, -1).transpose(1, 2)
-        v = self.to_v(context).view(B, L, self.heads, -1).transpose(1, 2)
-        return k, v
-
-    def _cached(self, context: Tensor, project):
-        """``project(context)``, or what it returned for this very tensor inside ``reuse_context()``."""
-        cache = self.context_cache
-        # autograd: each call builds its own graph; torch.compile: the projections are traced into the graph
-        if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return project(context)
-        if cache.get("context") is not context or cache.get("project") != project:
-            cache.update(context=context, project=project, value=project(context))
-        return cache["value"]
-
-    def _folded(self, x: Tensor, context: Tensor, bias: Tensor | None) -> Tensor:
-        """The same cross-attention, with ``to_q`` folded into the keys and ``to_out`` into the values.
-
-        Per head h: scores = (x Wq_h^T)(k_h^T) / sqrt(d) = x (Wq_h^T k_h^T / sqrt(d)), and
-        out = sum_h P_h v_h Wo_h^T + b = [P_1 .. P_H] [v_1 Wo_1^T; ..; v_H Wo_H^T] + b. The context is short
-        (8 GPT-2 states, a dozen T5 tokens), so both products have H * L columns / rows instead of the
-        C-wide query and output projections of every one of the N tokens: 2NC(H L) multiply-adds instead
-        of 2NC(C + L), about a third at 256 channels. Exact in exact arithmetic; float32 rounding only.
-        """
-        B, N, _ = x.shape
-        H, L = self.heads, context.shape[1]
-        keys, values = self._cached(context, self._folded_keys_values)
-        scores = torch.bmm(x, keys).view(B, N, H, L)
-        if bias is not None:
-            scores = scores + bias.reshape(bias.shape[0], 1, 1, L)  # (B, 1, 1, L): every query, every head
-        probs = scores.softmax(-1).view(B, N, H * L)
-        return torch.baddbmm(self.to_out[0].bias, probs, values)  # (B, N, C_out)
-
-    def _folded_keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:
-        """The folded keys (B, C, H*L) and values (B, H*L, C_out) of a context (B, L, context_dim)."""
-        B, L, _ = context.shape
-        H = self.heads
-        k = self.to_k(context).view(B, L, H, -1)  # (B, L, H, d)
-        v = self.to_v(context).view(B, L, H, -1)
-        d = k.shape[-1]
-        C = self.to_q.weight.shape[1]
-        keys = torch.einsum("hdc,blhd->bchl", self.to_q.weight.view(H, d, C), k) * d**-0.5  # (B, C, H, L)
-        values = torch.einsum("blhd,chd->bhlc", v, self.to_out[0].weight.view(-1, H, d))  # (B, H, L, C_out)
-        return keys.reshape(B, C, H * L), values.reshape(B, H * L, -1)
-
-
-def _fold_pays(x: Tensor, context: Tensor, heads: int) -> bool:
-    """Whether :meth:`Attention._folded` does fewer multiply-adds (H L < C + L) and keeps the precision:
-    in float32 or float64 only, since in 16-bit formats the scores would be rounded before the softmax."""
-    L = context.shape[1]
-    return x.dtype in (torch.float32, torch.float64) and heads * L < x.shape[-1] + L
-
 
 class GEGLU(nn.Module):
+    """A GELU-gated linear unit (Shazeer 2020): one projection to twice the width, split into value and gate."""
+
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = Linear(dim_in, 2 * dim_out)
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled():  # autograd needs gate kept for GELU's backward
-            h, gate = self.proj(x).chunk(2, dim=-1)
-            return h * F.gelu(gate)  # exact (erf) GELU
-        # The two halves as two GEMMs (row slices of the weight: no copy), so that both come out contiguous,
-        # GELU in the gate's GEMM and the product in place: no new tensors (8 MB each at 256 channels), and
-        # the next linear reads a contiguous input. ~4% of a UNet call over chunk + out-of-place ops.
-        n = self.proj.weight.shape[0] // 2
-        h = linear(x, self.proj.weight[:n], self.proj.bias[:n])
-        return h.mul_(linear(x, self.proj.weight[n:], self.proj.bias[n:], gelu=True))
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)  # exact (erf) GELU
 
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
         # net.1 was a Dropout: an Identity keeps the checkpoint's indices (net.0.proj, net.2).
-        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Identity(), Linear(mult * dim, dim)])
+        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim)])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net[2](self.net[0](x))
@@ -265,17 +184,14 @@ class Transformer2DModel(nn.Module):
         self.proj_out = nn.Conv2d(inner, channels, 1)
 
     def forward(self, x: Tensor, context: Tensor | None, bias: Tensor | None) -> Tensor:
-        if context is not None and context.shape[0] != x.shape[0]:
-            x = _widen(x, context.shape[0])  # the first layer where the groups of a shared sample differ
-        B, C, H, W = x.shape
-        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, H*W, C): one token per latent cell
-        # The 1x1 convs proj_in / proj_out as linears on the tokens: the same sums, but in the token layout
-        # the blocks use, so no NCHW copy sits between them (~3 ms less per transformer at 256 channels).
-        h = linear(h, self.proj_in.weight.flatten(1), self.proj_in.bias)  # (B, H*W, inner)
+        B, _, H, W = x.shape
+        h = self.proj_in(self.norm(x))
+        inner = h.shape[1]
+        h = h.permute(0, 2, 3, 1).reshape(B, H * W, inner)  # (B, H*W, inner): one token per latent cell
         for block in self.transformer_blocks:
             h = block(h, context, bias)
-        h = linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)  # (B, H*W, C)
-        return torch.add(x, h.view(B, H, W, C).permute(0, 3, 1, 2))  # x first: the result is NCHW like x
+        h = h.reshape(B, H, W, inner).permute(0, 3, 1, 2).contiguous()  # (B, inner, H, W)
+        return self.proj_out(h) + x
 
 
 class Downsample2D(nn.Module):
@@ -295,16 +211,11 @@ class Upsample2D(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: Tensor, size: torch.Size) -> Tensor:
+    def forward(self, x: Tensor, size: torch.Size | None = None) -> Tensor:
         """Nearest-neighbour to ``size`` (the next skip's H, W: 2x, or less for odd sizes), then a conv."""
-        if tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
-            return nearest2x_conv3x3(x, self.conv)  # the same, without building the upsampled input
-        return self.conv(F.interpolate(x, size=size, mode="nearest"))
-
-
-def _widen(x: Tensor, batch: int) -> Tensor:
-    """A shared sample's activations (b, ...) repeated for the ``batch // b`` condition groups."""
-    return x if x.shape[0] == batch else x.repeat(batch // x.shape[0], *([1] * (x.dim() - 1)))
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
 
 
 def _transformers(
@@ -341,11 +252,11 @@ class DownBlock(nn.Module):
             nn.ModuleList([Downsample2D(out_ch, cfg.downsample_padding)]) if add_downsample else None
         )
 
-    def forward(self, x: Tensor, temb_act: Tensor, contexts: Contexts) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, x: Tensor, temb: Tensor, contexts: Contexts) -> tuple[Tensor, list[Tensor]]:
         """Returns the output and the skips: each resnet(+transformers) output, then the downsampled one."""
         skips = []
         for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb_act)
+            x = resnet(x, temb)
             for j, (context, bias) in enumerate(contexts[: self.per_resnet]):
                 x = self.attentions[i * self.per_resnet + j](x, context, bias)
             skips.append(x)
@@ -365,11 +276,11 @@ class MidBlock(nn.Module):
         self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, temb, g, eps, s) for _ in range(2)])
         self.attentions = _transformers(ch, dims, cfg.transformer_layers[-1], cfg.num_heads[-1], g, 1)
 
-    def forward(self, x: Tensor, temb_act: Tensor, contexts: Contexts) -> Tensor:
-        x = self.resnets[0](x, temb_act)
+    def forward(self, x: Tensor, temb: Tensor, contexts: Contexts) -> Tensor:
+        x = self.resnets[0](x, temb)
         for attention, (context, bias) in zip(self.attentions, contexts, strict=True):
             x = attention(x, context, bias)
-        return self.resnets[1](x, temb_act)
+        return self.resnets[1](x, temb)
 
 
 class UpBlock(nn.Module):
@@ -397,11 +308,11 @@ class UpBlock(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if add_upsample else None
 
     def forward(
-        self, x: Tensor, skips: list[Tensor], temb_act: Tensor, contexts: Contexts, size: torch.Size | None
+        self, x: Tensor, skips: list[Tensor], temb: Tensor, contexts: Contexts, size: torch.Size | None
     ) -> Tensor:
         """``skips`` in down order (this block uses them last-first); ``size``: where to upsample to."""
         for i, (resnet, skip) in enumerate(zip(self.resnets, reversed(skips), strict=True)):
-            x = resnet(torch.cat([x, _widen(skip, x.shape[0])], dim=1), temb_act)  # (B, C_x + C_skip, H, W)
+            x = resnet(torch.cat([x, skip], dim=1), temb)  # (B, C_x + C_skip, H, W)
             for j, (context, bias) in enumerate(contexts[: self.per_resnet]):
                 x = self.attentions[i * self.per_resnet + j](x, context, bias)
         if self.upsamplers is not None:
@@ -478,24 +389,6 @@ class AudioLDM2UNet(nn.Module):
                 out.append((encoder_hidden_states_1, bias_1))
         return out
 
-    @contextlib.contextmanager
-    def reuse_context(self) -> Iterator[AudioLDM2UNet]:
-        """Within this block, each cross-attention projects a condition once and reuses the result while it
-        is called with the same condition tensor again, as in a denoising loop, where the conditions stay
-        the same for every step: the keys and values of the GPT-2 and T5 states (and the folded forms of
-        ``Attention._folded``) are then computed at the first step only, not at every one (measured: ~1%
-        of a call on a 2-core CPU). Identity, not content, decides: do not modify a condition tensor in
-        place inside the block. With autograd recording, nothing is reused."""
-        attentions = [m for m in self.modules() if isinstance(m, Attention)]
-        outer = [attention.context_cache for attention in attentions]  # None, or an enclosing block's
-        for attention in attentions:
-            attention.context_cache = {}
-        try:
-            yield self
-        finally:
-            for attention, cache in zip(attentions, outer, strict=True):
-                attention.context_cache = cache
-
     def forward(
         self,
         sample: Tensor,
@@ -504,29 +397,25 @@ class AudioLDM2UNet(nn.Module):
         encoder_hidden_states_1: Tensor | None = None,
         encoder_attention_mask_1: Tensor | None = None,
     ) -> Tensor:
-        """Predict the noise of ``sample`` (b, C, T, F); see the module docstring for the conditions.
+        """Predict the noise of ``sample`` (B, C, T, F); see the module docstring for the conditions.
 
-        ``sample`` may have 1/k of the conditions' batch B (e.g. b = B/2 under classifier-free
-        guidance, where both halves denoise the same latents): row i then stands for rows i, i + b, ...,
-        i + (k-1)b, as ``torch.cat([sample] * k)`` would, and ``timestep`` must be a scalar or (b,). The
-        layers before the first transformer that reads a condition (``conv_in``, the first down block,
-        the second block's first resnet and unconditioned transformer: ~6% of a batch-B call) then run
-        once on the b rows, and the activations are repeated where the groups start to differ.
-        Returns (B, C, T, F).
+        ``timestep``: a scalar or (B,). Returns (B, C, T, F).
         """
         cfg = self.cfg
-        b, batch = sample.shape[0], encoder_hidden_states.shape[0]
-        if batch % b:
-            raise ValueError(f"sample batch {b} does not divide the conditions' batch {batch}")
-        t = torch.as_tensor(timestep, device=sample.device).reshape(-1)
-        if t.numel() not in (1, b):
+        B = sample.shape[0]
+        if encoder_hidden_states.shape[0] != B:
             raise ValueError(
-                f"timestep must be a scalar or ({b},) for a sample of batch {b}: {tuple(t.shape)}"
+                f"sample batch {B} differs from encoder_hidden_states batch {encoder_hidden_states.shape[0]}"
             )
-        t = _widen(t.expand(b) if t.numel() == 1 else t, batch)  # (B,): row i + j*b has sample i's step
-        t_emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        # Every resnet applies SiLU to the embedding before its projection, and nothing else reads it.
-        temb_act = F.silu(self.time_embedding(t_emb.to(sample.dtype)))  # (B, temb_dim)
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1)
+        if t.numel() not in (1, B):
+            raise ValueError(
+                f"timestep must be a scalar or ({B},) for a sample of batch {B}: {tuple(t.shape)}"
+            )
+        t_emb = timestep_embedding(
+            t.expand(B), cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift
+        )
+        temb = self.time_embedding(t_emb.to(sample.dtype))  # (B, temb_dim)
         contexts = self.contexts(
             encoder_hidden_states, encoder_hidden_states_1, encoder_attention_mask_1, sample.dtype
         )
@@ -534,16 +423,15 @@ class AudioLDM2UNet(nn.Module):
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = block(x, temb_act, contexts)
+            x, block_skips = block(x, temb, contexts)
             skips += block_skips
-        x = self.mid_block(x, temb_act, contexts)
+        x = self.mid_block(x, temb, contexts)
         for block in self.up_blocks:
             k = len(block.resnets)
             block_skips, skips = skips[-k:], skips[:-k]
             # Upsample to the size of the next skip: 2x, or 1 less where a stride-2 conv rounded up.
-            x = block(x, block_skips, temb_act, contexts, skips[-1].shape[-2:] if skips else None)
-        out = self.conv_out(F.silu(self.conv_norm_out(x)))
-        return _widen(out, batch)  # already (B, ...) unless no transformer read a condition
+            x = block(x, block_skips, temb, contexts, skips[-1].shape[-2:] if skips else None)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
 def load_unet(

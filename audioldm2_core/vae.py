@@ -43,7 +43,6 @@ from torch import nn
 
 from .config import VAEConfig, vae_config
 from .loading import Checkpoint, WeightsError, empty_init, load_strict
-from .ops import Linear, nearest2x_conv3x3
 
 __all__ = ["AutoencoderKLDecoder", "load_vae"]
 
@@ -62,12 +61,11 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # SiLU in place: the GroupNorm output is a fresh tensor, which saves a full-size pass over memory
-        h = self.conv1(F.silu(self.norm1(x), inplace=True))
-        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        return h.add_(x)  # = x + h, into the fresh conv output
+        return x + h
 
 
 class Attention(nn.Module):
@@ -76,20 +74,19 @@ class Attention(nn.Module):
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, channels, eps=_EPS)
-        self.to_q = Linear(channels, channels)
-        self.to_k = Linear(channels, channels)
-        self.to_v = Linear(channels, channels)
-        self.to_out = nn.ModuleList([Linear(channels, channels)])  # diffusers' to_out.1 is a Dropout
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # diffusers' to_out.1 is a Dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W) channels-last -> same."""
+        """x (B, C, H, W) -> same."""
         B, C, H, W = x.shape
-        # channels-last: (B, C, H, W) is (B, H, W, C) in memory, so the token view costs no copy
-        h = self.group_norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C)
+        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)  # (B, HW, C): one token per position
         q, k, v = (proj(h).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
         h = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (B, HW, C); scale 1/sqrt(C)
         h = self.to_out[0](h)
-        return h.view(B, H, W, C).permute(0, 3, 1, 2) + x  # (B, C, H, W), channels-last again
+        return h.transpose(1, 2).reshape(B, C, H, W) + x  # (B, C, H, W)
 
 
 class UNetMidBlock2D(nn.Module):
@@ -116,9 +113,7 @@ class Upsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, C, 2H, 2W); see ops.py. Not cached: the decoder runs once per generation, and the summed
-        # weights (20 MB at full size) would otherwise sit in memory through the vocoder, where the peak is.
-        return nearest2x_conv3x3(x, self.conv, cache=False)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
 
 
 class UpDecoderBlock2D(nn.Module):
@@ -185,13 +180,7 @@ class AutoencoderKLDecoder(nn.Module):
         Equals ``AutoencoderKL.decode(1 / scaling_factor * latents).sample``: the scaling is done here.
         """
         z = latents * (1 / self.cfg.scaling_factor)  # the pipeline's `1 / s * latents`, same rounding
-        # Performance: every activation runs channels-last ((B, H, W, C) in memory), the layout oneDNN's
-        # convolutions and PyTorch's GroupNorm are fastest in on the CPU (~10% faster decoding than NCHW).
-        # The weights stay as loaded: each conv converts its weight on the fly, as cheap as doing it at load
-        # since the decoder runs once per generation, and it keeps the weights as memory-mapped from the file.
-        # The output is returned in the usual layout.
-        z = z.contiguous(memory_format=torch.channels_last)
-        return self.decoder(self.post_quant_conv(z)).contiguous()
+        return self.decoder(self.post_quant_conv(z))
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decode(latents)

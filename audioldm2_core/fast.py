@@ -1,0 +1,665 @@
+"""The speed layer: exact rewrites of the plain model, applied to a loaded model for inference.
+
+The model files hold the reference computation. This module makes it faster without changing what it
+computes (only the order of float additions): ``optimize(model)`` switches each module it knows to a
+subclass whose ``forward`` takes a faster route *when that route computes exactly what the plain forward
+would* and falls back to the plain ``forward`` (``super().forward``) otherwise. Nothing is copied or
+renamed: parameters, buffers, state-dict keys, hooks and ``isinstance`` checks stay as they were, and
+``restore(model)`` switches the classes back.
+
+    rewrite            replaces (plain)                           with
+    onednn-linear      nn.Linear, GPT-2 Conv1D: MKL's GEMM        oneDNN's matmul (what PyTorch's compiler
+                                                                  runs for frozen linears)
+    fused-geglu        GEGLU: one GEMM, chunk, GELU, product      two GEMMs on the weight's row halves, GELU
+                                                                  fused into the gate's, the product in place
+    folded-attention   cross-attention to a short context         to_q folded into the keys, to_out into the
+                                                                  values: 2NC(HL) instead of 2NC(C+L) MACs
+    token-projections  Transformer2D's 1x1 proj_in / proj_out     linears in the token layout (no NCHW copy)
+    phase-upsampling   nearest 2x + 3x3 conv (UNet, VAE)          four 2x2 convs of the input: 16 taps per
+                                                                  input pixel instead of 36
+    shared-guidance    the UNet on [x, x] under guidance          the layers before the first conditioned
+                                                                  transformer once on x, then repeated
+    channels-last      VAE decoder convs, vocoder 1-D convs       the same convs on (B, H, W, C) memory, the
+                                                                  layout oneDNN's kernels are fastest in
+    cpu-attention      SDPA of the UNet's self-attentions         the opt-in C++ kernel (``cpu_attention``)
+
+Two guarantees a user can rely on, checked on every call, not once at ``optimize``:
+- **A user's change is never bypassed.** A rewrite that would skip a submodule's own ``forward`` (reading its
+  ``.weight`` instead) runs only while that submodule is of the class we wrote it for and has no hooks, and no
+  global module hooks are registered; a replaced submodule (a LoRA wrapper that keeps ``.weight``, as PEFT's
+  do), a hooked one or a parametrized one makes the rewrite stand aside for that call. Weights are read live
+  at every call, so a changed weight is always seen (the one derived-weight cache, the upsamplers' summed
+  kernels, is keyed on the weight's storage and version counter).
+- **Gradients are never lost.** Rewrites without a backward (oneDNN's fused ops, the C++ kernel, the in-place
+  products) stand aside whenever autograd records.
+
+Which rewrites a model gets is decided per dtype on the running CPU by ``decide``, once per process: a rewrite
+is *supported* when it runs and matches the plain computation on a representative input (a CPU without
+AVX-512 BF16 fails oneDNN's bfloat16 matmul, and keeps the plain op). A rewrite that changes kernels or memory
+layouts *pays* when it is at least 3% faster on that input, timed here (min of interleaved runs); one that only
+removes work (folded-attention, shared-guidance) pays wherever it applies, which its module checks per call
+(the fold only where H L < C + L). ``optimize(model, select="supported")`` skips the timing
+(tests use it to exercise every rewrite); ``select={"onednn-linear", ...}`` applies exactly those that are
+supported. Measurements per CPU: ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules import module as _module
+
+from . import cpu_attention, gpt2, unet, vae
+
+__all__ = ["REWRITES", "decide", "optimize", "restore"]
+
+
+# ------------------------------------------------------------------------------------------ guards
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    return bool(
+        _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+        or _module._global_backward_hooks
+        or _module._global_backward_pre_hooks
+    )
+
+
+def _untouched(*modules: nn.Module) -> bool:
+    """Whether a rewrite may read these submodules' weights instead of calling them: each is still of the
+    class it was built as (plain or its fast twin), with no hooks of its own and no global ones."""
+    return not _global_hooks() and all(type(m) in _KNOWN and not _hooked(m) for m in modules)
+
+
+def _no_grad(*tensors: Tensor | None) -> bool:
+    """Whether no autograd graph would be recorded through these tensors."""
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+
+
+# ---------------------------------------------------------------------------------- exact operations
+
+
+def _onednn(x: Tensor, weight: Tensor) -> bool:
+    """Whether oneDNN's matmul is used for this linear: decided for the dtype, off under autograd and
+    torch.compile (no backward; the compiler picks its own GEMMs)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype
+        and _enabled("onednn-linear", x.dtype)
+        and torch.backends.mkldnn.enabled
+        and not torch.compiler.is_compiling()
+        and _no_grad(x, weight)
+    )
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, gelu: bool = False) -> Tensor:
+    """``F.linear``, then the exact (erf) GELU if ``gelu``: by oneDNN's matmul with the GELU in the same pass
+    where that is on, else ``F.linear`` (GELU in place when no gradient needs the input)."""
+    if _onednn(x, weight) and (bias is None or _no_grad(bias)):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none")
+    y = F.linear(x, weight, bias)
+    if not gelu:
+        return y
+    return F.gelu(y) if y.requires_grad else torch.ops.aten.gelu_(y)
+
+
+def phase_weights(weight: Tensor) -> Tensor:
+    """(O, I, 3, 3) -> (2, 2, O, I, 2, 2): the 2x2 kernel of output phase (row a, column b).
+
+    Nearest 2x repeats each pixel 2x2, so each output phase of the 3x3 conv sees a 2x2 neighbourhood of the
+    original pixels, some taps landing on the same pixel: even rows take original rows (i-1, i) with
+    weights (w0, w1 + w2), odd rows (i, i+1) with (w0 + w1, w2); the same for columns. Summed in float32
+    (float64 for float64 weights) and rounded once to the weight's dtype.
+    """
+    w = weight.to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+    rows = torch.stack(
+        [
+            torch.stack([w[..., 0, :], w[..., 1, :] + w[..., 2, :]], -2),  # a = 0: (w0, w1 + w2)
+            torch.stack([w[..., 0, :] + w[..., 1, :], w[..., 2, :]], -2),  # a = 1: (w0 + w1, w2)
+        ]
+    )  # (2a, O, I, 2, 3)
+    both = torch.stack(
+        [
+            torch.stack([rows[..., 0], rows[..., 1] + rows[..., 2]], -1),  # b = 0
+            torch.stack([rows[..., 0] + rows[..., 1], rows[..., 2]], -1),  # b = 1
+        ],
+        1,
+    )  # (2a, 2b, O, I, 2, 2)
+    return both.to(weight.dtype).contiguous()
+
+
+def _cached_phase_weights(conv: nn.Conv2d) -> Tensor:
+    """``phase_weights(conv.weight)``, kept while the weight's storage and version counter stay the same (a
+    ``copy_``, an optimizer step or a new Parameter recompute it). Inference tensors have no version
+    counter: for them it is computed per call."""
+    w = conv.weight
+    if w.is_inference() or torch.compiler.is_compiling():
+        return phase_weights(w)
+    key = (w.data_ptr(), w._version, w.dtype, w.device)
+    cached = conv.__dict__.get("_phase_weights")
+    if cached is None or cached[0] != key:
+        with (
+            torch.inference_mode(False),
+            torch.no_grad(),
+        ):  # a normal tensor, usable in and out of inference mode
+            cached = (key, phase_weights(w))
+        conv.__dict__["_phase_weights"] = cached
+    return cached[1]
+
+
+def nearest2x_conv3x3(x: Tensor, conv: nn.Conv2d, cache: bool = True) -> Tensor:
+    """``conv(F.interpolate(x, scale_factor=2, mode="nearest"))`` for a 3x3, stride-1, padding-1 ``conv`` as four
+    2x2 convolutions of ``x`` (see ``phase_weights``), interleaved: the 4x larger input is never built.
+
+    x (B, C, H, W), NCHW or channels-last -> (B, O, 2H, 2W) in the same memory format. ``cache=False`` sums the
+    phase weights for this call only (a module called once per generation need not keep 16/9 of its weight).
+    """
+    B, _, H, W = x.shape
+    phases = _cached_phase_weights(conv) if cache else phase_weights(conv.weight)
+    O = phases.shape[2]
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    if channels_last:  # physical (B, H, 2, W, 2, O) -> logical (B, O, 2H, 2W), channels-last
+        out = x.new_empty(B, H, 2, W, 2, O)
+        view = out.view(B, 2 * H, 2 * W, O).permute(0, 3, 1, 2)
+    else:  # physical (B, O, H, 2, W, 2)
+        out = x.new_empty(B, O, H, 2, W, 2)
+        view = out.view(B, O, 2 * H, 2 * W)
+    for a in range(2):
+        for b in range(2):
+            # Phase (a, b) reads original rows i-1+a .. i+a and columns j-1+b .. j+b: pad so that a valid 2x2
+            # convolution yields exactly H x W outputs.
+            y = F.conv2d(F.pad(x, (1 - b, b, 1 - a, a)), phases[a, b], conv.bias)  # (B, O, H, W)
+            if channels_last:
+                out[:, :, a, :, b, :] = y.permute(0, 2, 3, 1)
+            else:
+                out[:, :, :, a, :, b] = y
+    return view
+
+
+def _upsample_pays(x: Tensor, conv: nn.Conv2d, size) -> bool:
+    return (
+        (size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]))
+        and _untouched(conv)
+        and _no_grad(x, conv.weight, conv.bias)
+    )
+
+
+# ------------------------------------------------------------------------------------- fast modules
+
+
+class FastLinear(nn.Linear):
+    """``nn.Linear`` by oneDNN's matmul (rewrite ``onednn-linear``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class FastConv1D(gpt2.Conv1D):
+    """GPT-2's ``Conv1D`` (weight stored (in, out)) by oneDNN's matmul (rewrite ``onednn-linear``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _onednn(x, self.weight) and _no_grad(self.bias):
+            return linear(x, self.weight.t(), self.bias)
+        return super().forward(x)
+
+
+class FastGEGLU(unet.GEGLU):
+    """GEGLU as two GEMMs on the weight's row halves (no copy), GELU fused into the gate's GEMM and the product
+    in place: no chunked intermediates, and the next linear reads a contiguous input (rewrite ``fused-geglu``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        proj = self.proj
+        if not (_untouched(proj) and _no_grad(x, proj.weight, proj.bias)):
+            return super().forward(x)
+        n = proj.weight.shape[0] // 2
+        h = linear(x, proj.weight[:n], proj.bias[:n])
+        return h.mul_(linear(x, proj.weight[n:], proj.bias[n:], gelu=True))
+
+
+class FastAttention(unet.Attention):
+    """Folded cross-attention (``folded-attention``) and the C++ self-attention kernel (``cpu-attention``)."""
+
+    def forward(self, x: Tensor, context: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        if context is None and bias is None and cpu_attention.enabled():
+            B, N, _ = x.shape
+            q, k, v = (
+                p(x).view(B, N, self.heads, -1).transpose(1, 2) for p in (self.to_q, self.to_k, self.to_v)
+            )
+            out = cpu_attention.attention(q, k, v)  # (B, N, heads * d), or None where it does not apply
+            if out is None:
+                out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, -1)
+            return self.to_out[0](out)
+        if context is not None and self._fold_pays(x, context):
+            return self._folded(x, context, bias)
+        return super().forward(x, context, bias)
+
+    def _fold_pays(self, x: Tensor, context: Tensor) -> bool:
+        """Fewer multiply-adds (H L < C + L), full precision (in 16-bit formats the folded scores would be
+        rounded before the softmax), to_q and to_out untouched, and no gradient to record."""
+        to_out = self.to_out[0]
+        return (
+            x.dtype in (torch.float32, torch.float64)
+            and _enabled("folded-attention", x.dtype)
+            and self.heads * context.shape[1] < x.shape[-1] + context.shape[1]
+            and _untouched(self.to_q, to_out)
+            and _no_grad(x, context, self.to_q.weight, to_out.weight, to_out.bias)
+        )
+
+    def _folded(self, x: Tensor, context: Tensor, bias: Tensor | None) -> Tensor:
+        """Per head h: scores = (x Wq_h^T)(k_h^T) / sqrt(d) = x (Wq_h^T k_h^T / sqrt(d)), and
+        out = sum_h P_h v_h Wo_h^T + b = [P_1 .. P_H] [v_1 Wo_1^T; ..; v_H Wo_H^T] + b. The context is short
+        (8 GPT-2 states, a dozen T5 tokens), so both products have H L columns / rows instead of the C-wide
+        query and output projections of every one of the N tokens."""
+        B, N, C = x.shape
+        H, L = self.heads, context.shape[1]
+        k = self.to_k(context).view(B, L, H, -1)  # (B, L, H, d)
+        v = self.to_v(context).view(B, L, H, -1)
+        d = k.shape[-1]
+        to_out = self.to_out[0]
+        keys = torch.einsum("hdc,blhd->bchl", self.to_q.weight.view(H, d, C), k) * d**-0.5  # (B, C, H, L)
+        values = torch.einsum("blhd,chd->bhlc", v, to_out.weight.view(-1, H, d))  # (B, H, L, C_out)
+        scores = torch.bmm(x, keys.reshape(B, C, H * L)).view(B, N, H, L)
+        if bias is not None:
+            scores = scores + bias.reshape(bias.shape[0], 1, 1, L)  # (B, 1, 1, L): every query, every head
+        probs = scores.softmax(-1).view(B, N, H * L)
+        return torch.baddbmm(to_out.bias, probs, values.reshape(B, H * L, -1))  # (B, N, C_out)
+
+
+class FastTransformer2D(unet.Transformer2DModel):
+    """The 1x1 ``proj_in`` / ``proj_out`` as linears on the tokens: the same sums in the layout the blocks use,
+    so no NCHW copy sits between them (rewrite ``token-projections``)."""
+
+    def forward(self, x: Tensor, context: Tensor | None, bias: Tensor | None) -> Tensor:
+        if not _untouched(self.proj_in, self.proj_out):
+            return super().forward(x, context, bias)
+        B, C, H, W = x.shape
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, H*W, C)
+        h = linear(h, self.proj_in.weight.flatten(1), self.proj_in.bias)  # (B, H*W, inner)
+        for block in self.transformer_blocks:
+            h = block(h, context, bias)
+        h = linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)  # (B, H*W, C)
+        return torch.add(x, h.view(B, H, W, C).permute(0, 3, 1, 2))  # x first: the result is NCHW like x
+
+
+class FastUNetUpsample(unet.Upsample2D):
+    """Nearest 2x + 3x3 conv as four 2x2 convs (rewrite ``phase-upsampling``); other sizes stay plain."""
+
+    def forward(self, x: Tensor, size: torch.Size | None = None) -> Tensor:
+        if _upsample_pays(x, self.conv, size):
+            return nearest2x_conv3x3(x, self.conv)
+        return super().forward(x, size)
+
+
+class FastVAEUpsample(vae.Upsample2D):
+    """As :class:`FastUNetUpsample`; the summed weights are not kept: the decoder runs once per generation,
+    and they would sit in memory through the vocoder, where the peak is."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _upsample_pays(x, self.conv, None):
+            return nearest2x_conv3x3(x, self.conv, cache=False)
+        return super().forward(x)
+
+
+class FastVAEDecoder(vae.AutoencoderKLDecoder):
+    """Decodes in channels-last memory ((B, H, W, C)), where oneDNN's convolutions and GroupNorm are fastest
+    on the CPU; every layer keeps the layout, the result is returned in the usual one (``channels-last``)."""
+
+    def decode(self, latents: Tensor) -> Tensor:
+        if latents.device.type != "cpu" or not _enabled("vae-channels-last", latents.dtype):
+            return super().decode(latents)
+        return super().decode(latents.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
+def _nlc(x: Tensor) -> bool:
+    """Whether a (B, C, L) tensor is stored as (B, L, C): the vocoder's input is (the transposed mel), and
+    convolutions in that layout keep it, as do the element-wise ops between them."""
+    C = x.shape[1] if x.dim() == 3 else 0
+    return C > 0 and x.device.type == "cpu" and x.stride(2) == C and (x.stride(1) == 1 or C == 1)
+
+
+class FastConv1d(nn.Conv1d):
+    """A 1-D conv on a (B, C, L) input stored as (B, L, C), as a 2-D conv over (B, C, 1, L) channels-last:
+    oneDNN's fast layout for the vocoder's long, narrow signals; the output keeps it (``channels-last``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (_nlc(x) and _enabled("vocoder-channels-last", x.dtype)):
+            return super().forward(x)
+        (s,), (p,), (d,) = self.stride, self.padding, self.dilation
+        y = F.conv2d(x.unsqueeze(2), self.weight.unsqueeze(2), self.bias, (1, s), (0, p), (1, d), self.groups)
+        return y.squeeze(2)
+
+
+class FastConvTranspose1d(nn.ConvTranspose1d):
+    """As :class:`FastConv1d`, for the vocoder's upsamplers."""
+
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if output_size is not None or not (_nlc(x) and _enabled("vocoder-channels-last", x.dtype)):
+            return super().forward(x, output_size)
+        (s,), (p,), (op,), (d,) = self.stride, self.padding, self.output_padding, self.dilation
+        w = self.weight.unsqueeze(2)  # (in, out / groups, 1, k)
+        return F.conv_transpose2d(
+            x.unsqueeze(2), w, self.bias, (1, s), (0, p), (0, op), self.groups, (1, d)
+        ).squeeze(2)
+
+
+class FastUNet(unet.AudioLDM2UNet):
+    """Under classifier-free guidance the two halves of the batch are the same latents (``torch.cat([x] * 2)``)
+    at the same step: the layers before the first transformer that reads a condition (``conv_in``, the first
+    down block, the next block's first resnet and its self-attention-only transformer: ~6% of a call) give
+    the same rows for both halves, so they run once on the first half and their outputs are repeated
+    (rewrite ``shared-guidance``). Checked per call: the halves equal, no hooks in those layers (which
+    would see half the batch), and no gradient recorded."""
+
+    def forward(
+        self,
+        sample: Tensor,
+        timestep: Tensor | float | int,
+        encoder_hidden_states: Tensor,
+        encoder_hidden_states_1: Tensor | None = None,
+        encoder_attention_mask_1: Tensor | None = None,
+    ) -> Tensor:
+        args = (sample, timestep, encoder_hidden_states, encoder_hidden_states_1, encoder_attention_mask_1)
+        B = sample.shape[0]
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1)
+        if not (
+            B % 2 == 0
+            and encoder_hidden_states.shape[0] == B
+            and t.numel() in (1, B)
+            and _no_grad(sample)
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and not _global_hooks()
+            and not any(_hooked(m) for m in self._prefix_modules())
+            and (t.numel() == 1 or t[: B // 2].equal(t[B // 2 :]))
+            and sample[: B // 2].equal(sample[B // 2 :])
+        ):
+            return super().forward(*args)
+        return self._shared_forward(sample[: B // 2], t.expand(B), *args[2:])
+
+    def _prefix_modules(self) -> Iterable[nn.Module]:
+        yield self
+        yield from self.conv_in.modules()
+        yield from self.time_embedding.modules()
+        yield from self.down_blocks[0].modules()
+        yield from self.down_blocks[1].modules()
+
+    def _shared_forward(self, x, t, ehs, ehs_1, mask_1) -> Tensor:
+        """The plain forward with ``x`` holding half the batch until a layer reads a condition."""
+        cfg, B = self.cfg, ehs.shape[0]
+        t_emb = unet.timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        temb = self.time_embedding(t_emb.to(x.dtype))  # (B, temb_dim): rows equal across the halves
+        contexts = self.contexts(ehs, ehs_1, mask_1, x.dtype)
+
+        def widen(h: Tensor) -> Tensor:
+            return h if h.shape[0] == B else torch.cat([h, h])
+
+        x = self.conv_in(x)
+        skips = [x]
+        for block in self.down_blocks:  # DownBlock.forward, widening before the first conditioned transformer
+            if x.shape[0] == B:
+                x, block_skips = block(x, temb, contexts)
+                skips += block_skips
+                continue
+            for i, resnet in enumerate(block.resnets):
+                x = resnet(x, temb[: x.shape[0]])
+                for j, (context, bias) in enumerate(contexts[: block.per_resnet]):
+                    x = block.attentions[i * block.per_resnet + j](
+                        x if context is None else widen(x), context, bias
+                    )
+                skips.append(x)
+            if block.downsamplers is not None:
+                x = block.downsamplers[0](x)
+                skips.append(x)
+        x = self.mid_block(widen(x), temb, contexts)
+        skips = [widen(s) for s in skips]
+        for block in self.up_blocks:
+            k = len(block.resnets)
+            block_skips, skips = skips[-k:], skips[:-k]
+            x = block(x, block_skips, temb, contexts, skips[-1].shape[-2:] if skips else None)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+# --------------------------------------------------------------------------------------- the registry
+
+Probe = Callable[[torch.dtype], tuple[Callable[[], Tensor], Callable[[], Tensor]]]
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    name: str
+    swaps: dict[type, type]  # plain class -> fast subclass
+    probe: Probe | None  # dtype -> (plain call, fast call) on a representative input; None: capability only
+    # Timed on this CPU, or not: a rewrite that only removes work (fewer multiply-adds, the same kernels) pays
+    # wherever it applies, which its module checks per call; one that changes kernels or memory layouts is timed.
+    timed: bool = True
+
+
+def _seeded(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+    return module.to(dtype).eval()
+
+
+def _randn(dtype: torch.dtype, *shape: int) -> Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+
+def _twin_calls(plain: nn.Module, swaps: dict[type, type], *inputs) -> tuple[Callable, Callable]:
+    """(plain call, call of a copy of ``plain`` with its modules switched to their fast classes)."""
+    fast = copy.deepcopy(plain)
+    for m in fast.modules():
+        if type(m) in swaps:
+            m.__class__ = swaps[type(m)]
+    return (lambda: plain(*inputs)), (lambda: fast(*inputs))
+
+
+# Representative inputs: the full-size UNet's first attention level (1024 tokens of 256 channels for
+# 10.24 s, batch 2 under guidance), the VAE decoder's and the vocoder's last, widest-in-time stages.
+
+
+def _probe_linear(dtype):
+    return _twin_calls(
+        _seeded(nn.Linear(256, 256), dtype), REWRITES["onednn-linear"].swaps, _randn(dtype, 2, 1024, 256)
+    )
+
+
+def _probe_geglu(dtype):
+    return _twin_calls(
+        _seeded(unet.GEGLU(256, 1024), dtype), {unet.GEGLU: FastGEGLU}, _randn(dtype, 2, 1024, 256)
+    )
+
+
+def _probe_folded(dtype):  # cross-attention to 8 GPT-2 states
+    m = _seeded(unet.Attention(256, 768, 8, 32), dtype)
+    return _twin_calls(
+        m, {unet.Attention: FastAttention}, _randn(dtype, 2, 1024, 256), _randn(dtype, 2, 8, 768)
+    )
+
+
+def _probe_tokens(dtype):  # the two projections around the blocks (none here)
+    m = _seeded(unet.Transformer2DModel(256, 8, None, 0, 32), dtype)
+    return _twin_calls(
+        m, {unet.Transformer2DModel: FastTransformer2D}, _randn(dtype, 2, 256, 32, 32), None, None
+    )
+
+
+def _probe_upsample(dtype):
+    m = _seeded(unet.Upsample2D(256), dtype)
+    return _twin_calls(m, {unet.Upsample2D: FastUNetUpsample}, _randn(dtype, 2, 256, 32, 4))
+
+
+def _probe_vae(dtype):  # a resnet of the decoder's last level, in each layout
+    block, x = _seeded(vae.ResnetBlock2D(128, 128, 32), dtype), _randn(dtype, 1, 128, 128, 32)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    return (lambda: block(x)), (lambda: block(x_cl).contiguous())
+
+
+def _probe_vocoder(dtype):  # a narrow conv over a long signal stored (B, L, C), as the vocoder's input is
+    m = nn.Sequential(nn.Conv1d(64, 32, 7, padding=3), nn.LeakyReLU(0.1), nn.Conv1d(32, 32, 11, padding=5))
+    x = _randn(dtype, 1, 20000, 64).transpose(1, 2)
+    return _twin_calls(_seeded(m, dtype), {nn.Conv1d: FastConv1d}, x)
+
+
+def _probe_shared(dtype):  # a small two-level UNet: checked for exactness only (not timed)
+    from .config import UNetConfig
+
+    cfg = UNetConfig(
+        sample_size=16, in_channels=8, out_channels=8, block_out_channels=(32, 32), layers_per_block=2,
+        down_attn=(False, True), up_attn=(True, False), cross_attention_dims=((None, 16),) * 2,
+        transformer_layers=(1, 1), num_heads=(2, 2), norm_num_groups=8, norm_eps=1e-5, flip_sin_to_cos=True,
+        freq_shift=0, downsample_padding=1, mid_block_scale_factor=1.0,
+    )  # fmt: skip
+    x = _randn(dtype, 1, 8, 16, 16)
+    inputs = torch.cat([x, x]), torch.tensor(500), _randn(dtype, 2, 8, 16)
+    return _twin_calls(_seeded(unet.AudioLDM2UNet(cfg), dtype), {unet.AudioLDM2UNet: FastUNet}, *inputs)
+
+
+REWRITES: dict[str, Rewrite] = {
+    r.name: r
+    for r in [
+        Rewrite("onednn-linear", {nn.Linear: FastLinear, gpt2.Conv1D: FastConv1D}, _probe_linear),
+        Rewrite("fused-geglu", {unet.GEGLU: FastGEGLU}, _probe_geglu),
+        Rewrite("folded-attention", {unet.Attention: FastAttention}, _probe_folded, timed=False),
+        Rewrite("token-projections", {unet.Transformer2DModel: FastTransformer2D}, _probe_tokens),
+        Rewrite(
+            "phase-upsampling",
+            {unet.Upsample2D: FastUNetUpsample, vae.Upsample2D: FastVAEUpsample},
+            _probe_upsample,
+        ),
+        Rewrite("shared-guidance", {unet.AudioLDM2UNet: FastUNet}, _probe_shared, timed=False),
+        Rewrite("vae-channels-last", {vae.AutoencoderKLDecoder: FastVAEDecoder}, _probe_vae),
+        Rewrite(
+            "vocoder-channels-last",
+            {nn.Conv1d: FastConv1d, nn.ConvTranspose1d: FastConvTranspose1d},
+            _probe_vocoder,
+        ),
+        Rewrite("cpu-attention", {unet.Attention: FastAttention}, None),  # opt-in; timed in RESULTS.md
+    ]
+}
+_KNOWN = {cls for r in REWRITES.values() for pair in r.swaps.items() for cls in pair} | {nn.Conv2d}
+_FAST_TO_PLAIN = {fast: plain for r in REWRITES.values() for plain, fast in r.swaps.items()}
+
+# (rewrite, dtype) pairs that ``optimize`` turned on in this process; the fast modules read it on every call
+# (one class may serve two rewrites: FastAttention folds only where folded-attention is on).
+_ON: set[tuple[str, torch.dtype]] = set()
+
+
+def _enabled(name: str, dtype: torch.dtype) -> bool:
+    return (name, dtype) in _ON
+
+
+# ------------------------------------------------------------------------------------------ deciding
+
+
+@dataclass(frozen=True)
+class Decision:
+    supported: bool
+    pays: bool | None  # None: not timed
+    reason: str
+
+
+def _time(fn: Callable[[], object], plain: Callable[[], object], rounds: int = 5) -> tuple[float, float]:
+    """Min over interleaved rounds of each call's time (s): (fast, plain)."""
+    best = [float("inf"), float("inf")]
+    for _ in range(rounds):
+        for i, f in enumerate((fn, plain)):
+            start = time.perf_counter()
+            f()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best[0], best[1]
+
+
+@functools.cache
+def decide(name: str, dtype: torch.dtype, timed: bool = True) -> Decision:
+    """Whether rewrite ``name`` is supported on this CPU in ``dtype`` (it runs, and matches the plain
+    computation on a representative input) and, when ``timed``, whether it pays there (>= 3% faster, min of
+    interleaved runs). Probed once per process (~0.1-0.5 s a rewrite)."""
+    rewrite = REWRITES[name]
+    if name == "cpu-attention":  # a capability; built and used only when opted in (see cpu_attention)
+        if cpu_attention.supported():
+            return Decision(True, None, "AVX-512 CPU: used where cpu_attention is enabled")
+        return Decision(False, None, f"needs AVX-512 (this CPU: {torch.backends.cpu.get_cpu_capability()})")
+    if name == "folded-attention" and dtype not in (torch.float32, torch.float64):
+        return Decision(
+            False, None, "full precision only (16-bit scores would be rounded before the softmax)"
+        )
+    on = (name, dtype) in _ON
+    _ON.add((name, dtype))  # for the probe's fast twin
+    try:
+        with torch.inference_mode():
+            plain, fast = rewrite.probe(dtype)
+            try:
+                expected, got = plain(), fast()
+            except RuntimeError as e:  # e.g. oneDNN's bfloat16 matmul on a CPU without AVX-512 BF16
+                return Decision(False, None, f"unsupported here: {str(e).splitlines()[0][:100]}")
+            err = ((got.double() - expected.double()).norm() / expected.double().norm()).item()
+            if not err <= (1e-5 if dtype in (torch.float32, torch.float64) else 1e-2):
+                return Decision(False, None, f"differs from the plain computation by {err:.1e} here")
+            if not (timed and rewrite.timed):
+                why = "fewer multiply-adds where it applies" if timed else "not timed"
+                return Decision(True, None, f"supported (error {err:.1e}); {why}")
+            t_fast, t_plain = _time(fast, plain)
+    finally:
+        if not on:
+            _ON.discard((name, dtype))
+    pays = t_fast <= 0.97 * t_plain
+    return Decision(
+        True, pays, f"{t_plain * 1e3:.2f} -> {t_fast * 1e3:.2f} ms on its probe ({t_plain / t_fast:.2f}x)"
+    )
+
+
+def optimize(model: nn.Module, select: str | Iterable[str] = "auto") -> dict[str, Decision]:
+    """Switch ``model``'s modules to their fast twins where the rewrite is on; returns the decisions taken.
+
+    ``select``: "auto" (supported and pays on this CPU in the model's dtype), "supported" (every supported
+    rewrite, untimed) or a collection of rewrite names (those of them that are supported, untimed). CPU models
+    only: on other devices nothing is switched.
+    """
+    if isinstance(select, str):
+        if select not in ("auto", "supported"):
+            raise ValueError(f"select must be 'auto', 'supported' or rewrite names, not {select!r}")
+        names = list(REWRITES)
+    else:
+        names = list(select)
+        unknown = set(names) - set(REWRITES)
+        if unknown:
+            raise ValueError(f"unknown rewrites {sorted(unknown)}; known: {', '.join(REWRITES)}")
+    p = next(model.parameters(), None)
+    if p is None or p.device.type != "cpu":
+        return {}
+    decisions: dict[str, Decision] = {}
+    swaps: dict[type, type] = {}
+    for name in names:
+        rewrite = REWRITES[name]
+        if not any(type(m) in rewrite.swaps for m in model.modules()):
+            continue  # nothing of this model it applies to
+        decision = decisions[name] = decide(name, p.dtype, timed=select == "auto")
+        if decision.supported and decision.pays is not False:
+            _ON.add((name, p.dtype))
+            swaps |= rewrite.swaps
+    for m in model.modules():
+        if type(m) in swaps:
+            m.__class__ = swaps[type(m)]
+    return decisions
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Switch every fast module of ``model`` back to its plain class."""
+    for m in model.modules():
+        if type(m) in _FAST_TO_PLAIN:
+            m.__class__ = _FAST_TO_PLAIN[type(m)]
+    return model

@@ -1,0 +1,572 @@
+"""The speed layer (``audioldm2_core.fast``) against the plain model: each exact operation, each fast module,
+whole models with every rewrite on, and the guarantees (hooks, replaced modules, changed weights, gradients,
+CPUs without an instruction set)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from audioldm2_core import fast
+from audioldm2_core.fast import FastLinear, linear, nearest2x_conv3x3, phase_weights
+from tests.helpers import rel_err
+
+
+def _conv(cin: int, cout: int, dtype=torch.float32, bias: bool = True) -> nn.Conv2d:
+    torch.manual_seed(0)
+    return nn.Conv2d(cin, cout, 3, padding=1, bias=bias).to(dtype)
+
+
+def _plain(x, conv):
+    return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 6, 5, 3), (1, 4, 1, 7), (1, 3, 8, 1)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_plain(layout, shape, bias):
+    conv = _conv(shape[1], 5, bias=bias)
+    x = torch.randn(*shape)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got, expected = nearest2x_conv3x3(x, conv), _plain(x, conv)
+    assert got.shape == expected.shape
+    assert rel_err(got, expected) < 1e-6
+    if layout == "channels_last" and shape[2] > 1 and shape[3] > 1:
+        assert got.is_contiguous(memory_format=torch.channels_last)  # the next conv keeps its layout
+
+
+def test_exact_in_float64():
+    """The decomposition itself is exact: only the rounding of the summed weights differs."""
+    conv = _conv(4, 3, torch.float64)
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(nearest2x_conv3x3(x, conv), _plain(x, conv)) < 1e-14
+
+
+def test_phase_weights_sum_to_kernel():
+    w = torch.randn(3, 2, 3, 3)
+    p = phase_weights(w)
+    assert p.shape == (2, 2, 3, 2, 2, 2)
+    for a in range(2):
+        for b in range(2):  # every phase uses all nine taps exactly once
+            torch.testing.assert_close(p[a, b].sum((-1, -2)), w.sum((-1, -2)))
+
+
+def test_bfloat16_rounds_the_sums_once():
+    conv = _conv(8, 8, torch.bfloat16)
+    x = torch.randn(1, 8, 6, 6).to(torch.bfloat16)
+    conv64 = _conv(8, 8, torch.bfloat16).double()  # the same bf16 weights, computed exactly
+    with torch.no_grad():
+        exact = _plain(x.double(), conv64)
+        got = nearest2x_conv3x3(x, conv)
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got.double(), exact) < 1e-2
+
+
+def test_cache_follows_weight_changes():
+    conv = _conv(3, 3)
+    x = torch.randn(1, 3, 4, 4)
+    with torch.no_grad():
+        first = nearest2x_conv3x3(x, conv)
+        conv.weight.mul_(2)  # in place: the version changes
+        assert rel_err(nearest2x_conv3x3(x, conv), _plain(x, conv)) < 1e-6
+        conv.weight = nn.Parameter(torch.randn_like(conv.weight))  # replaced: the storage changes
+        assert rel_err(nearest2x_conv3x3(x, conv), _plain(x, conv)) < 1e-6
+    assert not torch.equal(first, nearest2x_conv3x3(x, conv).detach())
+
+
+def test_inference_mode_cache_is_usable_outside():
+    conv = _conv(3, 3)
+    x = torch.randn(1, 3, 4, 4)
+    with torch.inference_mode():
+        nearest2x_conv3x3(x, conv)  # fills the cache inside inference mode
+    with torch.no_grad():
+        assert rel_err(nearest2x_conv3x3(x, conv), _plain(x, conv)) < 1e-6
+
+
+def test_gradients_take_the_plain_path():
+    """The fast upsampler under autograd: the plain interpolate + conv runs, gradients reach the conv."""
+    from audioldm2_core.unet import Upsample2D
+
+    torch.manual_seed(0)
+    up = Upsample2D(3)
+    quick = _fast_copy(up, select={"phase-upsampling"})
+    assert type(quick) is fast.FastUNetUpsample
+    x = torch.randn(1, 3, 4, 4, requires_grad=True)
+    quick(x).square().sum().backward()
+    g_w, g_x = quick.conv.weight.grad.clone(), x.grad.clone()
+    x.grad = None
+    up(x).square().sum().backward()
+    torch.testing.assert_close(up.conv.weight.grad, g_w)
+    torch.testing.assert_close(x.grad, g_x)
+
+
+def test_weights_made_in_inference_mode():
+    """Weights made in inference mode have no version counter: the sums are then made per call."""
+    with torch.inference_mode():
+        conv = _conv(3, 3)
+        x = torch.randn(1, 3, 4, 4)
+        got = nearest2x_conv3x3(x, conv)
+        assert rel_err(got, _plain(x, conv)) < 1e-6
+
+
+# ---- linear -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def onednn_on(request):
+    """oneDNN's linear turned on for float32 and bfloat16 where this CPU supports it (the decision ``optimize``
+    takes), off again after the test."""
+    before = set(fast._ON)
+    for dtype in (torch.float32, torch.bfloat16):
+        if fast.decide("onednn-linear", dtype, timed=False).supported:
+            fast._ON.add(("onednn-linear", dtype))
+    yield
+    fast._ON.clear()
+    fast._ON.update(before)
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(2, 37, 24), (5, 24), (1, 1, 24), (0, 24), (24,), (2, 3, 4, 24)])
+def test_linear_matches_f_linear(shape, bias, gelu):
+    torch.manual_seed(0)
+    x, w = torch.randn(*shape), torch.randn(40, 24)
+    b = torch.randn(40) if bias else None
+    expected = F.linear(x, w, b)
+    expected = F.gelu(expected) if gelu else expected  # exact (erf) GELU
+    with torch.no_grad():
+        got = linear(x, w, b, gelu=gelu)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    if expected.numel():
+        assert rel_err(got, expected) < 1e-6
+
+
+def test_linear_reads_strided_inputs():
+    """Transposed activations and a row slice of a weight (as GEGLU passes) give the same sums."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 24, 37).transpose(1, 2), torch.randn(80, 24), torch.randn(80)
+    with torch.inference_mode():
+        got = linear(x, w[40:], b[40:])
+    assert rel_err(got, F.linear(x, w[40:], b[40:])) < 1e-6
+
+
+def test_linear_float64_is_f_linear_and_bfloat16_rounds_once():
+    if not fast.decide("onednn-linear", torch.bfloat16, timed=False).supported:
+        pytest.skip(
+            "oneDNN has no bfloat16 matmul on this CPU (the fallback: test_bfloat16_without_cpu_support)"
+        )
+    """float64 runs ``F.linear`` (oneDNN has no float64 matmul): bit for bit. In bfloat16 the matmul is the one
+    ``F.linear`` runs (bit for bit); the fused GELU acts before the rounding to bfloat16, so it is at least as
+    close to the float64 value as the reference's GELU of the rounded product."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 7, 24), torch.randn(40, 24), torch.randn(40)
+    with torch.no_grad():
+        x64, w64, b64 = x.double(), w.double(), b.double()
+        assert torch.equal(linear(x64, w64, b64), F.linear(x64, w64, b64))
+        assert torch.equal(linear(x64, w64, b64, gelu=True), F.gelu(F.linear(x64, w64, b64)))
+        xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
+        assert torch.equal(linear(xb, wb, bb), F.linear(xb, wb, bb))
+        exact = F.gelu(F.linear(xb.double(), wb.double(), bb.double()))
+        got, ref = linear(xb, wb, bb, gelu=True), F.gelu(F.linear(xb, wb, bb))
+        assert got.dtype == torch.bfloat16
+        assert rel_err(got, exact) <= rel_err(ref, exact) * 1.05 + 1e-6
+
+
+def test_linear_under_autograd_is_differentiable():
+    """oneDNN's op has no backward: with a gradient to record, ``F.linear`` runs, and gradients flow."""
+    torch.manual_seed(0)
+    layer = FastLinear(24, 40)
+    x = torch.randn(3, 24, requires_grad=True)
+    y = linear(x, layer.weight, layer.bias, gelu=True)
+    y.sum().backward()
+    ref_x = x.detach().requires_grad_()
+    ref_layer = nn.Linear(24, 40)
+    ref_layer.load_state_dict(layer.state_dict())
+    F.gelu(ref_layer(ref_x)).sum().backward()
+    assert torch.allclose(x.grad, ref_x.grad) and torch.allclose(layer.weight.grad, ref_layer.weight.grad)
+
+
+def test_linear_module_keeps_nn_linear_keys():
+    layer, ref = FastLinear(24, 40, bias=False), nn.Linear(24, 40, bias=False)
+    assert layer.state_dict().keys() == ref.state_dict().keys() == {"weight"}
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 24)
+    with torch.no_grad():
+        assert rel_err(layer(x), ref(x)) < 1e-6
+
+
+def test_linear_respects_mkldnn_switched_off(monkeypatch):
+    """``torch.backends.mkldnn.enabled = False`` (a user's way to rule oneDNN out) gives ``F.linear``."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 7, 24), torch.randn(40, 24), torch.randn(40)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # restored after the test
+    with torch.no_grad():
+        assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+        assert torch.equal(linear(x, w, b, gelu=True), F.gelu(F.linear(x, w, b)))
+
+
+def test_uncached_leaves_nothing_behind():
+    conv = _conv(4, 5)
+    x = torch.randn(1, 4, 3, 5)
+    with torch.no_grad():
+        got = nearest2x_conv3x3(x, conv, cache=False)
+        assert torch.equal(got, nearest2x_conv3x3(x, conv))  # the same sums either way
+    assert "_phase_weights" in conv.__dict__  # the cached call above
+    conv.__dict__.pop("_phase_weights")
+    with torch.no_grad():
+        nearest2x_conv3x3(x, conv, cache=False)
+    assert "_phase_weights" not in conv.__dict__
+
+
+# ---- fast modules against plain ones ------------------------------------------------------------------------
+
+
+def _seeded(module: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+    return module.eval()
+
+
+def _fast_copy(plain: nn.Module, select="supported") -> nn.Module:
+    model = copy.deepcopy(plain)
+    fast.optimize(model, select=select)
+    return model
+
+
+@pytest.mark.parametrize("name", [n for n in fast.REWRITES if n != "cpu-attention"])
+def test_each_rewrite_is_supported_and_exact_on_its_probe(name):
+    """float32: every rewrite runs on this CPU and matches the plain computation (<= 1e-6 relative)."""
+    fast._ON.add((name, torch.float32))
+    try:
+        with torch.inference_mode():
+            plain, quick = fast.REWRITES[name].probe(torch.float32)
+            assert rel_err(quick(), plain()) <= 1e-6
+    finally:
+        fast._ON.discard((name, torch.float32))
+    assert fast.decide(name, torch.float32, timed=False).supported
+
+
+@pytest.fixture(scope="module")
+def unets(tiny_base):
+    """(plain UNet, the same weights with every supported rewrite) from the tiny checkpoint."""
+    from audioldm2_core.loading import open_checkpoint
+    from audioldm2_core.unet import load_unet
+
+    plain = load_unet(open_checkpoint(tiny_base))
+    return plain, _fast_copy(plain)
+
+
+def _unet_inputs(unet, batch=1, frames=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lm, t5 = unet.cfg.cross_attention_dims[0][1:3]
+    x = torch.randn(batch, 8, frames, 16, generator=g)
+    ehs, ehs_1 = torch.randn(2 * batch, 8, lm, generator=g), torch.randn(2 * batch, 7, t5, generator=g)
+    mask = torch.ones(2 * batch, 7, dtype=torch.long)
+    mask[0, 5:] = 0
+    return torch.cat([x, x]), ehs, ehs_1, mask
+
+
+class Spy:
+    """Counts which fast routes ran, by wrapping the fast layer's functions."""
+
+    def __init__(self, monkeypatch):
+        self.routes: list[str] = []
+        spy = self
+
+        def wrap(owner, attr, route, when=lambda *a, **k: True):
+            real = getattr(owner, attr)
+
+            def wrapped(*args, **kwargs):
+                if when(*args, **kwargs):
+                    spy.routes.append(route)
+                return real(*args, **kwargs)
+
+            monkeypatch.setattr(owner, attr, wrapped)
+
+        wrap(fast, "_onednn", "onednn-linear")
+        wrap(fast, "linear", "fused-geglu", lambda *a, gelu=False, **k: gelu)
+        wrap(
+            fast,
+            "linear",
+            "token-projections",
+            lambda x, w, *a, **k: w.shape[0] == w.shape[1] and not isinstance(w, nn.Parameter),
+        )
+        wrap(fast.FastAttention, "_folded", "folded-attention")
+        wrap(fast, "nearest2x_conv3x3", "phase-upsampling")
+        wrap(fast.FastUNet, "_shared_forward", "shared-guidance")
+
+
+def test_fast_unet_equals_plain_with_every_rewrite(unets, monkeypatch):
+    plain, quick = unets
+    spy = Spy(monkeypatch)
+    x, ehs, ehs_1, mask = _unet_inputs(plain)
+    with torch.inference_mode():
+        for t in (981, torch.tensor([500, 500])):
+            assert rel_err(quick(x, t, ehs, ehs_1, mask), plain(x, t, ehs, ehs_1, mask)) <= 1e-6
+        # halves that differ (no guidance) take the plain route of the UNet itself
+        x2 = torch.randn_like(x)
+        assert rel_err(quick(x2, 10, ehs, ehs_1, mask), plain(x2, 10, ehs, ehs_1, mask)) <= 1e-6
+    expected = {
+        "onednn-linear",
+        "fused-geglu",
+        "token-projections",
+        "folded-attention",
+        "phase-upsampling",
+        "shared-guidance",
+    }
+    if not fast.decide("onednn-linear", torch.float32, timed=False).supported:
+        expected.discard("onednn-linear")
+    assert expected <= set(spy.routes)
+    assert spy.routes.count("shared-guidance") == 2
+
+
+def test_restore_gives_the_plain_classes(unets):
+    plain, quick = unets
+    again = fast.restore(copy.deepcopy(quick))
+    assert [type(m) for m in again.modules()] == [type(m) for m in plain.modules()]
+    assert any(type(m).__module__ == "audioldm2_core.fast" for m in quick.modules())
+
+
+def test_state_dict_and_parameters_are_untouched(unets):
+    plain, quick = unets
+    assert quick.state_dict().keys() == plain.state_dict().keys()
+    assert all(isinstance(p, nn.Parameter) for p in quick.parameters())
+
+
+# ---- a user's modifications are never bypassed ---------------------------------------------------------------
+
+
+class LoRA(nn.Module):
+    """A low-rank adapter around a linear that keeps ``.weight`` / ``.bias`` readable, as PEFT's do."""
+
+    def __init__(self, base: nn.Linear, seed: int, rank: int = 2, scale: float = 0.5):
+        super().__init__()
+        self.base, self.scale = base, scale
+        g = torch.Generator().manual_seed(seed)
+        self.down = nn.Parameter(torch.randn(rank, base.in_features, generator=g) * 0.3)
+        self.up = nn.Parameter(torch.randn(base.out_features, rank, generator=g) * 0.3)
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def forward(self, x):
+        return self.base(x) + self.scale * F.linear(F.linear(x, self.down), self.up)
+
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+
+
+def add_lora(model: nn.Module) -> int:
+    """Wrap every attention projection and feed-forward linear of a UNet (ours or diffusers': the same
+    names), the adapter's weights seeded by the module's name so both get the same ones."""
+    import zlib
+
+    targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(LORA_TARGETS)]
+    for name in targets:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        base = owner[int(child)] if child.isdigit() else getattr(owner, child)
+        wrapped = LoRA(base, seed=zlib.crc32(name.encode()))
+        if child.isdigit():
+            owner[int(child)] = wrapped
+        else:
+            setattr(owner, child, wrapped)
+    return len(targets)
+
+
+def test_lora_on_every_projection_equals_diffusers(tiny_base):
+    """The same adapters on our UNet (plain, and fast with every rewrite) and on diffusers': equal audio."""
+    from audioldm2_core import AudioLDM2
+    from weights_tools.reference import reference_pipeline
+
+    ref = reference_pipeline.__wrapped__(str(tiny_base))  # a fresh one: the cached oracle stays clean
+    n = add_lora(ref.unet)
+    kw = dict(num_inference_steps=3, audio_length_in_s=1.0, negative_prompt="noise", output_type="pt")
+    with torch.no_grad():
+        want = ref("a dog barks", generator=torch.Generator().manual_seed(0), **kw).audios
+    for is_fast in (False, True):
+        pipe = AudioLDM2.from_pretrained(tiny_base, fast=is_fast)
+        if is_fast:
+            fast.optimize(pipe.unet, select="supported")
+        assert add_lora(pipe.unet) == n > 0
+        got = pipe("a dog barks", generator=torch.Generator().manual_seed(0), **kw).audios
+        assert rel_err(got, want) <= 1e-4, is_fast
+    plain = AudioLDM2.from_pretrained(tiny_base, fast=False)
+    unchanged = plain("a dog barks", generator=torch.Generator().manual_seed(0), **kw).audios
+    assert rel_err(unchanged, want) > 1e-3  # the adapters do change the audio
+
+
+@pytest.mark.parametrize("select", ["auto", "supported"])
+def test_forward_hooks_on_every_linear_fire(tiny_base, select):
+    from audioldm2_core import AudioLDM2
+
+    pipe = AudioLDM2.from_pretrained(tiny_base)
+    fast.optimize(pipe.unet, select=select)
+    linears = {name: m for name, m in pipe.unet.named_modules() if isinstance(m, nn.Linear)}
+    fired: set[str] = set()
+    for name, m in linears.items():
+        m.register_forward_hook(lambda mod, inp, out, name=name: fired.add(name))
+    pipe("rain", num_inference_steps=2, audio_length_in_s=1.0, generator=torch.Generator().manual_seed(0))
+    assert fired == set(linears)
+
+
+def test_hooked_or_replaced_submodules_make_rewrites_stand_aside(unets):
+    """A hook that changes a projection's output, and a changed weight, are seen by the fast UNet."""
+    plain, quick = unets
+    x, ehs, ehs_1, mask = _unet_inputs(plain)
+    attn = "down_blocks.1.attentions.1.transformer_blocks.0.attn2"  # a folded cross-attention
+    plain_attn, quick_attn = plain.get_submodule(attn), quick.get_submodule(attn)
+    with torch.inference_mode():
+        before = quick(x, 981, ehs, ehs_1, mask)
+        hooks = [m.to_q.register_forward_hook(lambda m, i, o: o * 1.5) for m in (plain_attn, quick_attn)]
+        hooked = quick(x, 981, ehs, ehs_1, mask)
+        assert rel_err(hooked, plain(x, 981, ehs, ehs_1, mask)) <= 1e-6
+        assert rel_err(hooked, before) > 1e-4
+        for h in hooks:
+            h.remove()
+        for m in (plain, quick):  # a changed weight: the GEGLU's and an upsampler's
+            m.get_submodule("up_blocks.1.upsamplers.0.conv").weight.mul_(0.5)
+            m.get_submodule("down_blocks.2.attentions.0.transformer_blocks.0.ff.net.0.proj").weight.add_(0.1)
+        assert rel_err(quick(x, 981, ehs, ehs_1, mask), plain(x, 981, ehs, ehs_1, mask)) <= 1e-6
+
+
+def test_global_hooks_make_every_rewrite_stand_aside(unets):
+    plain, quick = unets
+    x, ehs, ehs_1, mask = _unet_inputs(plain)
+    calls = []
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
+    try:
+        with torch.inference_mode():
+            quick(x, 981, ehs, ehs_1, mask)
+    finally:
+        handle.remove()
+    plain_calls = []
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: plain_calls.append(type(m).__name__)
+    )
+    try:
+        with torch.inference_mode():
+            plain(x, 981, ehs, ehs_1, mask)
+    finally:
+        handle.remove()
+    assert len(calls) == len(plain_calls)
+
+
+def test_gradients_through_the_fast_unet_equal_plain(unets):
+    plain, quick = unets
+    x, ehs, ehs_1, mask = _unet_inputs(plain)
+    grads = []
+    for model in (plain, quick):
+        model.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        model(xi, 500, ehs, ehs_1, mask).square().mean().backward()
+        grads.append((xi.grad, torch.cat([p.grad.flatten() for p in model.parameters()])))
+        model.zero_grad()
+    assert rel_err(grads[1][0], grads[0][0]) <= 1e-5 and rel_err(grads[1][1], grads[0][1]) <= 1e-5
+
+
+# ---- every CPU ------------------------------------------------------------------------------------------------
+
+
+AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def test_bfloat16_without_cpu_support(tiny_base):
+    """On a CPU without AVX-512 (here: oneDNN and ATen held to AVX2, as on an AMD Zen 3), oneDNN's bfloat16 matmul
+    does not exist: the speed layer finds that out by its probe and keeps the plain op, and bfloat16 and float32
+    both generate."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = f"""
+import json, torch
+from audioldm2_core import AudioLDM2, fast
+out = {{"capability": torch.backends.cpu.get_cpu_capability()}}
+for dtype in ("bfloat16", "float32"):
+    pipe = AudioLDM2.from_pretrained({str(tiny_base)!r}, dtype=dtype)
+    audio = pipe("rain", num_inference_steps=2, audio_length_in_s=1.0, generator=torch.Generator().manual_seed(0)).audios
+    out[dtype] = {{"finite": bool(torch.isfinite(torch.as_tensor(audio)).all()),
+                  "onednn": fast.decide("onednn-linear", getattr(torch, dtype)).reason}}
+print(json.dumps(out))
+"""
+    env = {**os.environ, **AVX2_ONLY}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["capability"] == "AVX2"
+    assert out["bfloat16"]["finite"] and out["float32"]["finite"]
+    assert out["bfloat16"]["onednn"].startswith("unsupported here"), out
+
+
+def test_unsupported_rewrite_is_never_applied(monkeypatch):
+    """A probe that raises (as oneDNN does for a dtype the CPU lacks) leaves the plain modules in place."""
+    monkeypatch.setitem(
+        fast.REWRITES,
+        "onednn-linear",
+        fast.Rewrite("onednn-linear", fast.REWRITES["onednn-linear"].swaps, lambda dtype: (_raise, _raise)),
+    )
+    fast.decide.cache_clear()
+    try:
+        model = nn.Sequential(nn.Linear(4, 4)).to(torch.float16)
+        decisions = fast.optimize(model, select={"onednn-linear"})
+        assert not decisions["onednn-linear"].supported and type(model[0]) is nn.Linear
+    finally:
+        fast.decide.cache_clear()
+
+
+def _raise():
+    raise RuntimeError(
+        "could not create a primitive descriptor for the inner product forward propagation primitive"
+    )
+
+
+def test_optimize_errors():
+    with pytest.raises(ValueError, match="unknown rewrites"):
+        fast.optimize(nn.Linear(2, 2), select={"warp-drive"})
+    with pytest.raises(ValueError, match="select must be"):
+        fast.optimize(nn.Linear(2, 2), select="fastest")
+
+
+def test_fast_decoders_equal_plain(tiny_base, monkeypatch):
+    """VAE decoder (channels-last, phase upsampling) and vocoder (channels-last 1-D convs), every rewrite on:
+    within 1e-5 of the plain decoders after ~30 layers, and as close to the float64 computation as they are."""
+    from audioldm2_core import AudioLDM2
+
+    plain = AudioLDM2.from_pretrained(tiny_base, fast=False)
+    quick = AudioLDM2.from_pretrained(tiny_base, fast=False)
+    exact = AudioLDM2.from_pretrained(tiny_base, fast=False)
+    for name in ("vae", "vocoder"):
+        fast.optimize(getattr(quick, name), select="supported")
+        getattr(exact, name).double()
+    layouts = []
+    quick.vocoder.conv_post.register_forward_pre_hook(
+        lambda m, args: layouts.append((type(m), fast._nlc(args[0])))
+    )
+    quick.vae.decoder.conv_in.register_forward_pre_hook(
+        lambda m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    spy = Spy(monkeypatch)
+    latents = torch.randn(2, 8, 25, 16, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        got, want = quick.decode(latents), plain.decode(latents)
+        truth = exact.vocoder(exact.vae.decode(latents.double()).squeeze(1))
+    assert rel_err(got, want) <= 1e-5
+    assert rel_err(got, truth) <= 1.1 * rel_err(want, truth)
+    assert layouts == [True, (fast.FastConv1d, True)]
+    assert "phase-upsampling" in spy.routes
