@@ -3,6 +3,7 @@
     python benchmarks/bench.py                       # the issue's workload: 10.24 s, 20 DPM-Solver++ steps
     python benchmarks/bench.py --dtype bfloat16      # bf16 on both sides; error against our float32 result
     python benchmarks/bench.py --low-memory          # ours loads each component for its stage only
+    python benchmarks/bench.py --plain               # ours without the speed layer (fast=False)
     python benchmarks/bench.py --tiny --steps 1      # a tiny random checkpoint, seconds (as tests/test_bench.py)
     python benchmarks/bench.py --baseline ../old     # ours against another checkout's audioldm2_core
     python benchmarks/bench.py --cpu-attention       # ours with the C++ attention kernel (cpu_attention.py)
@@ -24,6 +25,10 @@ is not modified; a compiled UNet is timed around its call): text encoders = CLAP
 denoising = every UNet forward, VAE = ``decode``, vocoder = ``forward``. "generate" is the whole call;
 "load" is ``from_pretrained`` (imports not included; they are shown on their own row).
 
+Ours runs as ``AudioLDM2.from_pretrained`` loads it: through the speed layer (``audioldm2_core/fast.py``),
+whose rewrites are decided per CPU, so the report names the CPU and lists which rewrites were on;
+``--plain`` benchmarks the plain reference model (``fast=False``) instead.
+
 On a GPU (``--device cuda``): every timer synchronises the device before it reads the clock, "load" includes
 the copy to the device, and the table adds the peak of allocated GPU memory. ``--compile`` compiles the UNet
 on both sides; ``--cuda-graphs`` replays our denoising loop from a CUDA graph (diffusers has no such option;
@@ -36,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -102,10 +108,74 @@ def resolve_checkpoint(args: argparse.Namespace) -> Path:
     return build_checkpoint(checkpoint_dir(args), args.large, args.tiny)
 
 
+def weights_description(args: argparse.Namespace, ckpt: Path) -> str:
+    """What a table's weights are: ``--checkpoint``'s folder, or which random checkpoint (also for
+    ``pipeline_ab.py``)."""
+    if args.checkpoint:
+        return f"checkpoint {ckpt}"
+    return f"{'large' if args.large else 'base'} {'tiny' if args.tiny else 'full-size'} random weights"
+
+
 def check_device_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """``--cuda-graphs`` and float16 run on a CUDA device only (also for ``pipeline_ab.py``)."""
     if (args.cuda_graphs or args.dtype == "float16") and not args.device.startswith("cuda"):
         p.error("--cuda-graphs and float16 need --device cuda")
+
+
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def cpu_description() -> str:
+    """This CPU as a table should name it: model, family and model number, logical CPUs, and which of
+    ``CPU_FLAGS`` (the vector extensions the speed layer's choices and the C++ attention kernel depend on) it
+    has (also for ``unet_ab.py`` and ``pipeline_ab.py``)."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:  # not Linux
+        pass
+    text = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info and "model" in info:
+        text += f" (family {info['cpu family']}, model {info['model']})"
+    text += f", {os.cpu_count()} logical CPUs"
+    flags = set(info.get("flags", "").split())
+    if flags:
+        has = [f for f in CPU_FLAGS if f in flags]
+        lacks = [f for f in CPU_FLAGS if f not in flags]
+        text += f"; with {' '.join(has) or 'none of ' + ' '.join(CPU_FLAGS)}"
+        text += f"; without {' '.join(lacks)}" if has and lacks else ""
+    return text
+
+
+def decision_lines(decisions: dict) -> list[str]:
+    """``fast.optimize``'s decisions, one line per rewrite: on or off, why, and which of the keys it was
+    decided for (keys with different decisions, e.g. timed in two checkouts, get a line each, side by side).
+    ``decisions``: {component or variant: {rewrite: Decision}} (``AudioLDM2.fast_decisions``); only the
+    fields of a Decision are read, so a baseline checkout's decisions are listed alike (also for
+    ``unet_ab.py`` and ``pipeline_ab.py``)."""
+    by_rewrite: dict[str, dict[tuple[str, str], list[str]]] = {}
+    for key, rewrites in decisions.items():
+        for name, d in rewrites.items():
+            by_rewrite.setdefault(name, {}).setdefault(("on" if _on(d) else "off", d.reason), []).append(key)
+    return [
+        f"- {name}: {on} ({reason}): {', '.join(keys)}"
+        for name, outcomes in by_rewrite.items()
+        for (on, reason), keys in outcomes.items()
+    ]
+
+
+def rewrites_on(decisions: dict) -> list[str]:
+    """The rewrites ``fast.optimize`` switched on for any of ``decisions``' keys (as ``decision_lines``)."""
+    return sorted({name for rewrites in decisions.values() for name, d in rewrites.items() if _on(d)})
+
+
+def _on(decision) -> bool:
+    return decision.supported and decision.pays is not False  # as fast.optimize applies it
 
 
 def run_spec(args: argparse.Namespace, ckpt: Path) -> dict:
@@ -203,6 +273,9 @@ def worker(spec: dict) -> dict:
     audio = np.asarray(audio, dtype=np.float32)
     np.save(spec["out"], audio)
     gpu = {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if cuda else {}
+    # after the call: with --low-memory the components load (and are decided) per stage; a --baseline
+    # checkout may predate the speed layer
+    decisions = getattr(pipe, "fast_decisions", {})
     return gpu | {
         "impl": spec["impl"],
         "import_s": import_s,
@@ -212,11 +285,14 @@ def worker(spec: dict) -> dict:
         "rss_loaded_mb": rss_loaded,
         "peak_rss_mb": _peak_rss_mb(),
         "samples": int(audio.shape[-1]),
+        "fast": decision_lines(decisions),
+        "fast_on": rewrites_on(decisions),
     }
 
 
-def _call_kwargs(spec: dict, torch) -> dict:
-    return dict(
+def _call_kwargs(spec: dict, torch, **overrides) -> dict:
+    """The generation's arguments for both pipelines; ``overrides`` replace some (e.g. a warm-up's steps)."""
+    kwargs = dict(
         prompt=PROMPT,
         negative_prompt=NEGATIVE,
         num_inference_steps=spec["steps"],
@@ -225,6 +301,7 @@ def _call_kwargs(spec: dict, torch) -> dict:
         generator=torch.Generator().manual_seed(SEED),
         output_type="np",
     )
+    return kwargs | overrides
 
 
 def _diffusers(spec: dict, dtype, timer: StageTimer):
@@ -268,9 +345,9 @@ def _diffusers(spec: dict, dtype, timer: StageTimer):
     timer.wrap(AutoencoderKL, "decode", "VAE")
     timer.wrap(SpeechT5HifiGan, "forward", "vocoder")
 
-    def call():
+    def call(**overrides):
         with torch.no_grad():
-            return pipe(**_call_kwargs(spec, torch)).audios
+            return pipe(**_call_kwargs(spec, torch, **overrides)).audios
 
     return pipe, call
 
@@ -292,10 +369,12 @@ def _ours(spec: dict, dtype, timer: StageTimer):
         from audioldm2_core import cpu_attention
 
         cpu_attention.enable()
-    # Options only where they are asked for: a --baseline checkout may predate them.
+    # Options only where they differ from the defaults: a --baseline checkout may predate them.
     options = {
         k: spec[k] for k in ("device", "compile", "cuda_graphs") if spec.get(k) not in (None, False, "cpu")
     }
+    if spec.get("fast", True) is False:  # --plain: without the speed layer
+        options["fast"] = False
     pipe = P.AudioLDM2.from_pretrained(spec["ckpt"], dtype=dtype, low_memory=spec["low_memory"], **options)
     if _device(spec).type == "cuda":
         torch.cuda.synchronize()
@@ -313,8 +392,8 @@ def _ours(spec: dict, dtype, timer: StageTimer):
     timer.wrap(AutoencoderKLDecoder, "decode", "VAE")
     timer.wrap(SpeechT5HifiGan, "forward", "vocoder")
 
-    def call():
-        return pipe(**_call_kwargs(spec, torch), sampler=spec["sampler"]).audios
+    def call(**overrides):
+        return pipe(**_call_kwargs(spec, torch, **overrides), sampler=spec["sampler"]).audios
 
     return pipe, call
 
@@ -407,6 +486,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs per implementation, alternating (default 3)")
     p.add_argument("--large", action="store_true", help="the cvssp/audioldm2-large UNet (2 layers per block)")
     p.add_argument("--low-memory", action="store_true", help="ours: load each component for its stage only")
+    p.add_argument("--plain", action="store_true", help="ours: the plain model, without the speed layer")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet on both sides")
     p.add_argument(
         "--cpu-attention",
@@ -425,6 +505,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.compile and args.low_memory:
         p.error("--compile needs the UNet resident: not with --low-memory")
+    if args.plain and args.cpu_attention:
+        p.error("--cpu-attention runs through the speed layer: not with --plain")
     check_device_options(p, args)
 
     if args.worker:
@@ -442,6 +524,7 @@ def main(argv: list[str] | None = None) -> None:
         low_memory=args.low_memory,
         cpu_attention=args.cpu_attention,
         cuda_graphs=args.cuda_graphs,
+        fast=not args.plain,
     )
     if args.cpu_attention:  # built here once (~12 s), so that the runs only load it
         sys.path.insert(0, str(ROOT))
@@ -451,7 +534,12 @@ def main(argv: list[str] | None = None) -> None:
     other = "baseline" if args.baseline else "diffusers"
     specs = {
         other: dict(
-            base, impl="ours", root=str(Path(args.baseline).resolve()), cpu_attention=False, cuda_graphs=False
+            base,
+            impl="ours",
+            root=str(Path(args.baseline).resolve()),
+            cpu_attention=False,
+            cuda_graphs=False,
+            fast=True,  # as it loads by default (a checkout from before the speed layer takes no option)
         )
         if args.baseline
         else dict(base, impl="diffusers", low_memory=False),
@@ -483,17 +571,25 @@ def main(argv: list[str] | None = None) -> None:
         np.sqrt(np.mean(wave.astype(np.float64) ** 2))
     )
     load = os.getloadavg()
-    weights = f"{'large' if args.large else 'base'} {'tiny' if args.tiny else 'full-size'} random weights"
     header = (
-        f"{f'checkpoint {ckpt}' if args.checkpoint else weights}, "
+        f"{weights_description(args, ckpt)}, "
         f"{args.length} s, {args.steps} x {args.sampler}, guidance {args.guidance}, {args.dtype}, "
-        f"{args.threads} threads, {'low-memory (ours), ' if args.low_memory else ''}"
+        f"{args.threads} threads, {'plain model (ours, fast=False), ' if args.plain else ''}"
+        f"{'low-memory (ours), ' if args.low_memory else ''}"
         f"{f'device {args.device}, ' if args.device != 'cpu' else ''}{'CUDA graphs (ours), ' if args.cuda_graphs else ''}"
         f"{'compiled UNet, ' if args.compile else ''}{'C++ CPU attention (ours), ' if args.cpu_attention else ''}"
         f"median of {args.repeats}; "
-        f"load average {load[0]:.2f} / {load[1]:.2f} (1 / 5 min) at the end"
+        f"load average {load[0]:.2f} / {load[1]:.2f} (1 / 5 min) at the end\nCPU: {cpu_description()}"
     )
     print(table(results, errors, header))
+    for label, runs in results.items():
+        if runs[0]["impl"] != "ours":
+            continue  # diffusers
+        print(f"\nSpeed layer of {label} (fast.optimize's decisions in its last run, one line per rewrite):")
+        print("\n".join(runs[-1]["fast"]) or "- none (fast=False, or a checkout without the speed layer)")
+        if len({tuple(r["fast_on"]) for r in runs}) > 1:  # each run times the rewrites in its own process
+            listed = "; ".join(", ".join(r["fast_on"]) or "none" for r in runs)
+            print(f"- the rewrites on differed between its runs: {listed}")
 
 
 def _warm_page_cache(ckpt: Path) -> None:

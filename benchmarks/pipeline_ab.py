@@ -1,5 +1,5 @@
-"""Whole generations in one process: diffusers' pipeline and ours (optionally also with the C++ attention
-kernel) called in rotation on the same weights.
+"""Whole generations in one process: diffusers' pipeline, our plain one and ours with the speed layer
+(optionally also with the C++ attention kernel) called in rotation on the same weights.
 
     python benchmarks/pipeline_ab.py                    # the issue's workload (10.24 s, 20 DPM++ steps), 5 rounds
     python benchmarks/pipeline_ab.py --cpu-attention    # + ours with audioldm2_core.cpu_attention
@@ -12,7 +12,12 @@ so drift hits all alike, and the per-round ratios show how steady the result is.
 time, peak memory, and a fresh process's one-off costs (each implementation makes a 1-step generation before
 the timed rounds). On a GPU, ``--cuda-graphs`` adds ours with the denoising loop replayed from a CUDA graph
 and ``--compile`` ours with the UNet under ``torch.compile`` (compiled in the warm-up); both together, also
-ours with both. The same loaded weights serve every variant of ours.
+ours with both.
+
+"ours" is ``AudioLDM2.from_pretrained`` as it loads by default, through the speed layer (``fast.optimize``
+on every component; the output lists its decisions), and every other variant but "ours, plain" is that same
+loaded pipeline with one option changed. "ours, plain" is a second pipeline loaded with ``fast=False``: the
+plain reference model (in float32 it maps the same weight files, so it costs little memory).
 """
 
 from __future__ import annotations
@@ -71,40 +76,43 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, args.dtype)
     ckpt = bench.resolve_checkpoint(args)
     spec = bench.run_spec(args, ckpt) | dict(compile=False, low_memory=False)
-    calls = {"diffusers": bench._diffusers(spec, dtype, _NoStageTimes())[1]}
-    pipe, calls["ours"] = bench._ours(spec, dtype, _NoStageTimes())
-    # Each variant of ours: (kernel on, CUDA graphs on, UNet module) set before each of its generations.
+    _, diffusers = bench._diffusers(spec, dtype, _NoStageTimes())
+    plain, plain_call = bench._ours(spec | dict(fast=False), dtype, _NoStageTimes())
+    pipe, call = bench._ours(spec, dtype, _NoStageTimes())
+    # Each variant of ours: (its pipeline's call, the pipeline, kernel on, CUDA graphs on, UNet module), the
+    # last three set before each of its generations.
     unet = pipe._get("unet")
-    variants = {"ours": (False, False, unet)}
+    variants = {
+        "ours, plain": (plain_call, plain, False, False, plain._get("unet")),
+        "ours": (call, pipe, False, False, unet),
+    }
     if args.cpu_attention:
         cpu_attention.enable()  # built here if it is not yet, before anything is timed
-        variants["ours, cpu_attention"] = (True, False, unet)
+        variants["ours, cpu_attention"] = (call, pipe, True, False, unet)
     if args.cuda_graphs:
-        variants["ours, CUDA graphs"] = (False, True, unet)
+        variants["ours, CUDA graphs"] = (call, pipe, False, True, unet)
     if args.compile:  # as compile=True does it; with the kernel when --cpu-attention is given
         compiled = P._compiled(unet, {}, torch.device(args.device))
-        variants["ours, compiled"] = (args.cpu_attention, False, compiled)
+        variants["ours, compiled"] = (call, pipe, args.cpu_attention, False, compiled)
         if args.cuda_graphs:
-            variants["ours, compiled + CUDA graphs"] = (False, True, compiled)
-    for name in variants:
-        calls[name] = calls["ours"]
+            variants["ours, compiled + CUDA graphs"] = (call, pipe, False, True, compiled)
     cpu_attention.enable(False)
+    names = ["diffusers", *variants]
 
-    def generate(name: str):
-        if name in variants:
-            kernel, pipe.cuda_graphs, pipe._modules["unet"] = variants[name]
-            cpu_attention.enable(kernel)
-        return np.asarray(calls[name](), dtype=np.float64)
+    def generate(name: str, **overrides):
+        if name == "diffusers":
+            return np.asarray(diffusers(**overrides), dtype=np.float64)
+        variant_call, ours, kernel, cuda_graphs, unet_module = variants[name]
+        ours.cuda_graphs, ours._modules["unet"] = cuda_graphs, unet_module
+        cpu_attention.enable(kernel)
+        return np.asarray(variant_call(**overrides), dtype=np.float64)
 
-    steps = spec["steps"]
-    spec["steps"] = 1  # warm-up: first-touch memory, kernel set-up, compilation, outside the timed rounds
-    for name in calls:
-        generate(name)
-    spec["steps"] = steps
-    times: dict[str, list[float]] = {name: [] for name in calls}
+    for name in names:  # warm-up: first-touch memory, kernel set-up, compilation, outside the timed rounds
+        generate(name, num_inference_steps=1)
+    times: dict[str, list[float]] = {name: [] for name in names}
     waves = {}
     for r in range(args.rounds):
-        for name in list(calls) if r % 2 == 0 else list(calls)[::-1]:  # alternate who goes first
+        for name in names if r % 2 == 0 else names[::-1]:  # alternate who goes first
             start = time.perf_counter()
             waves[name] = generate(name)
             times[name].append(time.perf_counter() - start)
@@ -112,11 +120,15 @@ def main(argv: list[str] | None = None) -> None:
 
     ref = waves["diffusers"]
     print(
-        f"{'large' if args.large else 'base'} {'tiny' if args.tiny else 'full-size'} random weights, "
+        f"{bench.weights_description(args, ckpt)}, "
         f"{args.length} s, {args.steps} x {args.sampler}, guidance {args.guidance}, {args.dtype}, "
         f"{args.threads} threads, {f'device {args.device}, ' if args.device != 'cpu' else ''}"
         f"one process, {args.rounds} rounds"
     )
+    print(f"CPU: {bench.cpu_description()}")
+    print()
+    print('"ours": fast.optimize(component), one line per rewrite: on or off (why): the components')
+    print("\n".join(bench.decision_lines(pipe.fast_decisions)) or "- none (not on the CPU)")
     print()
     print(
         "| implementation | median | min | diffusers / it (median of rounds) | per round | rel. error vs diffusers |"

@@ -1,20 +1,26 @@
-"""The UNet alone, in one process: diffusers' and ours (and optionally another checkout's) called in rotation.
+"""The UNet alone, in one process: diffusers', our plain and our fast one (and optionally more) in rotation.
 
-    python benchmarks/unet_ab.py                               # diffusers vs ours, float32, 7 rounds
+    python benchmarks/unet_ab.py                               # diffusers, plain, fast; float32, 7 rounds
     python benchmarks/unet_ab.py --dtype bfloat16 --rounds 9
     python benchmarks/unet_ab.py --baseline ../old-checkout    # + another checkout's audioldm2_core
-    python benchmarks/unet_ab.py --cpu-attention               # + ours with the C++ attention kernel
-    python benchmarks/unet_ab.py --compile                     # + ours under torch.compile (minutes to build)
+    python benchmarks/unet_ab.py --cpu-attention               # + fast with the C++ attention kernel
+    python benchmarks/unet_ab.py --compile                     # + fast under torch.compile (minutes to build)
+
+Variants: "plain" is our UNet as ``audioldm2_core.unet.load_unet`` builds it (the reference computation),
+"fast" a second load of the same weights through ``fast.optimize`` (``select="auto"``: the rewrites this CPU
+supports and that pay here; the output lists each decision), "fast, cpu_attention" the fast UNet with the
+kernel enabled around its calls, "fast, compiled" the fast UNet under ``torch.compile`` (as ``compile=True``;
+with the kernel when ``--cpu-attention`` is given). A ``--baseline`` checkout's UNet goes through that
+checkout's own ``fast.optimize`` where it has one (as its pipeline loads it), inside ``reuse_context()``
+where it has that (older checkouts, whose pipeline loop entered it).
 
 Why next to ``bench.py``: this machine's speed drifts by ~10% over minutes, more than most single changes
 are worth, and ``bench.py``'s fresh processes run minutes apart. Here every round calls each implementation
 once on the same inputs, so drift hits all alike, and the per-round ratios show how steady the result is.
-An implementation with ``reuse_context()`` (ours) is called inside it, as the pipeline's denoising loop does.
 
 Inputs are the pipeline's under guidance: the conditions for [negative, positive] (8 GPT-2 states, ``--t5``
-T5 states with the negative prompt's padded), the latent of ``--length`` seconds. diffusers gets the latent
-repeated for both halves, as its pipeline builds it; ours gets it once (the UNet's shared-sample form). A
-``--baseline`` checkout gets it repeated unless ``--baseline-shared`` says that it takes the shared form.
+T5 states with the negative prompt's padded) and the latent of ``--length`` seconds repeated for both
+halves (``torch.cat([latent] * 2)``), as both pipelines build it; every variant gets the same batch.
 Weights: the random checkpoint ``bench.py`` builds (same options), or ``--checkpoint``.
 """
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import math
 import statistics
 import sys
@@ -32,14 +39,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _load_baseline(root: Path, ckpt: Path, dtype):
-    """The UNet of the ``audioldm2_core`` in ``root``; its modules are then forgotten, so that the next
-    ``import audioldm2_core`` is this checkout's again."""
+    """The UNet of the ``audioldm2_core`` in ``root``, through that checkout's ``fast.optimize`` where it has
+    one, and its decisions ({} where it has none); its modules are then forgotten, so that the next
+    ``import audioldm2_core`` is this checkout's again (the loaded classes keep theirs)."""
     sys.path.insert(0, str(root))
     try:
         from audioldm2_core.loading import open_checkpoint
         from audioldm2_core.unet import load_unet
 
-        return load_unet(open_checkpoint(ckpt), dtype=dtype)
+        unet = load_unet(open_checkpoint(ckpt), dtype=dtype)
+        if importlib.util.find_spec("audioldm2_core.fast") is None:
+            return unet, {}  # a checkout from before the speed layer: its speed is in the model
+        from audioldm2_core import fast
+
+        return unet, fast.optimize(unet)
     finally:
         sys.path.remove(str(root))
         for name in [m for m in sys.modules if m == "audioldm2_core" or m.startswith("audioldm2_core.")]:
@@ -58,16 +71,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", help="a pipeline folder to take the UNet from instead")
     p.add_argument("--cache-dir", help="where bench.py builds its checkpoint")
     p.add_argument("--baseline", help="another checkout whose audioldm2_core UNet joins the rotation")
-    p.add_argument("--baseline-shared", action="store_true", help="the baseline takes the shared latent")
     p.add_argument(
         "--cpu-attention",
         action="store_true",
-        help="+ ours with audioldm2_core.cpu_attention (the same UNet)",
+        help="+ the fast UNet with audioldm2_core.cpu_attention (the same module)",
     )
     p.add_argument(
         "--compile",
         action="store_true",
-        help="+ ours under torch.compile (the same UNet; with the kernel when --cpu-attention is given)",
+        help="+ the fast UNet under torch.compile (with the kernel when --cpu-attention is given)",
     )
     args = p.parse_args(argv)
     if args.rounds < 1:
@@ -83,27 +95,32 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = bench.resolve_checkpoint(args)
     impls = {"diffusers": AudioLDM2UNet2DConditionModel.from_pretrained(ckpt / "unet", torch_dtype=dtype)}
     impls["diffusers"].eval()
+    decisions = {}  # variant -> its fast.optimize decisions
     if args.baseline:
-        impls["baseline"] = _load_baseline(Path(args.baseline).resolve(), ckpt, dtype)
+        impls["baseline"], decisions["baseline"] = _load_baseline(Path(args.baseline).resolve(), ckpt, dtype)
     sys.path.insert(0, str(ROOT))  # from here on, audioldm2_core is this checkout's
-    from audioldm2_core import cpu_attention
+    from audioldm2_core import cpu_attention, fast
     from audioldm2_core.config import vae_config, vocoder_config
     from audioldm2_core.loading import open_checkpoint
     from audioldm2_core.pipeline import audio_shape
     from audioldm2_core.unet import load_unet
 
     checkpoint = open_checkpoint(ckpt)
-    impls["ours"] = load_unet(checkpoint, dtype=dtype)
+    impls["plain"] = load_unet(checkpoint, dtype=dtype)
+    impls["fast"] = load_unet(checkpoint, dtype=dtype)  # a second load: "plain" keeps the plain classes
+    decisions["fast"] = fast.optimize(impls["fast"])
     if args.cpu_attention:
         cpu_attention.enable()  # built here if it is not yet, before anything is timed
-        impls["ours, cpu_attention"] = impls["ours"]
+        impls["fast, cpu_attention"] = impls["fast"]
     if args.compile:
         from audioldm2_core.pipeline import _compiled
 
-        impls["ours, compiled"] = _compiled(impls["ours"], {}, torch.device("cpu"))  # as compile=True
+        impls["fast, compiled"] = _compiled(impls["fast"], {}, torch.device("cpu"))  # as compile=True
+    # the variants that run with the kernel; it is off around every other call
+    kernel = {"fast, cpu_attention"} | ({"fast, compiled"} if args.cpu_attention else set())
     cpu_attention.enable(False)
 
-    cfg = impls["ours"].cfg
+    cfg = impls["plain"].cfg
     lm, t5 = cfg.cross_attention_dims[0][1], cfg.cross_attention_dims[0][2]
     # The latent the pipeline makes for --length seconds: (frames, mel bins) / the VAE's scale.
     vocoder = vocoder_config(checkpoint.config("vocoder"))
@@ -117,36 +134,34 @@ def main(argv: list[str] | None = None) -> None:
     t5_states = torch.randn(2, args.t5, t5, generator=g).to(dtype)
     mask = torch.ones(2, args.t5, dtype=torch.long)
     mask[0, min(6, args.t5) :] = 0  # the negative prompt is the shorter one
-    wide = torch.cat([latent] * 2)
+    sample = torch.cat([latent] * 2)  # the guidance batch, as both pipelines build it
 
     def call(name: str):
         unet = impls[name]
         if name == "diffusers":
             return unet(
-                wide,
+                sample,
                 500,
                 encoder_hidden_states=gpt2,
                 encoder_hidden_states_1=t5_states,
                 encoder_attention_mask_1=mask,
                 return_dict=False,
             )[0]
-        shared = name.startswith("ours") or args.baseline_shared
-        if name.startswith("ours"):
-            cpu_attention.enable(
-                name == "ours, cpu_attention" or (name == "ours, compiled" and args.cpu_attention)
-            )
-        return unet(latent if shared else wide, 500, gpt2, t5_states, mask)
+        cpu_attention.enable(name in kernel)
+        return unet(sample, 500, gpt2, t5_states, mask)
 
     times: dict[str, list[float]] = {name: [] for name in impls}
     outs = {}
     with torch.inference_mode(), contextlib.ExitStack() as stack:
-        for unet in {id(u): u for u in impls.values()}.values():  # as in the pipeline's loop: the conditions
-            if hasattr(unet, "reuse_context"):  # are the same at every step
+        # an older --baseline checkout's UNet kept the conditions' projections while its pipeline's loop
+        # entered this (the conditions are the same at every step); this checkout's have no such state
+        for unet in {id(u): u for u in impls.values()}.values():
+            if hasattr(unet, "reuse_context"):
                 stack.enter_context(unet.reuse_context())
         for name in impls:  # warm-up: page faults of the mapped weights, kernel set-up, compilation
             start = time.perf_counter()
             call(name)
-            if name == "ours, compiled":
+            if name == "fast, compiled":
                 print(f"torch.compile: first call {time.perf_counter() - start:.1f} s", flush=True)
         for _ in range(args.rounds):
             for name in impls:
@@ -156,9 +171,15 @@ def main(argv: list[str] | None = None) -> None:
 
     ref = outs["diffusers"].double()
     print(
-        f"UNet {'large' if args.large else 'base'}{' tiny' if args.tiny else ''}, {args.dtype}, "
+        f"UNet of {bench.weights_description(args, ckpt)}, {args.dtype}, "
         f"{args.threads} threads, latent {tuple(latent.shape)} for a guidance batch of 2, {args.rounds} rounds"
     )
+    print(f"CPU: {bench.cpu_description()}")
+    print()
+    print(
+        'fast.optimize(unet, select="auto"), one line per rewrite: on or off (why): the variants it was for'
+    )
+    print("\n".join(bench.decision_lines(decisions)) or "- none (no variant has the speed layer)")
     print()
     print("| implementation | median | min | diffusers / it (median of rounds) | rel. error vs diffusers |")
     print("|---|---:|---:|---:|---:|")

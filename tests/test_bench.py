@@ -1,4 +1,5 @@
-"""The benchmark script runs end to end (on the tiny checkpoint, one step), so that CI keeps it working."""
+"""The benchmark scripts run end to end (on the tiny checkpoint, one or two steps), so that CI keeps them
+working."""
 
 from __future__ import annotations
 
@@ -10,51 +11,83 @@ from pathlib import Path
 from tests.helpers import AVX512
 
 BENCH = Path(__file__).parents[1] / "benchmarks" / "bench.py"
+KERNEL = ["--cpu-attention"] if AVX512 else []
+
+
+def _run(script: str, *args: str) -> str:
+    """The stdout of ``benchmarks/<script>`` with ``args``, one thread, which must succeed."""
+    cmd = [sys.executable, str(BENCH.parent / script), "--threads", "1", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+def _decisions(out: str) -> dict[str, str]:
+    """The listed fast.optimize decisions: rewrite -> "on" / "off"."""
+    return dict(re.findall(r"^- ([a-z-]+): (on|off) \(.*\): .+$", out, re.M))
+
+
+def _bench(tiny_base, tmp_path, *args: str) -> str:
+    return _run(
+        "bench.py", "--checkpoint", str(tiny_base), "--cache-dir", str(tmp_path), "--steps", "1",
+        "--length", "0.64", "--repeats", "1", *args,
+    )  # fmt: skip
+
+
+def _bench_error(out: str) -> float:
+    return float(re.search(r"rel\. L2 error, ours vs diffusers: (\S+)", out).group(1))
 
 
 def test_bench_runs_end_to_end(tiny_base, tmp_path):
-    cmd = [sys.executable, str(BENCH), "--checkpoint", str(tiny_base), "--cache-dir", str(tmp_path)]
-    cmd += ["--steps", "1", "--length", "0.64", "--repeats", "1", "--threads", "1"]
-    cmd += ["--cpu-attention"] if AVX512 else []
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = proc.stdout
+    out = _bench(tiny_base, tmp_path, *KERNEL)
     for row in ("load", "text encoders", "GPT-2", "denoising", "VAE", "vocoder", "generate (end to end)"):
         # the ratio is "-" where our time rounds to 0 (tiny models)
         assert re.search(rf"^\| {re.escape(row)} \| [\d.]+ s \| [\d.]+ s \| ([\d.]+x|-) \|$", out, re.M), row
     assert re.search(r"^\| peak RSS \| \d+ MB \| \d+ MB \| [\d.]+x \|$", out, re.M)
     assert re.search(r"^- generate per pair, diffusers / ours: [\d.]+x \(median [\d.]+x\)$", out, re.M)
     assert re.search(r"^- peak RSS per pair, ours / diffusers: [\d.]+x \(median [\d.]+x\)$", out, re.M)
-    err = float(re.search(r"rel\. L2 error, ours vs diffusers: (\S+)", out).group(1))
-    assert err < 1e-5  # the same waveform as diffusers, to float32 rounding
+    assert _bench_error(out) < 1e-5  # the same waveform as diffusers, to float32 rounding
+    assert re.search(r"^CPU: .+ logical CPUs", out, re.M)
+    assert _decisions(out)  # the speed layer's decisions for ours, one line per rewrite
+
+
+def test_bench_plain_runs(tiny_base, tmp_path):
+    """bench.py --plain: ours without the speed layer (fast=False), so no decisions to list."""
+    out = _bench(tiny_base, tmp_path, "--plain")
+    assert "plain model (ours, fast=False)" in out
+    assert not _decisions(out)
+    assert _bench_error(out) < 1e-5
 
 
 def test_unet_ab_runs(tiny_base):
-    """benchmarks/unet_ab.py: diffusers, a baseline checkout (this one), ours and ours with the C++ attention
-    kernel in one process."""
-    script = BENCH.parent / "unet_ab.py"
-    cmd = [sys.executable, str(script), "--checkpoint", str(tiny_base), "--rounds", "1", "--length", "0.64"]
-    cmd += ["--threads", "1", "--baseline", str(BENCH.parents[1]), "--baseline-shared"]
-    cmd += ["--cpu-attention"] if AVX512 else []
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    names = "diffusers|baseline|ours|ours, cpu_attention"
-    rows = dict(re.findall(rf"^\| ({names}) \| .* \| (\S+) \|$", proc.stdout, re.M))
-    assert set(rows) == {"diffusers", "baseline", "ours"} | ({"ours, cpu_attention"} if AVX512 else set())
+    """benchmarks/unet_ab.py: diffusers, a baseline checkout (this one), our plain and fast UNets and the fast
+    one with the C++ attention kernel in one process, all on the full guidance batch."""
+    out = _run(
+        "unet_ab.py", "--checkpoint", str(tiny_base), "--rounds", "1", "--length", "0.64",
+        "--baseline", str(BENCH.parents[1]), *KERNEL,
+    )  # fmt: skip
+    names = "diffusers|baseline|plain|fast|fast, cpu_attention"
+    rows = dict(re.findall(rf"^\| ({names}) \| .* \| (\S+) \|$", out, re.M))
+    expected = {"diffusers", "baseline", "plain", "fast"} | ({"fast, cpu_attention"} if AVX512 else set())
+    assert set(rows) == expected
     assert all(float(err) < 1e-5 for err in rows.values())  # the same noise prediction, to float32 rounding
+    assert re.search(r"^CPU: .+ logical CPUs", out, re.M)
+    assert _decisions(out)  # which rewrites the fast variant (and the baseline) had
 
 
 def test_pipeline_ab_runs(tiny_base):
-    """benchmarks/pipeline_ab.py: whole generations of diffusers and ours (and with the kernel) in one process."""
-    script = BENCH.parent / "pipeline_ab.py"
-    cmd = [sys.executable, str(script), "--checkpoint", str(tiny_base), "--rounds", "2", "--steps", "2"]
-    cmd += ["--length", "0.64", "--threads", "1"] + (["--cpu-attention"] if AVX512 else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    names = "diffusers|ours|ours, cpu_attention"
+    """benchmarks/pipeline_ab.py: whole generations of diffusers, our plain and fast pipelines (and the fast
+    one with the kernel) in one process."""
+    out = _run(
+        "pipeline_ab.py", "--checkpoint", str(tiny_base), "--rounds", "2", "--steps", "2", "--length", "0.64",
+        *KERNEL,
+    )  # fmt: skip
+    names = "diffusers|ours, plain|ours|ours, cpu_attention"
     rows = re.findall(
-        rf"^\| ({names}) \| [\d.]+ s \| [\d.]+ s \| ([\d.]+)x \| ([\d., ]+) \| (\S+) \|$", proc.stdout, re.M
+        rf"^\| ({names}) \| [\d.]+ s \| [\d.]+ s \| ([\d.]+)x \| ([\d., ]+) \| (\S+) \|$", out, re.M
     )
-    assert {r[0] for r in rows} == {"diffusers", "ours"} | ({"ours, cpu_attention"} if AVX512 else set())
+    expected = {"diffusers", "ours, plain", "ours"} | ({"ours, cpu_attention"} if AVX512 else set())
+    assert {r[0] for r in rows} == expected
     assert all(len(r[2].split(", ")) == 2 for r in rows)  # one ratio per round
     assert all(float(r[3]) < 1e-5 for r in rows)  # the same waveform as diffusers, to float32 rounding
+    assert _decisions(out)  # which rewrites "ours" had
