@@ -2,12 +2,11 @@
 
 The first attention level of the UNet (1024 tokens for 10.24 s of audio, head width 32, batch 2 x 8 heads)
 runs 20 self-attentions per call (4 per layer: ``attn1`` of each transformer and ``attn2`` of the one without a
-condition). PyTorch's CPU flash-attention kernel does each in ~16.5 ms in float32 and ~17.5 ms in bfloat16,
-about 17% of a float32 UNet call and 27% of a bfloat16 one (2 threads, Zen 4). ``csrc/attention.cpp`` computes
-the same exact softmax attention (a two-pass softmax over whole rows of scores held in L1, register-blocked
-products; in bfloat16 the products by AVX512-BF16 dot products where the CPU has them) in ~14 ms in float32
-and ~9.5 ms in bfloat16, with relative errors no larger than PyTorch's (see the file's header). Per UNet call
-(``benchmarks/unet_ab.py``): float32 -3.6%, bfloat16 -14%.
+condition), a large share of a UNet call on the CPU. ``csrc/attention.cpp`` computes the same exact softmax
+attention as PyTorch's CPU flash kernel (a two-pass softmax over whole rows of scores held in L1,
+register-blocked products; in bfloat16 the products by AVX512-BF16 dot products where the CPU has them), faster
+on AVX-512 CPUs and with relative errors no larger than PyTorch's (see the file's header; timings in
+``benchmarks/RESULTS.md``). The speed layer routes the UNet's self-attentions here (``fast.FastAttention``).
 
 It is C++, compiled with ``torch.utils.cpp_extension`` on first use (~15 s; the library is kept under
 ``~/.cache/audioldm2_core/`` (``$XDG_CACHE_HOME``) and later processes load it in ~1 ms), so it needs a C++
@@ -80,8 +79,13 @@ def build_directory() -> Path:
     build is loaded directly (~1 ms) and never a stale or foreign one."""
     parts = [SOURCE.read_text(), *_CFLAGS, torch.__version__, platform.python_version()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "audioldm2_core" / f"{NAME}-{_ISA.lower()}-{key}"
+    return cache_root() / f"{NAME}-{_ISA.lower()}-{key}"
+
+
+def cache_root() -> Path:
+    """``$XDG_CACHE_HOME/audioldm2_core`` (``~/.cache/audioldm2_core``): the built kernel, the speed layer's
+    decisions."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "audioldm2_core"
 
 
 def _build() -> None:

@@ -36,7 +36,7 @@ Two guarantees a user can rely on, checked on every call, not once at ``optimize
 Which rewrites a model gets is decided per dtype on the running CPU by ``decide``, once per process: a rewrite
 is *supported* when it runs and matches the plain computation on a representative input (a CPU without
 AVX-512 BF16 fails oneDNN's bfloat16 matmul, and keeps the plain op). A rewrite that changes kernels or memory
-layouts *pays* when it is at least 3% faster on that input, timed here (min of interleaved runs); one that only
+layouts *pays* when it is at least 1% faster on that input, timed here (min of interleaved runs); one that only
 removes work (folded-attention, shared-guidance) pays wherever it applies, which its module checks per call
 (the fold only where H L < C + L). ``optimize(model, select="supported")`` skips the timing
 (tests use it to exercise every rewrite); ``select={"onednn-linear", ...}`` applies exactly those that are
@@ -46,10 +46,16 @@ supported. Measurements per CPU: ``benchmarks/RESULTS.md``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import hashlib
+import json
+import os
+import platform
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -490,11 +496,10 @@ def _probe_folded(dtype):  # cross-attention to 8 GPT-2 states
     )
 
 
-def _probe_tokens(dtype):  # the two projections around the blocks (none here)
-    m = _seeded(unet.Transformer2DModel(256, 8, None, 0, 32), dtype)
-    return _twin_calls(
-        m, {unet.Transformer2DModel: FastTransformer2D}, _randn(dtype, 2, 256, 32, 32), None, None
-    )
+def _probe_tokens(dtype):  # a whole first-level transformer: the gain is the copies around its blocks
+    m = _seeded(unet.Transformer2DModel(256, 8, 768, 1, 32), dtype)
+    inputs = _randn(dtype, 2, 256, 128, 8), _randn(dtype, 2, 8, 768), None
+    return _twin_calls(m, {unet.Transformer2DModel: FastTransformer2D}, *inputs)
 
 
 def _probe_upsample(dtype):
@@ -583,11 +588,76 @@ def _time(fn: Callable[[], object], plain: Callable[[], object], rounds: int = 5
     return best[0], best[1]
 
 
+def _machine_key() -> str:
+    """What a timing depends on: the CPU (model and flags), the instruction sets PyTorch and oneDNN may use,
+    the thread count, torch's version, and this file (the rewrites and their probes)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = "".join(
+                sorted({line for line in f if line.startswith(("model name", "flags", "vendor_id"))})
+            )
+    except OSError:  # not Linux
+        cpu = f"{platform.machine()} {platform.processor()}"
+    env = sorted(
+        (k, v) for k, v in os.environ.items() if k.startswith(("ONEDNN_", "DNNL_", "ATEN_", "MKL_", "OMP_"))
+    )
+    parts = [cpu, repr(env), torch.__version__, str(torch.get_num_threads()), Path(__file__).read_text()]
+    parts.append(torch.backends.cpu.get_cpu_capability())
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def _decisions_file() -> Path:
+    return cpu_attention.cache_root() / f"fast-decisions-{_machine_key()}.json"
+
+
 @functools.cache
 def decide(name: str, dtype: torch.dtype, timed: bool = True) -> Decision:
     """Whether rewrite ``name`` is supported on this CPU in ``dtype`` (it runs, and matches the plain
-    computation on a representative input) and, when ``timed``, whether it pays there (>= 3% faster, min of
-    interleaved runs). Probed once per process (~0.1-0.5 s a rewrite)."""
+    computation on a representative input) and, when ``timed``, whether it pays there (>= 1% faster, min of
+    interleaved runs). Probed once per machine (~0.05-0.5 s a rewrite): a timed decision is kept in
+    ``~/.cache/audioldm2_core/`` under a key of the CPU, the instruction-set settings, the thread count, torch's
+    version and this file, so that later processes load in milliseconds (delete the file to measure again).
+    Timings taken while other work competes for the CPU are not kept."""
+    key = f"{name}|{str(dtype).removeprefix('torch.')}"
+    path = _decisions_file() if timed else None
+    stored = _read_json(path) if path is not None else {}
+    if key in stored:
+        return Decision(**stored[key])
+    decision = _probe(name, dtype, timed)
+    if path is not None and not _busy():
+        _write_json(path, {**_read_json(path), key: dataclasses.asdict(decision)})
+    return decision
+
+
+def _busy() -> bool:
+    """Whether other work competes for the CPU (1-minute load average above the core count): a timing taken
+    then decides for this process only and is not kept."""
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1)
+    except OSError:  # not available on this system
+        return False
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Atomically (a whole file or none, for concurrent processes); an unwritable cache is only a slower start."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _probe(name: str, dtype: torch.dtype, timed: bool) -> Decision:
     rewrite = REWRITES[name]
     if name == "cpu-attention":  # a capability; built and used only when opted in (see cpu_attention)
         if cpu_attention.supported():
@@ -616,7 +686,7 @@ def decide(name: str, dtype: torch.dtype, timed: bool = True) -> Decision:
     finally:
         if not on:
             _ON.discard((name, dtype))
-    pays = t_fast <= 0.97 * t_plain
+    pays = t_fast <= 0.99 * t_plain
     return Decision(
         True, pays, f"{t_plain * 1e3:.2f} -> {t_fast * 1e3:.2f} ms on its probe ({t_plain / t_fast:.2f}x)"
     )

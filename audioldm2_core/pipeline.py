@@ -121,12 +121,12 @@ def _check_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 def _compiled(unet: torch.nn.Module, options: dict[str, Any] | None, device: torch.device) -> torch.nn.Module:
     """The UNet under ``torch.compile(**options)`` (``None``: as it is). Static shapes by default (a new
-    length or batch compiles again). The same module underneath: the weights are the UNet's own. On the CPU, Inductor's ``freezing`` too (unless the options name a mode or another backend):
-    the weights become constants of the graph, prepacked for oneDNN; without it the compiled linears are
-    MKL's GEMMs, slower than the eager oneDNN ones (full-size float32 call, 2 threads: 2.11 s without, 1.97 s
-    with, eager 1.84 s). Weights changed after the first call are then not seen: compile again. Even so,
-    compilation does not pay on a 2-core CPU (bfloat16 generations: 1.23x diffusers compiled, 1.30x eager;
-    ``benchmarks/RESULTS.md``): it is for the GPU, where it removes per-kernel overhead.
+    length or batch compiles again). The same module underneath: the weights are the UNet's own. On the CPU,
+    Inductor's ``freezing`` too (unless the options name a mode or another backend): the weights become
+    constants of the graph, prepacked for oneDNN (without it the compiled linears are MKL's GEMMs, slower than
+    the eager oneDNN ones); weights changed after the first call are then not seen: compile again. On a 2-core
+    CPU compilation has not paid (``benchmarks/RESULTS.md``): it is for the GPU, where it removes per-kernel
+    overhead.
     """
     if options is None:
         return unet

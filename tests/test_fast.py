@@ -570,3 +570,29 @@ def test_fast_decoders_equal_plain(tiny_base, monkeypatch):
     assert rel_err(got, truth) <= 1.1 * rel_err(want, truth)
     assert layouts == [True, (fast.FastConv1d, True)]
     assert "phase-upsampling" in spy.routes
+
+
+def test_timed_decisions_are_kept_per_machine(tmp_path, monkeypatch):
+    """A timed decision is written once and read back by later processes (here: the in-process cache
+    cleared); one taken on a busy machine is not kept; another thread count is another machine key."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(fast, "_busy", lambda: False)
+    fast.decide.cache_clear()
+    try:
+        first = fast.decide("phase-upsampling", torch.float32)
+        (path,) = (tmp_path / "audioldm2_core").glob("fast-decisions-*.json")
+        fast.decide.cache_clear()
+        monkeypatch.setattr(fast, "_probe", lambda *a: pytest.fail("probed again"))
+        assert fast.decide("phase-upsampling", torch.float32) == first
+        monkeypatch.setattr(fast, "_busy", lambda: True)
+        monkeypatch.setattr(fast, "_probe", lambda *a: fast.Decision(True, False, "busy"))
+        assert fast.decide("vae-channels-last", torch.float32).reason == "busy"
+        assert "vae-channels-last|float32" not in path.read_text()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert fast._decisions_file() != path
+        finally:
+            torch.set_num_threads(threads)
+    finally:
+        fast.decide.cache_clear()
