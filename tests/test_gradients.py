@@ -5,6 +5,7 @@ Researchers fine-tune and probe the model; ``inference_mode`` is only inside ``A
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 
@@ -47,6 +48,17 @@ def test_unet_gradients_equal_diffusers(pipes):
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
     target = torch.randn(2, 8, 32, 16, generator=g)
     want_x, want_p = _unet_grads(ref.unet, x, torch.tensor(700), loa, t5, mask, target, reference=True)
+    f64 = [t.double() for t in (x, loa, t5, target)]
+    _, exact_p = _unet_grads(
+        copy.deepcopy(ref.unet).double(),
+        f64[0],
+        torch.tensor(700),
+        f64[1],
+        f64[2],
+        mask,
+        f64[3],
+        reference=True,
+    )
     for pipe in (plain, ours):
         got_x, got_p = _unet_grads(pipe.unet, x, torch.tensor(700), loa, t5, mask, target, reference=False)
         assert got_p.keys() == want_p.keys()
@@ -58,25 +70,34 @@ def test_unet_gradients_equal_diffusers(pipes):
             )
             <= 1e-4
         )
-        worst = max(rel_err(got_p[k], v) for k, v in want_p.items() if v.norm() > 0)
-        assert worst <= 1e-4, worst
+        # Per tensor, against the float64 gradients: ours no further from them than diffusers' float32 ones
+        # (x2). A relative bound per tensor would not do: a few gradients are sums that cancel to ~1e-6 of the
+        # others (biases right before a GroupNorm), where float32 rounding is all that is left on either side.
+        for k, v in exact_p.items():
+            assert (got_p[k] - v).norm() <= 2 * (want_p[k] - v).norm() + 1e-4 * v.norm() + 1e-12, k
 
 
 def test_waveform_loss_reaches_the_latents(pipes):
-    """Backprop from a loss on the waveform through the vocoder and the VAE decoder to the latents."""
+    """Backprop from a loss on the waveform through the vocoder and the VAE decoder to the latents: in float64
+    the same gradient as diffusers' (ours plain and with the speed layer); in float32 finite and non-zero. (In
+    float32 the leaky-ReLU kinks make this gradient ill-conditioned: rounding flips a few slopes, 1e-6 to 1e-3
+    relative depending on the CPU's kernels, for diffusers' stack as for ours.)"""
     ours, plain, ref = pipes
-    g = torch.Generator().manual_seed(1)
-    latents = torch.randn(1, 8, 16, 16, generator=g)
-    grads = []
+    latents = torch.randn(1, 8, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def grad(decode, dtype):
+        z = latents.to(dtype).clone().requires_grad_(True)
+        decode(z).square().mean().backward()
+        return z.grad
+
+    got32 = grad(ours.decode, torch.float32)
+    assert torch.isfinite(got32).all() and got32.abs().sum() > 0
+    vae, vocoder = copy.deepcopy(ref.vae).double(), copy.deepcopy(ref.vocoder).double()
+    want = grad(lambda z: vocoder(vae.decode(z / vae.config.scaling_factor).sample.squeeze(1)), torch.float64)
     for pipe in (plain, ours):
-        z = latents.clone().requires_grad_(True)
-        pipe.decode(z).square().mean().backward()
-        grads.append(z.grad)
-    z = latents.clone().requires_grad_(True)
-    mel = ref.vae.decode(z / ref.vae.config.scaling_factor).sample
-    ref.mel_spectrogram_to_waveform(mel).square().mean().backward()
-    assert torch.isfinite(grads[0]).all() and grads[0].abs().sum() > 0
-    assert rel_err(grads[0], z.grad) <= 1e-4 and rel_err(grads[1], z.grad) <= 1e-4
+        vae64, vocoder64 = copy.deepcopy(pipe.vae).double(), copy.deepcopy(pipe.vocoder).double()
+        decode = lambda z, vae=vae64, vocoder=vocoder64: vocoder(vae.decode(z).squeeze(1))  # noqa: E731
+        assert rel_err(grad(decode, torch.float64), want) <= 1e-10
 
 
 def test_encode_prompt_under_autograd(pipes):
