@@ -22,12 +22,13 @@ import math
 import mmap
 import os
 import re
-import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "CheckpointError",
@@ -267,6 +268,33 @@ def _read_json(path: Path) -> dict:
 # ----------------------------------------------------------------------------------------- weights
 
 
+def _unreadable(path: Path, error: Exception, key: str | None = None) -> WeightsError:
+    where = f"{key}: " if key is not None else ""
+    return WeightsError(f"{path}: cannot read safetensors file, truncated or corrupt ({where}{error})")
+
+
+@contextlib.contextmanager
+def _safe_open(path: Path):
+    """``safetensors.safe_open``, with its errors as :class:`WeightsError` naming the file.
+
+    Opening checks the header against the file's size (the tensors' bytes must cover the data section
+    exactly), so a truncated file is refused here, before anything is mapped, rather than crashing the
+    process (SIGBUS) when a page past its end is first touched.
+    """
+    try:
+        f = safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise _unreadable(path, e) from e
+    with f:
+        yield f
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    """Tensor names of a safetensors file, from its header only."""
+    with _safe_open(path) as f:
+        return list(f.keys())
+
+
 # safetensors dtype names -> torch dtypes (the ones a diffusers/transformers checkpoint can hold)
 _DTYPES = {
     "F64": torch.float64,
@@ -280,65 +308,45 @@ _DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-_MAX_HEADER = 100 << 20  # the format's own limit on the JSON header
-
-
-def _safetensors_header(path: Path, f) -> tuple[int, dict]:
-    """(offset of the data section, header dict) of an open safetensors file; WeightsError if malformed."""
-    try:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > _MAX_HEADER:
-            raise ValueError(f"header length {n}")
-        header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{path}: cannot read safetensors file, truncated or corrupt ({e})") from e
-    header.pop("__metadata__", None)
-    return 8 + n, header
-
-
-def safetensors_keys(path: Path) -> list[str]:
-    """Tensor names of a safetensors file, from its header only."""
-    with open(path, "rb") as f:
-        return list(_safetensors_header(path, f)[1])
 
 
 def _read_safetensors(path: Path, select: Callable[[str], bool] | None) -> dict[str, torch.Tensor]:
     """The selected tensors of a safetensors file, as views of one private memory map of the file.
 
-    Performance, with the same tensors as a read: a map costs nothing up front (no copy, no allocation);
-    pages come from the page cache, shared with every other process using the file, when first touched;
-    tensors that are not selected are never read; and when the last tensor of a file is released the map
-    goes with it, returning the memory to the system at once (freed heap memory may stay with the process).
-    The map is copy-on-write (``ACCESS_COPY``): an in-place change to a weight changes this process's copy of
-    that page, never the file. Offsets are checked against the file size first, since touching a mapped
-    page past the end of a truncated file would be a crash (SIGBUS) rather than an error.
+    ``safe_open`` reads and checks the header; the views are made here rather than by ``get_tensor``, which
+    costs three times as much per tensor, enough to show in a pipeline's load (``benchmarks/RESULTS.md``,
+    session 6). Where each tensor lies follows from the sizes of those before it, in the data section that
+    follows the header: the format leaves no gap between tensors, which ``safe_open`` checks.
+
+    A map costs nothing up front (no copy, no allocation); pages come from the page cache, shared with every
+    other process using the file, when first touched; tensors that ``select`` rejects are never read; and the
+    map goes with the last tensor that views it. It is copy-on-write: an in-place change to a weight changes
+    this process's copy of that page, never the file.
     """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        start, header = _safetensors_header(path, f)
-        entries = []
-        for key, info in header.items():
-            if select is not None and not select(key):
-                continue
-            try:
-                dtype, shape, (a, b) = _DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
-            except (KeyError, TypeError, ValueError) as e:
-                raise WeightsError(
-                    f"{path}: cannot read safetensors file, truncated or corrupt ({key}: {e})"
-                ) from e
-            if not 0 <= a <= b or start + b > size or b - a != math.prod(shape) * dtype.itemsize:
-                raise WeightsError(
-                    f"{path}: cannot read tensor data, truncated or corrupt ({key}: bytes {a}..{b}, "
-                    f"shape {shape}, file of {size} bytes)"
-                )
-            entries.append((key, dtype, shape, start + a, b - a))
-        if not entries:
-            return {}
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    layout, end = [], 0  # (key, dtype, shape, offset in the data section, bytes) of the selected tensors
+    with _safe_open(path) as f:
+        for key in f.offset_keys():
+            info = f.get_slice(key)
+            dtype, shape = _DTYPES.get(info.get_dtype()), tuple(info.get_shape())
+            if dtype is None:
+                raise WeightsError(f"{path}: {key}: tensor type {info.get_dtype()} is not supported")
+            nbytes = math.prod(shape) * dtype.itemsize
+            if select is None or select(key):
+                layout.append((key, dtype, shape, end, nbytes))
+            end += nbytes
+    if not layout:
+        return {}
+    try:
+        with open(path, "rb") as file:
+            mm = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError) as e:
+        raise _unreadable(path, e) from e
+    start = 8 + int.from_bytes(mm[:8], "little")  # the header's length, then the header
+    if start + end != len(mm):  # changed since safe_open read it
+        raise _unreadable(path, f"file of {len(mm)} bytes, its header says {start + end}")
     state = {}
-    for key, dtype, shape, offset, nbytes in entries:
+    for key, dtype, shape, offset, nbytes in layout:
+        offset += start
         if nbytes == 0:
             state[key] = torch.empty(shape, dtype=dtype)
         elif offset % dtype.itemsize:  # misaligned (not written by safetensors itself): copy instead
@@ -421,31 +429,46 @@ def _gc_paused():
             gc.enable()
 
 
-_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_")
+# What the layers' ``reset_parameters`` call to write their initial values: torch.nn.init's functions that
+# take part in torch's function overrides, and the tensor methods that the others (ones_, zeros_) use.
+_INITIALISERS = frozenset(
+    {
+        nn.init.kaiming_uniform_,
+        nn.init.uniform_,
+        nn.init.normal_,
+        nn.init.constant_,
+        torch.Tensor.uniform_,
+        torch.Tensor.normal_,
+        torch.Tensor.fill_,
+        torch.Tensor.zero_,
+    }
+)
+
+
+class _SkipInit(TorchFunctionMode):
+    """Return a meta tensor given to an initialiser untouched: it has no data to write."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _INITIALISERS:
+            tensor = args[0] if args else kwargs["tensor"]
+            if tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
 def empty_init():
-    """Build modules on the meta device with their weight initialisation skipped.
+    """Build modules on the meta device, where a tensor has a shape and a dtype but no data, with their
+    initialisation skipped: every weight is about to be replaced by the file's (``load_strict``).
 
-    Every weight is about to be replaced by the file's (``load_strict``), so initialising it is wasted work;
-    and initialising on the meta device runs torch's Python reference kernels, whose first use imports
-    ``torch._dynamo`` (seconds, and ~100 MB of RSS). ``torch.nn.init``'s functions, which the layers' own
-    ``reset_parameters`` call, are made no-ops meanwhile (as transformers' and accelerate's loaders do).
+    On the meta device initialising would be wasted work only, but for ``normal_`` (``nn.Embedding``): its
+    meta kernel is a Python reference whose first use imports ``torch._dynamo``, most of a second. The
+    initialisers are skipped by a torch function mode, as ``torch.device("meta")`` is one: it applies to this
+    thread only, and ``torch.nn.init`` is left as it is for everyone else.
     """
-
-    def skip(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return tensor
-
-    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
-    try:
-        for name in _INIT_FUNCTIONS:
-            setattr(nn.init, name, skip)
-        with torch.device("meta"), _gc_paused():
-            yield
-    finally:
-        for name, function in saved.items():
-            setattr(nn.init, name, function)
+    with torch.device("meta"), _SkipInit(), _gc_paused():
+        yield
 
 
 def load_strict(
@@ -456,39 +479,24 @@ def load_strict(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> nn.Module:
-    """Fill a module built on the meta device with ``state``, strictly; cast floats to ``dtype``."""
+    """Fill a module built on the meta device with ``state``, strictly; cast floats to ``dtype``.
+
+    ``load_state_dict(strict=True, assign=True)`` puts the file's tensors in place of the meta ones
+    (parameters stay parameters, keeping ``requires_grad``). Where it refuses them, ``check_keys`` names the
+    file and every missing, unexpected and mis-shaped key; it runs only then, since its own walk of the
+    module would add half to the time of every successful call.
+    """
     with _gc_paused():
-        return _load_strict(module, state, source, dtype, device)
-
-
-def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str, dtype, device) -> nn.Module:
-    check_keys(module, state, source)
-    state = {
-        k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
-        for k, v in state.items()
-    }
-    _assign(module, state)
+        state = {
+            k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
+            for k, v in state.items()
+        }
+        try:
+            module.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as e:
+            check_keys(module, state, source)
+            raise WeightsError(f"{source}: {e}") from e
     left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left:
         raise WeightsError(f"{source}: tensors not filled from the file: {_key_list(left)}")
     return module.eval()
-
-
-def _assign(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Put each tensor of ``state`` in place of the module's (meta) tensor of that name.
-
-    What ``load_state_dict(strict=True, assign=True)`` does once ``check_keys`` has passed, without its
-    per-module Python machinery (a state-dict walk and a hook check per module: half of a UNet's load).
-    Parameters stay parameters (keeping ``requires_grad``), buffers stay buffers.
-    """
-    modules = dict(module.named_modules())
-    for key, tensor in state.items():
-        owner, _, name = key.rpartition(".")
-        m = modules[owner]
-        old = m._parameters.get(name)
-        if old is not None:
-            m._parameters[name] = nn.Parameter(tensor, requires_grad=old.requires_grad)
-        elif name in m._buffers:
-            m._buffers[name] = tensor
-        else:  # check_keys lets only the module's own state-dict names through
-            raise WeightsError(f"{key}: neither a parameter nor a buffer of {type(m).__name__}")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,10 +19,12 @@ from audioldm2_core.loading import (
     Checkpoint,
     CheckpointError,
     WeightsError,
+    empty_init,
     hub_patterns,
     load_strict,
     open_checkpoint,
     read_weights,
+    safetensors_keys,
 )
 from audioldm2_core.vocoder import load_vocoder
 
@@ -198,3 +202,120 @@ def test_load_strict_reports_unfilled_tensors():
         m = WithBuffer()
     with pytest.raises(WeightsError, match="not filled from the file: tmp"):
         load_strict(m, {"lin.weight": torch.zeros(2, 2), "lin.bias": torch.zeros(2)}, "test")
+
+
+@pytest.mark.parametrize("cut", ["mid-data", "last byte", "header"])
+def test_truncated_file_is_an_error_when_opened(tmp_path, cut):
+    """safe_open refuses a file whose tensors do not cover it exactly: an error naming the file at load time,
+    never a crash (SIGBUS) on first touching a page past its end."""
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.randn(64, 64), "b": torch.randn(1000)}, path)
+    data = path.read_bytes()
+    path.write_bytes({"mid-data": data[: len(data) - 3000], "last byte": data[:-1], "header": data[:20]}[cut])
+    for read in (read_weights, safetensors_keys):
+        with pytest.raises(WeightsError, match=rf"{path.name}: cannot read .*truncated or corrupt"):
+            read(path)
+
+
+def test_file_changed_after_its_header_was_read(tmp_path, monkeypatch):
+    from audioldm2_core import loading
+
+    path, other = tmp_path / "w.safetensors", tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(10)}, path)
+    save_file({"x": torch.zeros(1000)}, other)
+    real = loading.safe_open
+    monkeypatch.setattr(loading, "safe_open", lambda _, framework: real(other, framework=framework))
+    with pytest.raises(WeightsError, match=r"w\.safetensors: .*truncated or corrupt \(file of \d+ bytes"):
+        read_weights(path)
+
+
+def test_read_weights_maps_the_selected_tensors(tmp_path):
+    path = tmp_path / "w.safetensors"
+    tensors = {
+        "f32": torch.randn(3, 5),
+        "bf16": torch.randn(7).bfloat16(),
+        "i64": torch.arange(4),
+        "empty": torch.zeros(0, 3),
+        "skipped": torch.randn(2),
+    }
+    save_file(tensors, path)
+    state = read_weights(path, select=lambda k: k != "skipped")
+    assert sorted(state) == ["bf16", "empty", "f32", "i64"]
+    for key, t in state.items():
+        assert t.dtype == tensors[key].dtype and torch.equal(t, tensors[key])
+    state["f32"].add_(1)  # copy-on-write: the file keeps its values
+    assert torch.equal(read_weights(path)["f32"], tensors["f32"])
+
+
+def test_read_weights_misaligned_tensor(tmp_path):
+    """A file written by another tool may put a tensor at an offset that is not a multiple of its item size."""
+    header = json.dumps(
+        {
+            "byte": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+            "x": {"dtype": "F32", "shape": [2, 3], "data_offsets": [1, 25]},
+        }
+    ).encode()
+    header += b" " * (-len(header) % 8)
+    x = torch.arange(6, dtype=torch.float32).view(2, 3)
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\x07" + x.numpy().tobytes())
+    state = read_weights(path)
+    assert state["byte"].tolist() == [7] and torch.equal(state["x"], x)
+
+
+def test_empty_init_is_meta_and_leaves_torch_alone():
+    """Modules come out on the meta device without their initialisation, and nothing global changes: another
+    thread building a module meanwhile gets it initialised, and so does a tensor placed off the meta device."""
+    init_functions = dict(vars(torch.nn.init))
+    other: list[torch.Tensor] = []
+    with empty_init():
+        assert dict(vars(torch.nn.init)) == init_functions
+        worker = threading.Thread(target=lambda: other.append(torch.nn.LayerNorm(4).bias.clone()))
+        worker.start()
+        worker.join()
+        layers = [torch.nn.Linear(4, 4), torch.nn.Embedding(5, 4), torch.nn.Conv1d(2, 2, 3)]
+        on_cpu = torch.nn.LayerNorm(4, device="cpu")
+    assert all(t.is_meta for m in layers for t in m.parameters())
+    assert other[0].device.type == "cpu" and torch.equal(other[0], torch.zeros(4))
+    assert torch.equal(on_cpu.weight, torch.ones(4))  # initialised: not a meta tensor
+
+
+def test_empty_init_does_not_import_dynamo():
+    # normal_ on the meta device runs a Python reference kernel whose first use imports torch._dynamo (~1 s).
+    code = (
+        "import sys, torch\nfrom audioldm2_core.loading import empty_init\n"
+        "with empty_init():\n    torch.nn.Embedding(10, 4); torch.nn.Linear(4, 4); torch.nn.GroupNorm(2, 4)\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_load_strict_assigns_the_files_tensors():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+            self.register_buffer("scale", torch.ones(2))
+            self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+    state = {"lin.weight": torch.randn(2, 3), "lin.bias": torch.randn(2), "scale": torch.randn(2)}
+    state["steps"] = torch.tensor(5)
+    with empty_init():
+        block = Block()
+    load_strict(block, dict(state), "test")
+    assert isinstance(block.lin.weight, torch.nn.Parameter) and block.lin.weight.requires_grad
+    assert block.lin.weight.data_ptr() == state["lin.weight"].data_ptr()  # the file's tensor, not a copy
+    assert not isinstance(block.scale, torch.nn.Parameter) and "scale" in dict(block.named_buffers())
+    assert not block.training
+
+    with empty_init():
+        block = Block()
+    load_strict(block, dict(state), "test", dtype=torch.float64)
+    assert block.lin.weight.dtype == torch.float64 and block.steps.dtype == torch.int64
+
+    with empty_init():
+        block = Block()
+    with pytest.raises(WeightsError, match=r"test: weights do not match Block: missing keys: scale"):
+        load_strict(block, {k: v for k, v in state.items() if k != "scale"}, "test")
