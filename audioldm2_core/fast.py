@@ -19,8 +19,9 @@ renamed: parameters, buffers, state-dict keys, hooks and ``isinstance`` checks s
                                                                   input pixel instead of 36
     shared-guidance    the UNet on [x, x] under guidance          the layers before the first conditioned
                                                                   transformer once on x, then repeated
-    channels-last      VAE decoder convs, vocoder 1-D convs       the same convs on (B, H, W, C) memory, the
-                                                                  layout oneDNN's kernels are fastest in
+    vae-channels-last  the VAE decoder's convs and norms          the same ops on (B, H, W, C) memory
+    vocoder-channels-  the vocoder's 1-D convs on (B, C, L)       2-D convs on (B, C, 1, L) channels-last,
+      last                                                        the layout oneDNN's kernels are fastest in
     cpu-attention      SDPA of the UNet's self-attentions         the opt-in C++ kernel (``cpu_attention``)
 
 Two guarantees a user can rely on, checked on every call, not once at ``optimize``:
@@ -33,12 +34,13 @@ Two guarantees a user can rely on, checked on every call, not once at ``optimize
 - **Gradients are never lost.** Rewrites without a backward (oneDNN's fused ops, the C++ kernel, the in-place
   products) stand aside whenever autograd records.
 
-Which rewrites a model gets is decided per dtype on the running CPU by ``decide``, once per process: a rewrite
+Which rewrites a model gets is decided per dtype on the running CPU by ``decide``, once per machine: a rewrite
 is *supported* when it runs and matches the plain computation on a representative input (a CPU without
 AVX-512 BF16 fails oneDNN's bfloat16 matmul, and keeps the plain op). A rewrite that changes kernels or memory
 layouts *pays* when it is at least 1% faster on that input, timed here (min of interleaved runs); one that only
 removes work (folded-attention, shared-guidance) pays wherever it applies, which its module checks per call
-(the fold only where H L < C + L). ``optimize(model, select="supported")`` skips the timing
+(the fold only where H L < C + L). Timed decisions are kept on disk (see ``decide``).
+``optimize(model, select="supported")`` skips the timing
 (tests use it to exercise every rewrite); ``select={"onednn-linear", ...}`` applies exactly those that are
 supported. Measurements per CPU: ``benchmarks/RESULTS.md``.
 """
@@ -320,7 +322,7 @@ class FastVAEUpsample(vae.Upsample2D):
 
 class FastVAEDecoder(vae.AutoencoderKLDecoder):
     """Decodes in channels-last memory ((B, H, W, C)), where oneDNN's convolutions and GroupNorm are fastest
-    on the CPU; every layer keeps the layout, the result is returned in the usual one (``channels-last``)."""
+    on the CPU; every layer keeps the layout, the result is returned in the usual one (``vae-channels-last``)."""
 
     def decode(self, latents: Tensor) -> Tensor:
         if latents.device.type != "cpu" or not _enabled("vae-channels-last", latents.dtype):
@@ -337,7 +339,7 @@ def _nlc(x: Tensor) -> bool:
 
 class FastConv1d(nn.Conv1d):
     """A 1-D conv on a (B, C, L) input stored as (B, L, C), as a 2-D conv over (B, C, 1, L) channels-last:
-    oneDNN's fast layout for the vocoder's long, narrow signals; the output keeps it (``channels-last``)."""
+    oneDNN's fast layout for the vocoder's long, narrow signals; the output keeps it (``vocoder-channels-last``)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not (_nlc(x) and _enabled("vocoder-channels-last", x.dtype)):
@@ -617,21 +619,23 @@ def decide(name: str, dtype: torch.dtype, timed: bool = True) -> Decision:
     interleaved runs). Probed once per machine (~0.05-0.5 s a rewrite): a timed decision is kept in
     ``~/.cache/audioldm2_core/`` under a key of the CPU, the instruction-set settings, the thread count, torch's
     version and this file, so that later processes load in milliseconds (delete the file to measure again).
-    Timings taken while other work competes for the CPU are not kept."""
+    One timed while other work competed for the CPU is used until it can be timed again on a quiet machine."""
     key = f"{name}|{str(dtype).removeprefix('torch.')}"
     path = _decisions_file() if timed else None
-    stored = _read_json(path) if path is not None else {}
-    if key in stored:
-        return Decision(**stored[key])
+    stored = _read_json(path).get(key) if path is not None else None
+    busy = _busy()
+    # A decision timed on a busy machine is used until one can be timed on a quiet one.
+    if isinstance(stored, dict) and (busy or not stored.pop("busy", False)):
+        stored.pop("busy", None)
+        return Decision(**stored)
     decision = _probe(name, dtype, timed)
-    if path is not None and not _busy():
-        _write_json(path, {**_read_json(path), key: dataclasses.asdict(decision)})
+    if path is not None:
+        _write_json(path, {**_read_json(path), key: {**dataclasses.asdict(decision), "busy": busy}})
     return decision
 
 
 def _busy() -> bool:
-    """Whether other work competes for the CPU (1-minute load average above the core count): a timing taken
-    then decides for this process only and is not kept."""
+    """Whether other work competes for the CPU: the 1-minute load average above the core count."""
     try:
         return os.getloadavg()[0] > (os.cpu_count() or 1)
     except OSError:  # not available on this system

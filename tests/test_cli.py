@@ -50,6 +50,16 @@ def test_same_seed_same_file_and_candidates(tiny_base, tmp_path):
     assert a.shape == (16000,) and (a == sf.read(tmp_path / "a.wav")[0]).all()
 
 
+def test_plain_flag(tiny_base, tmp_path):
+    """``--plain`` runs the model without the speed layer: the same audio to float32 rounding."""
+    args = ["a bell", "--model", str(tiny_base), "--steps", "2", "--length", "1.0", "--seed", "5", "--quiet"]
+    assert run(*args, "-o", str(tmp_path / "plain.wav"), "--plain").returncode == 0
+    assert run(*args, "-o", str(tmp_path / "fast.wav")).returncode == 0
+    plain, fast = sf.read(tmp_path / "plain.wav")[0], sf.read(tmp_path / "fast.wav")[0]
+    assert plain.shape == fast.shape == (16000,)
+    assert ((plain - fast) ** 2).sum() ** 0.5 <= 1e-4 * (plain**2).sum() ** 0.5
+
+
 def test_cpu_attention_flag(tiny_base, tmp_path):
     """--cpu-attention: the kernel is built (or found built) and used where it applies; the same audio within
     float32 rounding. Without a compiler, or without AVX-512: one line saying what is missing, nothing written."""

@@ -589,7 +589,8 @@ def test_fast_decoders_equal_plain(tiny_base, monkeypatch):
 
 def test_timed_decisions_are_kept_per_machine(tmp_path, monkeypatch):
     """A timed decision is written once and read back by later processes (here: the in-process cache
-    cleared); one taken on a busy machine is not kept; another thread count is another machine key."""
+    cleared); one taken on a busy machine is timed again once the machine is quiet; another thread count is
+    another machine key."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(fast, "_busy", lambda: False)
     fast.decide.cache_clear()
@@ -599,10 +600,21 @@ def test_timed_decisions_are_kept_per_machine(tmp_path, monkeypatch):
         fast.decide.cache_clear()
         monkeypatch.setattr(fast, "_probe", lambda *a: pytest.fail("probed again"))
         assert fast.decide("phase-upsampling", torch.float32) == first
-        monkeypatch.setattr(fast, "_busy", lambda: True)
-        monkeypatch.setattr(fast, "_probe", lambda *a: fast.Decision(True, False, "busy"))
+        monkeypatch.setattr(fast, "_busy", lambda: True)  # timed on a busy machine: used while it stays busy,
+        monkeypatch.setattr(
+            fast, "_probe", lambda *a: fast.Decision(True, False, "busy")
+        )  # timed again once quiet
         assert fast.decide("vae-channels-last", torch.float32).reason == "busy"
-        assert "vae-channels-last|float32" not in path.read_text()
+        fast.decide.cache_clear()
+        monkeypatch.setattr(fast, "_probe", lambda *a: pytest.fail("probed again while busy"))
+        assert fast.decide("vae-channels-last", torch.float32).reason == "busy"
+        fast.decide.cache_clear()
+        monkeypatch.setattr(fast, "_busy", lambda: False)
+        monkeypatch.setattr(fast, "_probe", lambda *a: fast.Decision(True, True, "quiet"))
+        assert fast.decide("vae-channels-last", torch.float32).reason == "quiet"
+        fast.decide.cache_clear()
+        monkeypatch.setattr(fast, "_probe", lambda *a: pytest.fail("probed again"))
+        assert fast.decide("vae-channels-last", torch.float32).reason == "quiet"
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
