@@ -237,6 +237,15 @@ class AudioLDM2:
         self.dtype = _check_dtype(dtype)
         if self.dtype == torch.float16 and self.device.type == "cpu":
             raise ValueError("float16 is not supported on the CPU; use bfloat16 or float32")
+        if (
+            self.dtype == torch.bfloat16
+            and self.device.type == "cpu"
+            and not fast_layer.decide("onednn-linear", torch.bfloat16, timed=False).supported
+        ):
+            # oneDNN then runs its reference kernels: a bfloat16 conv took 300x the float32 one (AVX2 only)
+            logger.warning(
+                "this CPU has no native bfloat16 (AVX-512 BF16): bfloat16 runs, but far slower than float32"
+            )
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device, not {self.device}")
         self.low_memory = low_memory

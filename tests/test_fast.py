@@ -527,6 +527,7 @@ print(json.dumps(out))
     assert out["capability"] == "AVX2"
     assert out["bfloat16"]["finite"] and out["float32"]["finite"]
     assert out["bfloat16"]["onednn"].startswith("unsupported here"), out
+    assert "no native bfloat16" in run.stderr  # the user is told it is slow there
 
 
 def test_unsupported_rewrite_is_never_applied(monkeypatch):
