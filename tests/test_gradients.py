@@ -146,9 +146,9 @@ def test_readme_fine_tuning_lowers_the_loss(tiny_base):
     # the tiny checkpoint, a short clip, and a learning rate for a model of its width
     code = _readme_snippet().replace('"cvssp/audioldm2"', repr(str(tiny_base)))
     code = code.replace("torch.randn(1, 8, 256, 16)", "torch.randn(1, 8, 32, 16)").replace(
-        "lr=1e-3", "lr=1e-2"
+        "lr=1e-3", "lr=3e-2"
     )
-    assert "(1, 8, 32, 16)" in code and "lr=1e-2" in code
+    assert "(1, 8, 32, 16)" in code and "lr=3e-2" in code
     torch.manual_seed(0)
     scope: dict = {}
 
