@@ -218,9 +218,7 @@ class FastConv1D(gpt2.Conv1D):
     """GPT-2's ``Conv1D`` (weight stored (in, out)) by oneDNN's matmul (rewrite ``onednn-linear``)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if _onednn(x, self.weight) and _no_grad(self.bias):
-            return linear(x, self.weight.t(), self.bias)
-        return super().forward(x)
+        return linear(x, self.weight.t(), self.bias) if _onednn(x, self.weight) else super().forward(x)
 
 
 class FastGEGLU(unet.GEGLU):
@@ -385,7 +383,6 @@ class FastUNet(unet.AudioLDM2UNet):
             B % 2 == 0
             and encoder_hidden_states.shape[0] == B
             and t.numel() in (1, B)
-            and _no_grad(sample)
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
             and not _global_hooks()
@@ -397,9 +394,8 @@ class FastUNet(unet.AudioLDM2UNet):
         return self._shared_forward(sample[: B // 2], t.expand(B), *args[2:])
 
     def _prefix_modules(self) -> Iterable[nn.Module]:
-        yield self
+        """The modules that may run on half the batch (conservatively: the first two down blocks whole)."""
         yield from self.conv_in.modules()
-        yield from self.time_embedding.modules()
         yield from self.down_blocks[0].modules()
         yield from self.down_blocks[1].modules()
 
