@@ -1,0 +1,224 @@
+"""The OpenVINO route as a benchmark peer: diffusers, diffusers with its UNet, VAE decoder and vocoder run by
+OpenVINO, and ours, called in rotation in one process on the same weights.
+
+    pip install openvino                                   # optional: never needed by the package or its tests
+    python benchmarks/openvino_ab.py                       # the issue's workload (10.24 s, 20 DPM++ steps), 3 rounds
+    python benchmarks/openvino_ab.py --tiny --rounds 1     # smoke run on a tiny random checkpoint
+
+The conversion is the one OpenVINO's AudioLDM 2 notebook (openvino_notebooks, "270-sound-generation") does:
+the three heavy parts of diffusers' ``AudioLDM2Pipeline`` (the UNet, ``vae.decode`` and the HiFi-GAN vocoder)
+traced with ``openvino.convert_model`` from example inputs of the run's shapes, saved as IR, compiled for
+the CPU and put back into the diffusers pipeline behind thin wrappers; the text encoders, the projection and
+GPT-2 stay in PyTorch, as in the notebook. Two variants:
+
+- "openvino, notebook": the IR saved with OpenVINO's default weight compression to float16 and compiled
+  with the default CPU configuration (whose inference precision is bfloat16 on CPUs with native bfloat16),
+  i.e. what a user following the notebook runs;
+- "openvino, f32": the IR kept in float32 and compiled with ``INFERENCE_PRECISION_HINT=f32``: the exact
+  route, the fair peer of a float32 PyTorch run.
+
+Both use ``INFERENCE_NUM_THREADS`` = ``--threads``, the torch thread count of the others. The int8 (nncf)
+variant of the notebook is left out: it needs nncf and a calibration set, and loses accuracy.
+Reported: each implementation's median generation time, its per-round ratio to diffusers, and its waveform's
+relative L2 error against diffusers'. Conversion time and memory are printed but are not part of the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class _NoStageTimes:
+    def wrap(self, target: object, method: str, stage: str) -> None:
+        pass
+
+
+def _openvino_parts(pipe, spec: dict, out_dir: Path, threads: int, f32: bool):
+    """The UNet, VAE decoder and vocoder of diffusers' ``pipe`` as OpenVINO models behind torch modules."""
+    import numpy as np
+    import openvino as ov
+    import torch
+
+    from audioldm2_core.pipeline import audio_shape
+
+    core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": threads}
+    if f32:
+        config["INFERENCE_PRECISION_HINT"] = "f32"
+
+    # Example inputs of the run's shapes: under guidance the UNet sees a batch of 2.
+    factor = np.prod(pipe.vocoder.config.upsample_rates) / pipe.vocoder.config.sampling_rate
+    height, _ = audio_shape(spec["length"], factor, pipe.vae_scale_factor, pipe.vocoder.config.sampling_rate)
+    bins = pipe.vocoder.config.model_in_dim
+    lat = torch.randn(
+        2, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, bins // pipe.vae_scale_factor
+    )
+    lm_states = torch.randn(2, 8, pipe.language_model.config.n_embd)
+    t5_states = torch.randn(2, 7, pipe.text_encoder_2.config.d_model)
+    t5_mask = torch.ones(2, 7, dtype=torch.int64)
+
+    class UNetWrapper(torch.nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def forward(
+            self, sample, timestep, encoder_hidden_states, encoder_hidden_states_1, encoder_attention_mask_1
+        ):
+            return self.unet(
+                sample,
+                timestep,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_hidden_states_1=encoder_hidden_states_1,
+                encoder_attention_mask_1=encoder_attention_mask_1,
+                return_dict=False,
+            )[0]
+
+    class VAEDecoderWrapper(torch.nn.Module):
+        def __init__(self, vae):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, latents):
+            return self.vae.decode(latents, return_dict=False)[0]
+
+    def convert(name: str, module: torch.nn.Module, example: tuple) -> ov.CompiledModel:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model = ov.convert_model(module.eval(), example_input=example)
+        path = out_dir / f"{name}.xml"
+        ov.save_model(model, path, compress_to_fp16=not f32)
+        compiled = core.compile_model(core.read_model(path), "CPU", config)
+        print(f"  {name}: converted and compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        return compiled
+
+    unet = convert("unet", UNetWrapper(pipe.unet), (lat, torch.tensor(999), lm_states, t5_states, t5_mask))
+    vae = convert("vae_decoder", VAEDecoderWrapper(pipe.vae), (lat[:1],))
+    vocoder = convert("vocoder", pipe.vocoder, (torch.randn(1, height, bins),))
+
+    def run(compiled: ov.CompiledModel, *inputs: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(compiled([x.numpy() for x in inputs])[0].copy())
+
+    class OVUNet(torch.nn.Module):  # what diffusers' pipeline reads of its UNet
+        config, dtype, device = pipe.unet.config, torch.float32, torch.device("cpu")
+
+        def forward(self, sample, t, encoder_hidden_states, encoder_hidden_states_1, encoder_attention_mask_1,
+                    return_dict=False):  # fmt: skip
+            t = torch.as_tensor(t).reshape(())
+            return (
+                run(
+                    unet, sample, t, encoder_hidden_states, encoder_hidden_states_1, encoder_attention_mask_1
+                ),
+            )
+
+    class OVVAE(torch.nn.Module):
+        config, dtype, device = pipe.vae.config, torch.float32, torch.device("cpu")
+
+        def decode(self, latents, return_dict=True):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(sample=run(vae, latents))
+
+    class OVVocoder(torch.nn.Module):
+        config, dtype, device = pipe.vocoder.config, torch.float32, torch.device("cpu")
+
+        def forward(self, mel):
+            return run(vocoder, mel)
+
+    return OVUNet(), OVVAE(), OVVocoder()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3, help="generations per implementation (default 3)")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
+    p.add_argument("--sampler", default="dpmpp-2m", choices=["ddim", "dpmpp-2m", "dpmpp-2m-karras"])
+    p.add_argument("--length", type=float, default=10.24, help="audio length in seconds (default 10.24)")
+    p.add_argument("--guidance", type=float, default=3.5, help="guidance scale (default 3.5)")
+    p.add_argument("--threads", type=int, default=2, help="torch and OpenVINO threads (default 2)")
+    p.add_argument("--large", action="store_true", help="the cvssp/audioldm2-large UNet")
+    p.add_argument("--tiny", action="store_true", help="tiny random checkpoint (smoke run)")
+    p.add_argument("--checkpoint", help="a pipeline folder instead of the built random checkpoint")
+    p.add_argument("--cache-dir", help="where bench.py builds its checkpoint")
+    args = p.parse_args(argv)
+    args.device, args.dtype = "cpu", "float32"
+    if args.rounds < 1 or args.steps < 1:
+        p.error("--rounds and --steps must be at least 1")
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        p.error("this benchmark needs OpenVINO: pip install openvino")
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT))
+    import bench
+    import numpy as np
+    import openvino
+    import torch
+
+    torch.set_num_threads(args.threads)
+    ckpt = bench.resolve_checkpoint(args)
+    spec = bench.run_spec(args, ckpt) | dict(compile=False, low_memory=False)
+    diffusers_pipe, diffusers = bench._diffusers(spec, torch.float32, _NoStageTimes())
+    ours_pipe, ours = bench._ours(spec, torch.float32, _NoStageTimes())
+    torch_parts = (diffusers_pipe.unet, diffusers_pipe.vae, diffusers_pipe.vocoder)
+    ov_parts = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, f32 in (("openvino, notebook", False), ("openvino, f32", True)):
+            print(f"{name}:", file=sys.stderr)
+            folder = Path(tmp) / name.replace(", ", "-")
+            folder.mkdir()
+            ov_parts[name] = _openvino_parts(diffusers_pipe, spec, folder, args.threads, f32)
+    print(f"peak RSS after conversions: {bench._peak_rss_mb():.0f} MB", file=sys.stderr)
+
+    def generate(name: str, **overrides):
+        parts = ov_parts.get(name, torch_parts)
+        # diffusers' pipeline keeps its modules in its config-registered attributes; set them directly
+        for attr, module in zip(("unet", "vae", "vocoder"), parts, strict=True):
+            diffusers_pipe.__dict__[attr] = module
+        call = ours if name == "ours" else diffusers
+        return np.asarray(call(**overrides), dtype=np.float64)
+
+    names = ["diffusers", *ov_parts, "ours"]
+    for name in names:
+        generate(name, num_inference_steps=1)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    waves = {}
+    for r in range(args.rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            waves[name] = generate(name)
+            times[name].append(time.perf_counter() - start)
+            print(f"[{r + 1}/{args.rounds}] {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
+
+    ref = waves["diffusers"]
+    print(
+        f"{bench.weights_description(args, ckpt)}, {args.length} s, {args.steps} x {args.sampler}, "
+        f"guidance {args.guidance}, float32, {args.threads} threads, one process, {args.rounds} rounds, "
+        f"OpenVINO {openvino.__version__}, torch {torch.__version__}"
+    )
+    print(f"CPU: {bench.cpu_description()}")
+    print()
+    print(
+        "| implementation | median | min | diffusers / it (median of rounds) | per round | rel. error vs diffusers |"
+    )
+    print("|---|---:|---:|---:|---|---:|")
+    for name, ts in times.items():
+        ratios = [d / t for d, t in zip(times["diffusers"], ts, strict=True)]
+        err = float(np.linalg.norm(waves[name] - ref) / np.linalg.norm(ref))
+        print(
+            f"| {name} | {statistics.median(ts):.2f} s | {min(ts):.2f} s | {statistics.median(ratios):.3f}x | "
+            f"{', '.join(f'{x:.2f}' for x in ratios)} | {err:.2e} |"
+        )
+    del ours_pipe
+
+
+if __name__ == "__main__":
+    main()
