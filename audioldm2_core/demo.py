@@ -113,10 +113,15 @@ def generate(
     out_dir = Path(out_dir)
     scores = out.scores[0].tolist() if out.scores is not None else [None] * len(out.audios)
     result = []
-    for rank, (audio, score) in enumerate(zip(out.audios, scores), 1):
+    for rank, (audio, score) in enumerate(zip(out.audios, scores, strict=True), 1):
         wav, png = out_dir / f"candidate{rank}.wav", out_dir / f"candidate{rank}.png"
         write_wav(wav, np.asarray(audio), out.sample_rate)
-        save_spectrogram(png, audio, out.sample_rate, title=f"#{rank}" + (f"  CLAP {score:.3f}" if score is not None else ""))
+        save_spectrogram(
+            png,
+            audio,
+            out.sample_rate,
+            title=f"#{rank}" + (f"  CLAP {score:.3f}" if score is not None else ""),
+        )
         result.append(Candidate(wav, png, score))
     return result
 
@@ -156,7 +161,7 @@ def build_app(pipe, title: str = "AudioLDM 2", *, steps: int = 200, candidates: 
 
     initial_steps, initial_candidates = steps, candidates
 
-    def run(prompt, negative, length, steps, sampler, guidance, seed, candidates, progress=gr.Progress()):
+    def run(prompt, negative, length, steps, sampler, guidance, seed, candidates, progress=gr.Progress()):  # noqa: B008
         progress(0, desc="encoding the prompt")
         try:
             found = generate(
@@ -175,7 +180,9 @@ def build_app(pipe, title: str = "AudioLDM 2", *, steps: int = 200, candidates: 
         groups, players, pictures = [], [], []
         for i in range(MAX_CANDIDATES):
             shown = i < len(audios)
-            label = f"#{i + 1}" + (f" · CLAP score {scores[i]:.3f}" if shown and scores[i] is not None else "")
+            label = f"#{i + 1}" + (
+                f" · CLAP score {scores[i]:.3f}" if shown and scores[i] is not None else ""
+            )
             groups.append(gr.update(visible=shown))
             players.append(gr.update(value=audios[i] if shown else None, label=label))
             pictures.append(gr.update(value=images[i] if shown else None))
@@ -193,7 +200,9 @@ def build_app(pipe, title: str = "AudioLDM 2", *, steps: int = 200, candidates: 
                     with gr.Column():
                         prompt = gr.Textbox(label="Prompt", lines=2, placeholder="A dog barking in the rain")
                         negative = gr.Textbox(label="Negative prompt", value="Low quality.")
-                        length = gr.Slider(1.0, MAX_LENGTH_S, value=default_length, step=0.01, label="Length (s)")
+                        length = gr.Slider(
+                            1.0, MAX_LENGTH_S, value=default_length, step=0.01, label="Length (s)"
+                        )
                         steps = gr.Slider(1, MAX_STEPS, value=initial_steps, step=1, label="Denoising steps")
                         sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler")
                         guidance = gr.Slider(1.0, 10.0, value=3.5, step=0.1, label="Guidance scale")
@@ -206,7 +215,9 @@ def build_app(pipe, title: str = "AudioLDM 2", *, steps: int = 200, candidates: 
                         groups, players, pictures = [], [], []
                         for i in range(MAX_CANDIDATES):
                             with gr.Group(visible=i == 0) as group:
-                                players.append(gr.Audio(label=f"#{i + 1}", type="filepath", interactive=False))
+                                players.append(
+                                    gr.Audio(label=f"#{i + 1}", type="filepath", interactive=False)
+                                )
                                 pictures.append(
                                     gr.Image(label="log-mel spectrogram", type="filepath", interactive=False)
                                 )
@@ -228,7 +239,12 @@ def build_app(pipe, title: str = "AudioLDM 2", *, steps: int = 200, candidates: 
             concurrency_limit=1,
             concurrency_id="model",
         )
-        event.then(lay_out, [audio_files, image_files, scores], [*groups, *players, *pictures], api_visibility="private")
+        event.then(
+            lay_out,
+            [audio_files, image_files, scores],
+            [*groups, *players, *pictures],
+            api_visibility="private",
+        )
     return app.queue(default_concurrency_limit=1)
 
 
@@ -236,7 +252,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from .cli import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(prog="audioldm2-demo", description="A web demo of AudioLDM 2 on Gradio.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="hub repo id or local folder (default: %(default)s)")
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help="hub repo id or local folder (default: %(default)s)"
+    )
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of --model")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on; 0.0.0.0 for every interface")
     p.add_argument("--port", type=int, default=7860, help="port to serve on (default: %(default)s)")

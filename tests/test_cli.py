@@ -133,3 +133,49 @@ def test_unwritable_output_and_bad_prompts_file(tiny_base, tmp_path):
     assert r.returncode != 0 and "name 'x' is used twice" in r.stderr
     r = run("--prompts-file", str(tmp_path / "missing.txt"), "--model", str(tiny_base))
     assert r.returncode != 0 and "cannot read prompts file" in r.stderr
+
+
+def test_spectrogram_per_written_wav_and_the_device_line(tiny_base, tmp_path):
+    """``--spectrogram x.png``: one picture per written WAV, named like them; the device printed in one line."""
+    from PIL import Image
+
+    pytest.importorskip("matplotlib", reason="--spectrogram needs matplotlib")
+    out, picture = tmp_path / "b.wav", tmp_path / "pics" / "b.png"
+    picture.parent.mkdir()
+    r = run("a bell", "-o", str(out), "--model", str(tiny_base), "--steps", "2", "--length", "1.0",
+            "--candidates", "2", "--all-candidates", "--spectrogram", str(picture))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines()[0].startswith("audioldm2: cpu, float32, ")  # AUDIOLDM2_DEVICE=cpu (conftest)
+    assert sorted(p.name for p in picture.parent.iterdir()) == ["b.png", "b.rank1.png", "b.rank2.png"]
+    assert all(Image.open(p).format == "PNG" for p in picture.parent.iterdir())
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("thunder|storm\nbirds\n", encoding="utf-8")
+    r = run("--prompts-file", str(prompts), "-o", str(tmp_path), "--model", str(tiny_base), "--steps", "1",
+            "--length", "1.0", "--quiet", "--spectrogram", str(picture.parent))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert {"storm.png", "0002.png"} <= {p.name for p in picture.parent.iterdir()}
+
+
+def test_device_auto_resolution(monkeypatch):
+    """``auto`` / None: CUDA, then MPS, then the CPU; AUDIOLDM2_DEVICE overrides; ``--dtype auto`` follows."""
+    import torch
+
+    from audioldm2_core.cli import resolve_device_and_dtype
+    from audioldm2_core.pipeline import resolve_device
+
+    monkeypatch.delenv("AUDIOLDM2_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device(None) == resolve_device("auto") == torch.device("cuda")
+    assert resolve_device_and_dtype("auto", "auto") == ("cuda", "float16")
+    assert resolve_device_and_dtype("auto", "bfloat16") == ("cuda", "bfloat16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device(None) == torch.device("mps")
+    assert resolve_device_and_dtype("auto", "auto") == ("mps", "float32")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device(None) == torch.device("cpu") and resolve_device("cuda:1") == torch.device("cuda:1")
+    monkeypatch.setenv("AUDIOLDM2_DEVICE", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device(None) == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
