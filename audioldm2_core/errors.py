@@ -88,10 +88,10 @@ def _hub(error: BaseException, repo_id: str | None, revision: str | None) -> str
             url = f"https://huggingface.co/{repo_id}" if repo_id else "its page on huggingface.co"
             return (
                 f"{repo}: the repository is gated: accept its conditions at {url}, then log in "
-                "(`hf auth login`, or set HF_TOKEN)"
+                "(hf auth login, or set HF_TOKEN)"
             )
         if _named(e, "RepositoryNotFoundError"):
-            return f"{repo}: no such repository on the hub (if it is private, log in: `hf auth login`, or set HF_TOKEN)"
+            return f"{repo}: no such repository on the hub (if it is private, log in: hf auth login, or set HF_TOKEN)"
         if _named(e, "RevisionNotFoundError"):
             return f"{repo}: no revision {revision!r} on the hub" if revision else f"{repo}: no such revision"
     cache = constants.HF_HUB_CACHE
