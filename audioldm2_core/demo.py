@@ -155,6 +155,7 @@ def build_app(pipe, title: str = "AudioLDM 2", *, steps: int = 200, candidates: 
     import gradio as gr
 
     from .cli import error_line
+    from .errors import explain
 
     outputs = _Outputs()
     default_length = _default_length(pipe)
@@ -169,8 +170,9 @@ def build_app(pipe, title: str = "AudioLDM 2", *, steps: int = 200, candidates: 
                 out_dir=outputs.new(),
                 progress=lambda i, n: progress((i, n), desc="denoising", unit="steps"),
             )  # fmt: skip
-        except Exception as e:  # one line in the browser; the traceback in the server's log
-            traceback.print_exc()
+        except Exception as e:  # one line in the browser; a bug's traceback in the server's log too
+            if explain(e) is None:
+                traceback.print_exc()
             raise gr.Error(error_line(e)) from e
         return [str(c.audio) for c in found], [str(c.spectrogram) for c in found], [c.score for c in found]
 

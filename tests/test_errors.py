@@ -7,10 +7,8 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
-import httpx
 import huggingface_hub
 import pytest
-import requests
 import torch
 from huggingface_hub import constants
 
@@ -34,11 +32,24 @@ def _wrapped(outer: BaseException, inner: BaseException) -> BaseException:
     return outer
 
 
-def _httpx2(name: str, message: str):
-    httpx2 = pytest.importorskip(
-        "httpx2", reason="httpx2 is huggingface_hub 2.x's client; not installed here"
+def _client_error(library: str, name: str, message: str):
+    """An error of an HTTP client huggingface_hub uses: httpx2 (2.x), httpx (1.x), requests (0.x)."""
+    module = pytest.importorskip(
+        library, reason=f"{library} (a huggingface_hub client) is not installed here"
     )
-    return getattr(httpx2, name)(message)
+    return getattr(module, name)(message)
+
+
+def _httpx2(name: str, message: str):
+    return _client_error("httpx2", name, message)
+
+
+def _httpx(name: str, message: str):
+    return _client_error("httpx", name, message)
+
+
+def _requests(name: str, message: str):
+    return _client_error("requests.exceptions", name, message)
 
 
 def _lenf(message: str = "An error happened while trying to locate the files on the Hub"):
@@ -54,20 +65,20 @@ HUB_FAILURES = {
     ),
     "hub 2.x timeout": (lambda: _httpx2("ConnectTimeout", "timed out"), UNREACHABLE),
     "hub 1.x ConnectError": (
-        lambda: httpx.ConnectError("[Errno -3] Temporary failure in name resolution"),
+        lambda: _httpx("ConnectError", "[Errno -3] Temporary failure in name resolution"),
         UNREACHABLE,
     ),
-    "hub 1.x read timeout": (lambda: httpx.ReadTimeout("The read operation timed out"), UNREACHABLE),
-    "hub 0.x requests": (lambda: requests.exceptions.ConnectionError("Max retries exceeded"), UNREACHABLE),
-    "hub 0.x requests timeout": (lambda: requests.exceptions.ReadTimeout("Read timed out."), UNREACHABLE),
+    "hub 1.x read timeout": (lambda: _httpx("ReadTimeout", "The read operation timed out"), UNREACHABLE),
+    "hub 0.x requests": (lambda: _requests("ConnectionError", "Max retries exceeded"), UNREACHABLE),
+    "hub 0.x requests timeout": (lambda: _requests("ReadTimeout", "Read timed out."), UNREACHABLE),
     "OSError wrapping ConnectError": (
         lambda: _wrapped(
-            OSError("We couldn't connect to 'https://huggingface.co'"), httpx.ConnectError("refused")
+            OSError("We couldn't connect to 'https://huggingface.co'"), _httpx("ConnectError", "refused")
         ),
         UNREACHABLE,
     ),
     "LocalEntryNotFoundError from a timeout": (
-        lambda: _wrapped(_lenf(), httpx.ConnectTimeout("timed out")),
+        lambda: _wrapped(_lenf(), _httpx("ConnectTimeout", "timed out")),
         UNREACHABLE,
     ),
     "a bare socket timeout": (lambda: TimeoutError("timed out"), UNREACHABLE),
