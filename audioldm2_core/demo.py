@@ -241,7 +241,7 @@ def build_app(pipe, title: str = "AudioLDM 2", *, steps: int = 200, candidates: 
             concurrency_limit=1,
             concurrency_id="model",
         )
-        event.then(
+        event.success(  # after a failed run the players keep what they showed
             lay_out,
             [audio_files, image_files, scores],
             [*groups, *players, *pictures],

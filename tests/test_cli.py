@@ -148,12 +148,33 @@ def test_spectrogram_per_written_wav_and_the_device_line(tiny_base, tmp_path):
     assert r.stderr.splitlines()[0].startswith("audioldm2: cpu, float32, ")  # AUDIOLDM2_DEVICE=cpu (conftest)
     assert sorted(p.name for p in picture.parent.iterdir()) == ["b.png", "b.rank1.png", "b.rank2.png"]
     assert all(Image.open(p).format == "PNG" for p in picture.parent.iterdir())
-    prompts = tmp_path / "prompts.txt"
+
+
+def test_spectrogram_folder_with_a_prompts_file(tmp_path, monkeypatch, capsys):
+    """With ``--prompts-file``, ``--spectrogram`` names a folder: one NAME.png per prompt (a stand-in pipeline)."""
+    import numpy as np
+
+    from audioldm2_core import cli, pipeline
+
+    pytest.importorskip("matplotlib", reason="--spectrogram needs matplotlib")
+
+    def fake(*args, **kwargs):
+        sine = np.sin(np.linspace(0, 2000, 16000, dtype=np.float32))[None]
+        return lambda *a, **k: pipeline.AudioOutput(audios=sine, sample_rate=16000)
+
+    monkeypatch.setattr(pipeline.AudioLDM2, "from_pretrained", fake)
+    prompts, pictures = tmp_path / "prompts.txt", tmp_path / "pictures"
     prompts.write_text("thunder|storm\nbirds\n", encoding="utf-8")
-    r = run("--prompts-file", str(prompts), "-o", str(tmp_path), "--model", str(tiny_base), "--steps", "1",
-            "--length", "1.0", "--quiet", "--spectrogram", str(picture.parent))  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    assert {"storm.png", "0002.png"} <= {p.name for p in picture.parent.iterdir()}
+    pictures.mkdir()
+    assert (
+        cli.main(["--prompts-file", str(prompts), "-o", str(tmp_path), "--spectrogram", str(pictures)]) == 0
+    )
+    assert sorted(p.name for p in pictures.iterdir()) == ["0002.png", "storm.png"]
+    assert (
+        cli.main(["--prompts-file", str(prompts), "-o", str(tmp_path), "--spectrogram", str(tmp_path / "x")])
+        == 2
+    )
+    assert "output folder" in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_device_auto_resolution(monkeypatch):
