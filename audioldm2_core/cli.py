@@ -1,7 +1,11 @@
 """Command line: ``audioldm2 "a dog barking in the rain" -o dog.wav`` (also ``python -m audioldm2_core``).
 
-Bad input exits non-zero with one line on stderr and no traceback; a WAV is written atomically (temp file in
-the same folder, then renamed), so an interrupted run never leaves a half-written file behind.
+Every failure a user can meet (bad input, an unreachable hub, a gated repo, a full disk, out of memory, an
+output that cannot be written) exits non-zero with one line on stderr (``errors.explain``) and no traceback;
+``--debug`` shows it. WAVs and spectrogram PNGs are written atomically (temp file in the same folder, then
+renamed), so an interrupted run never leaves a half-written file behind. ``--device auto`` (the default) is
+CUDA, then MPS, then the CPU; ``--dtype auto`` is float16 on CUDA (the VAE and the vocoder in float32), else
+float32; the choice is printed in one line at start.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import argparse
 import os
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 from .samplers import SAMPLERS
@@ -47,10 +52,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--all-candidates", action="store_true", help="also write every candidate, named by rank")
     p.add_argument(
-        "--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: %(default)s)"
+        "--device",
+        default="auto",
+        help="torch device: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:1, mps (default: %(default)s)",
     )
     p.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype"
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute dtype; auto: float16 on CUDA, float32 elsewhere (default: %(default)s)",
+    )
+    p.add_argument(
+        "--spectrogram",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="also draw each written WAV's log-mel spectrogram to this PNG (named like the WAVs: x.png, "
+        "x.rank1.png; a folder with --prompts-file); needs matplotlib",
     )
     p.add_argument(
         "--low-memory",
@@ -79,6 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the plain reference model, without the speed layer's exact rewrites (audioldm2_core.fast)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="on an error, show the traceback too")
     args = p.parse_args(argv)
     if (args.prompt is None) == (args.prompts_file is None):
         p.error("give exactly one of a prompt or --prompts-file")
@@ -115,13 +134,18 @@ def write_wav(path: Path, audio, sample_rate: int) -> None:
     """Write a float32 WAV atomically: a temp file beside the target, then a rename."""
     import soundfile as sf
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # errors name the file asked for, not the temp file
+        raise OSError(e.errno, e.strerror, str(path)) from e
     try:
         with os.fdopen(fd, "wb") as f:
             sf.write(f, audio, sample_rate, format="WAV", subtype="FLOAT")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 
@@ -159,17 +183,76 @@ def _check_args(args: argparse.Namespace) -> list[tuple[str, Path]]:
     return [(args.prompt, out)]
 
 
+def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
+    """``--device auto``: CUDA, then MPS, then the CPU; ``--dtype auto``: float16 on CUDA, else float32."""
+    from .pipeline import resolve_device
+
+    resolved = resolve_device(device)
+    if dtype == "auto":
+        dtype = "float16" if resolved.type == "cuda" else "float32"
+    return str(resolved), dtype
+
+
+def device_line(device: str, dtype: str) -> str:
+    """The one line printed at start: where and in what precision the model runs."""
+    import torch
+
+    where = torch.device(device)
+    if where.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(where)}), {dtype}"
+    if where.type == "cpu":
+        return f"cpu, {dtype}, {torch.get_num_threads()} threads (no CUDA or MPS device found)"
+    return f"{device}, {dtype}"
+
+
+def error_line(error: BaseException) -> str:
+    """The one line shown for an error: ``errors.explain``'s, or for anything else (a bug) its type and
+    message with a pointer to ``--debug``."""
+    from .errors import explain
+
+    line = explain(error)
+    if line is None:
+        first = (str(error).strip().splitlines() or [""])[0]
+        line = f"{type(error).__name__}: {first} (unexpected; --debug shows the traceback)"
+    return line
+
+
+def _fail(error: BaseException, args: argparse.Namespace, code: int) -> int:
+    if args.debug:
+        traceback.print_exception(error)
+    print(f"audioldm2: error: {error_line(error)}", file=sys.stderr)
+    return code
+
+
+def _spectrogram_paths(args: argparse.Namespace, jobs: list[tuple[str, Path]]) -> dict[Path, Path]:
+    """WAV path -> PNG path for ``--spectrogram``; checked (matplotlib, a writable place) before loading."""
+    if args.spectrogram is None:
+        return {}
+    from .spectrogram import require_matplotlib
+
+    require_matplotlib()
+    if args.prompts_file is not None:
+        _check_writable(args.spectrogram)
+        return {wav: args.spectrogram / f"{wav.stem}.png" for _, wav in jobs}
+    if args.spectrogram.is_dir():
+        raise ValueError(f"--spectrogram {args.spectrogram} is a folder; give a .png file name")
+    _check_writable(args.spectrogram.parent)
+    return {wav: args.spectrogram for _, wav in jobs}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        args.device, args.dtype = resolve_device_and_dtype(args.device, args.dtype)
         jobs = _check_args(args)
+        pictures = _spectrogram_paths(args, jobs)
         import torch
 
-        from .loading import CheckpointError
         from .pipeline import AudioLDM2
-    except ValueError as e:
-        print(f"audioldm2: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        return _fail(e, args, 2)
+    if not args.quiet:
+        print(f"audioldm2: {device_line(args.device, args.dtype)}", file=sys.stderr)
     try:
         if args.cpu_attention:
             from . import cpu_attention
@@ -210,17 +293,30 @@ def main(argv: list[str] | None = None) -> int:
                 if bar is not None:
                     bar.close()
             write_wav(path, out.audios[0], out.sample_rate)
+            picture = pictures.get(path)
+            if picture is not None:
+                _save_spectrogram(picture, out.audios[0], out.sample_rate, text)
             if args.all_candidates and args.candidates > 1:
                 for rank, audio in enumerate(out.audios, 1):
                     write_wav(path.with_name(f"{path.stem}.rank{rank}{path.suffix}"), audio, out.sample_rate)
+                    if picture is not None:
+                        name = f"{picture.stem}.rank{rank}{picture.suffix}"
+                        _save_spectrogram(
+                            picture.with_name(name), audio, out.sample_rate, f"{text} (#{rank})"
+                        )
             print(path)
-    except (ValueError, TypeError, CheckpointError, OSError, RuntimeError) as e:
-        print(f"audioldm2: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 1
+    except Exception as e:
+        return _fail(e, args, 1)
     except KeyboardInterrupt:
         print("audioldm2: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _save_spectrogram(path: Path, audio, sample_rate: int, title: str) -> None:
+    from .spectrogram import save_spectrogram
+
+    save_spectrogram(path, audio, sample_rate, title=title if len(title) <= 80 else title[:77] + "...")
 
 
 if __name__ == "__main__":

@@ -212,23 +212,19 @@ def hub_patterns(files: Iterable[str]) -> list[str]:
 
 @contextlib.contextmanager
 def hub_errors(repo_id: str, revision: str | None = None):
-    """Turn huggingface_hub's errors for ``repo_id`` into :class:`CheckpointError` with a one-line message."""
-    import huggingface_hub
-    from huggingface_hub import constants
+    """Turn the failures of fetching ``repo_id`` (huggingface_hub's errors, an unreachable hub, a full disk)
+    into :class:`CheckpointError` with the one-line message of ``errors.explain``; anything else passes."""
+    from .errors import explain
 
     try:
         yield
-    except huggingface_hub.errors.RepositoryNotFoundError as e:
-        raise CheckpointError(f"{repo_id}: no such repository on the hub (or it is private)") from e
-    except huggingface_hub.errors.RevisionNotFoundError as e:
-        raise CheckpointError(f"{repo_id}: no revision {revision!r}") from e
-    except huggingface_hub.errors.LocalEntryNotFoundError as e:
-        raise CheckpointError(
-            f"{repo_id}: not in the local hub cache ({constants.HF_HUB_CACHE}) and the hub cannot be reached"
-            + (" (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else "")
-        ) from e
-    except (huggingface_hub.errors.HfHubHTTPError, OSError) as e:
-        raise CheckpointError(f"{repo_id}: download failed: {e}") from e
+    except CheckpointError:
+        raise
+    except Exception as e:
+        message = explain(e, repo_id, revision)
+        if message is None:
+            raise
+        raise CheckpointError(message) from e
 
 
 def hub_snapshot(repo_id: str, revision: str | None = None, files: Iterable[str] | None = None) -> Path:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,7 @@ from .vocoder import load_vocoder
 
 logger = logging.getLogger("audioldm2_core")
 
-__all__ = ["AudioLDM2", "AudioOutput", "CudaGraphDenoiser", "audio_shape"]
+__all__ = ["AudioLDM2", "AudioOutput", "CudaGraphDenoiser", "audio_shape", "resolve_device"]
 
 MAX_AUDIO_LENGTH_S = 600.0  # a bound on the request, not on the model: 10 minutes of audio in one latent
 
@@ -105,6 +106,25 @@ def _return_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def resolve_device(device: torch.device | str | None = None) -> torch.device:
+    """``None`` or ``"auto"``: the environment's ``AUDIOLDM2_DEVICE`` if set, else the fastest device this
+    machine has: CUDA, then Apple's MPS, then the CPU (as the original AudioLDM 2). Anything else as
+    ``torch.device`` reads it."""
+    if device is None or device == "auto":
+        device = os.environ.get("AUDIOLDM2_DEVICE", "auto") or "auto"
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r} (auto, cpu, cuda, cuda:1, mps, ...)") from e
 
 
 def _check_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -222,7 +242,7 @@ class AudioLDM2:
     def __init__(
         self,
         ckpt: Checkpoint,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,
         dtype: torch.dtype | str = torch.float32,
         low_memory: bool = False,
         compile: bool | dict[str, Any] = False,
@@ -233,7 +253,7 @@ class AudioLDM2:
         self.fast = bool(fast)
         # component -> the speed layer's decisions for it (rewrite -> Decision), filled as components load
         self.fast_decisions: dict[str, dict[str, fast_layer.Decision]] = {}
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.dtype = _check_dtype(dtype)
         if self.dtype == torch.float16 and self.device.type == "cpu":
             raise ValueError("float16 is not supported on the CPU; use bfloat16 or float32")
@@ -274,7 +294,7 @@ class AudioLDM2:
         path_or_repo_id: str | Path = "cvssp/audioldm2",
         *,
         revision: str | None = None,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,
         dtype: torch.dtype | str = torch.float32,
         low_memory: bool = False,
         compile: bool | dict[str, Any] = False,
@@ -282,6 +302,7 @@ class AudioLDM2:
         fast: bool = True,
     ) -> AudioLDM2:
         """Load an official checkpoint: a local pipeline folder or a hub repo id (optionally a revision).
+        ``device=None`` (or "auto"): CUDA if there is one, else MPS, else the CPU (``resolve_device``).
         ``fast=False``: the plain reference model, without the speed layer (``fast.py``)."""
         return cls(
             open_checkpoint(path_or_repo_id, revision),

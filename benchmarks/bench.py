@@ -370,9 +370,8 @@ def _ours(spec: dict, dtype, timer: StageTimer):
 
         cpu_attention.enable()
     # Options only where they differ from the defaults: a --baseline checkout may predate them.
-    options = {
-        k: spec[k] for k in ("device", "compile", "cuda_graphs") if spec.get(k) not in (None, False, "cpu")
-    }
+    options = {k: spec[k] for k in ("compile", "cuda_graphs") if spec.get(k) not in (None, False)}
+    options["device"] = spec.get("device", "cpu")  # the device is always named: None would pick a GPU
     if spec.get("fast", True) is False:  # --plain: without the speed layer
         options["fast"] = False
     pipe = P.AudioLDM2.from_pretrained(spec["ckpt"], dtype=dtype, low_memory=spec["low_memory"], **options)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from weights_tools.make_tiny import make_tiny
+
+# The tests compare with the reference on the CPU: device=None / --device auto means the CPU here even on a
+# machine with a GPU (and so in the CLI's subprocesses); the GPU tests ask for CUDA by name.
+os.environ.setdefault("AUDIOLDM2_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")

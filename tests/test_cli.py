@@ -133,3 +133,70 @@ def test_unwritable_output_and_bad_prompts_file(tiny_base, tmp_path):
     assert r.returncode != 0 and "name 'x' is used twice" in r.stderr
     r = run("--prompts-file", str(tmp_path / "missing.txt"), "--model", str(tiny_base))
     assert r.returncode != 0 and "cannot read prompts file" in r.stderr
+
+
+def test_spectrogram_per_written_wav_and_the_device_line(tiny_base, tmp_path):
+    """``--spectrogram x.png``: one picture per written WAV, named like them; the device printed in one line."""
+    from PIL import Image
+
+    pytest.importorskip("matplotlib", reason="--spectrogram needs matplotlib")
+    out, picture = tmp_path / "b.wav", tmp_path / "pics" / "b.png"
+    picture.parent.mkdir()
+    r = run("a bell", "-o", str(out), "--model", str(tiny_base), "--steps", "2", "--length", "1.0",
+            "--candidates", "2", "--all-candidates", "--spectrogram", str(picture))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines()[0].startswith("audioldm2: cpu, float32, ")  # AUDIOLDM2_DEVICE=cpu (conftest)
+    assert sorted(p.name for p in picture.parent.iterdir()) == ["b.png", "b.rank1.png", "b.rank2.png"]
+    assert all(Image.open(p).format == "PNG" for p in picture.parent.iterdir())
+
+
+def test_spectrogram_folder_with_a_prompts_file(tmp_path, monkeypatch, capsys):
+    """With ``--prompts-file``, ``--spectrogram`` names a folder: one NAME.png per prompt (a stand-in pipeline)."""
+    import numpy as np
+
+    from audioldm2_core import cli, pipeline
+
+    pytest.importorskip("matplotlib", reason="--spectrogram needs matplotlib")
+
+    def fake(*args, **kwargs):
+        sine = np.sin(np.linspace(0, 2000, 16000, dtype=np.float32))[None]
+        return lambda *a, **k: pipeline.AudioOutput(audios=sine, sample_rate=16000)
+
+    monkeypatch.setattr(pipeline.AudioLDM2, "from_pretrained", fake)
+    prompts, pictures = tmp_path / "prompts.txt", tmp_path / "pictures"
+    prompts.write_text("thunder|storm\nbirds\n", encoding="utf-8")
+    pictures.mkdir()
+    assert (
+        cli.main(["--prompts-file", str(prompts), "-o", str(tmp_path), "--spectrogram", str(pictures)]) == 0
+    )
+    assert sorted(p.name for p in pictures.iterdir()) == ["0002.png", "storm.png"]
+    assert (
+        cli.main(["--prompts-file", str(prompts), "-o", str(tmp_path), "--spectrogram", str(tmp_path / "x")])
+        == 2
+    )
+    assert "output folder" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_device_auto_resolution(monkeypatch):
+    """``auto`` / None: CUDA, then MPS, then the CPU; AUDIOLDM2_DEVICE overrides; ``--dtype auto`` follows."""
+    import torch
+
+    from audioldm2_core.cli import resolve_device_and_dtype
+    from audioldm2_core.pipeline import resolve_device
+
+    monkeypatch.delenv("AUDIOLDM2_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device(None) == resolve_device("auto") == torch.device("cuda")
+    assert resolve_device_and_dtype("auto", "auto") == ("cuda", "float16")
+    assert resolve_device_and_dtype("auto", "bfloat16") == ("cuda", "bfloat16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device(None) == torch.device("mps")
+    assert resolve_device_and_dtype("auto", "auto") == ("mps", "float32")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device(None) == torch.device("cpu") and resolve_device("cuda:1") == torch.device("cuda:1")
+    monkeypatch.setenv("AUDIOLDM2_DEVICE", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device(None) == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")

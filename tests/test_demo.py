@@ -1,0 +1,156 @@
+"""The web demo: its handler on a tiny checkpoint, the app served on a local port and called through
+gradio_client's ``/generate``, and (marked ``browser``) a headless Chromium that loads the page, submits a prompt
+and sees audio players and spectrograms appear, with a screenshot kept as the test's artefact."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from audioldm2_core import AudioLDM2, demo
+
+pytest.importorskip("gradio", reason="the demo needs gradio (pip install '.[demo]')")
+pytest.importorskip("matplotlib", reason="the demo needs matplotlib (pip install '.[demo]')")
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_base):
+    return AudioLDM2.from_pretrained(tiny_base, device="cpu")
+
+
+def _check_files(audios: list, images: list, seconds: float) -> None:
+    from PIL import Image
+
+    for wav, png in zip(audios, images, strict=True):
+        audio, rate = sf.read(wav, dtype="float32")
+        assert rate == 16000 and audio.shape == (int(seconds * 16000),) and np.isfinite(audio).all()
+        image = Image.open(png)
+        assert image.format == "PNG" and image.size == (800, 320)
+
+
+def test_handler(pipe, tmp_path):
+    steps_seen = []
+    found = demo.generate(
+        pipe, "a dog barking", "low quality", 1.0, 2, "dpmpp-2m", 3.5, 7, 2,
+        out_dir=tmp_path, progress=lambda i, n: steps_seen.append((i, n)),
+    )  # fmt: skip
+    assert steps_seen == [(1, 2), (2, 2)]
+    assert len(found) == 2 and found[0].score >= found[1].score  # best first
+    _check_files([c.audio for c in found], [c.spectrogram for c in found], 1.0)
+    # the same seed, the same best candidate as the pipeline itself
+    import torch
+
+    out = pipe("a dog barking", negative_prompt="low quality", audio_length_in_s=1.0, num_inference_steps=2,
+               sampler="dpmpp-2m", num_waveforms_per_prompt=2, generator=torch.Generator().manual_seed(7))  # fmt: skip
+    assert np.abs(sf.read(found[0].audio, dtype="float32")[0] - out.audios[0]).max() == 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("  ",), "the prompt is empty"),
+        (("rain", None, 1.0, 0), "steps must be a whole number from 1 to 500, got 0"),
+        (("rain", None, 1.0, 2.5), "steps must be a whole number from 1 to 500, got 2.5"),
+        (("rain", None, 1.0, 2, "euler"), "unknown sampler 'euler'"),
+        (("rain", None, 1.0, 2, "ddim", 3.5, 0, 5), "candidates must be a whole number from 1 to 4, got 5"),
+        (("rain", None, 99.0), "length must be from 0"),
+    ],
+)
+def test_handler_refuses_bad_input(pipe, tmp_path, args, message):
+    with pytest.raises(ValueError, match=message):
+        demo.generate(pipe, *args, out_dir=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def served(pipe):
+    """The demo served on a free local port: its URL."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = demo.build_app(pipe, steps=2, candidates=2)
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    app.close()
+
+
+def test_api_through_gradio_client(served, tmp_path):
+    from gradio_client import Client
+
+    client = Client(served, verbose=False, download_files=str(tmp_path))
+    assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/generate"]
+    audios, images, scores = client.predict(
+        "rain on a tin roof", "low quality", 1.0, 2, "ddim", 3.5, 3, 3, api_name="/generate"
+    )
+    assert len(audios) == len(images) == len(scores) == 3 and scores == sorted(scores, reverse=True)
+    _check_files(audios, images, 1.0)
+    with pytest.raises(Exception, match="the prompt is empty"):  # the user's line, not a traceback
+        client.predict("", "", 1.0, 2, "ddim", 3.5, 0, 1, api_name="/generate")
+
+
+def _chromium() -> str | None:
+    """Debian's Chromium, another Chromium or Chrome on the PATH, or AUDIOLDM2_CHROMIUM."""
+    candidates = [os.environ.get("AUDIOLDM2_CHROMIUM"), "/usr/bin/chromium"]
+    candidates += [shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "chrome")]
+    return next((c for c in candidates if c and Path(c).is_file()), None)
+
+
+@pytest.mark.browser
+def test_in_a_browser(served, tmp_path):
+    """Load the page, type a prompt, press Generate: two players with spectrograms appear. The screenshot is
+    kept in pytest's temp folder (``pytest --basetemp=DIR`` puts it at DIR/test_in_a_browser0/demo.png)."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install '.[test]')")
+    executable = _chromium()
+    if executable is None:
+        pytest.skip(
+            "no Chromium found (/usr/bin/chromium, chromium or google-chrome on PATH, AUDIOLDM2_CHROMIUM)"
+        )
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.goto(served, wait_until="domcontentloaded")
+            page.get_by_label("Prompt", exact=True).fill("a dog barking in the rain")
+            page.get_by_role("button", name="Generate").click()
+            second = page.locator("img[src*='candidate2.png']")
+            second.wait_for(state="visible", timeout=180_000)
+            for rank in (1, 2):
+                player = page.locator(f"[data-testid^='audio-player-#{rank} · CLAP score']")
+                assert player.count() == 1
+                picture = page.locator(f"img[src*='candidate{rank}.png']")
+                picture.wait_for(state="visible")
+                assert picture.evaluate("img => img.complete && img.naturalWidth") == 800
+            # the players fetched and decoded the WAVs: wavesurfer shows their length (the tiny model's 2.56 s)
+            page.wait_for_function(
+                """() => [1, 2].every(rank => {
+                    const d = document.querySelector(`[data-testid^="waveform-#${rank} "] time#duration`);
+                    return d && d.textContent.trim() === "0:03";
+                })""",
+                timeout=60_000,
+            )
+            page.screenshot(path=tmp_path / "demo.png", full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    print(f"screenshot: {tmp_path / 'demo.png'}")
+
+
+def test_main_fails_in_one_line(capsys, monkeypatch):
+    assert demo.main(["--model", "/no/such/folder"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        err[-1]
+        == "audioldm2-demo: error: /no/such/folder: no such folder, and not a hub repo id of the form 'owner/name'"
+    )
+    monkeypatch.setitem(sys.modules, "gradio", None)
+    assert demo.main([]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        'audioldm2-demo: error: the demo needs gradio: pip install "audioldm2-core[demo]"'
+    )
