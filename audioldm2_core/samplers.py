@@ -339,7 +339,9 @@ def sample_dpmpp_2m_sde(
         noise = _noise_like(out, generator, torch.float32)
         lambda_s, lambda_t = _lambda(alpha_s, sigma_s), _lambda(alpha_t, sigma_t)
         h = lambda_t - lambda_s
-        x_next = sigma_t / sigma_s * torch.exp(-h) * x.to(torch.float32) + alpha_t * (1 - torch.exp(-2.0 * h)) * x0
+        x_next = (
+            sigma_t / sigma_s * torch.exp(-h) * x.to(torch.float32) + alpha_t * (1 - torch.exp(-2.0 * h)) * x0
+        )
         if start < i < n - 1:
             d1 = 1.0 / ((lambda_s - lambda_prev) / h) * (x0 - x0_prev)
             x_next = x_next + 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h))) * d1
@@ -439,7 +441,9 @@ def sample_unipc(
             if order == 2:
                 rks = [(lam(i - 2) - lam(i - 1)) / h]
                 d1s = [(ms[-2] - ms[-1]) / rks[0]]
-            rhos = torch.ones(1, dtype=x.dtype, device=dev) * 0.5 if order == 1 else _unipc_rhos(h, rks, order)
+            rhos = (
+                torch.ones(1, dtype=x.dtype, device=dev) * 0.5 if order == 1 else _unipc_rhos(h, rks, order)
+            )
             h_phi_1, b_h = _unipc_phi(h)
             x_t = sigma_t / sigma_s0 * x_last - alpha_t * h_phi_1 * ms[-1]
             corr = torch.einsum("k,bkc...->bc...", rhos.to(x.dtype)[:-1], torch.stack(d1s, 1)) if d1s else 0

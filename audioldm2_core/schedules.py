@@ -80,7 +80,7 @@ class KSchedule:  # Euler, Euler ancestral, Heun, LMS, KDPM2, KDPM2 ancestral (V
 
 @dataclass(frozen=True)
 class PNDMSchedule:
-    timesteps: Tensor  # (M,) int64: the t given to the UNet at call j, the 4th-order Runge-Kutta warm-up first
+    timesteps: Tensor  # (M,) int64: the t given to the UNet at call j, the Runge-Kutta warm-up first
     num_prk: int  # how many of those calls are the Runge-Kutta (PRK) warm-up
     step_ratio: int  # T // N: the distance a PLMS step goes down (PRK: half of it, twice)
     alphas_cumprod: Tensor  # (T,) float32: the training table, indexed by timestep
@@ -135,7 +135,7 @@ def _spaced(cfg: SchedulerConfig, steps: int, plus_one: bool, spacing: str | Non
     T, spacing = cfg.num_train_timesteps, spacing or cfg.timestep_spacing
     k = steps + 1 if plus_one else steps
     if spacing == "leading":
-        t = np.arange(0, k)[::-1][: steps] * (T // k) + cfg.steps_offset
+        t = np.arange(0, k)[::-1][:steps] * (T // k) + cfg.steps_offset
     elif spacing == "trailing":
         t = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
     elif spacing == "linspace":
