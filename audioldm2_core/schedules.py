@@ -145,17 +145,18 @@ def _spaced(cfg: SchedulerConfig, steps: int, plus_one: bool, spacing: str | Non
     return t.astype(np.int64)
 
 
-def _sigma_to_t(sigma, log_sigmas):
+def _sigma_to_t(sigma, log_sigmas: np.ndarray) -> np.ndarray:
     """The fractional timestep whose sigma is ``sigma``: linear interpolation in log sigma.
 
-    Written as diffusers' ``_sigma_to_t``, and called with the same types (numpy float64 for the Karras
-    sigmas, float32 torch tensors for KDPM2's midpoints) so that its float32 or float64 arithmetic follows.
+    diffusers' ``_sigma_to_t``, in the precision of ``sigma``: float64 for the Karras sigmas, float32 for
+    KDPM2's midpoints (diffusers passes float32 tensors there, and torch keeps the arithmetic in float32).
     """
     log_sigma = np.log(np.maximum(sigma, 1e-10))
     dists = log_sigma - log_sigmas[:, np.newaxis]
     low = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
     w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
-    return ((1 - w) * low + w * (low + 1)).reshape(sigma.shape)
+    low = low.astype(w.dtype)
+    return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigma))
 
 
 def _karras(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> np.ndarray:
@@ -307,8 +308,7 @@ def kdpm2_schedule(cfg: SchedulerConfig, steps: int, ancestral: bool = False) ->
     else:
         mid = sigmas.log().lerp(sigmas.roll(1).log(), 0.5).exp()  # mid[i]: between sigma_{i-1} and sigma_i
         mid_i = mid[1:]
-    log_sigmas = torch.from_numpy(log_sigmas)
-    t_mid = np.array([_sigma_to_t(s, log_sigmas) for s in mid_i])
+    t_mid = np.array([_sigma_to_t(s, log_sigmas) for s in mid_i.numpy()])
     return KSchedule(
         torch.from_numpy(t),
         sigmas,
