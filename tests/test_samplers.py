@@ -512,7 +512,7 @@ def test_a_function_is_a_sampler():
 def test_readme_example_sampler():
     """The README's ten-line sampler is Euler: ``sample_euler`` on the same sigmas and timesteps."""
     cfg = scheduler_config(HUB)
-    got = sample(readme_euler, RecordingDenoiser(), x_T(), cfg, 20)
+    got = sample(_readme_sampler(), RecordingDenoiser(), x_T(), cfg, 20)
     vp = dpm_schedule(cfg, 20)
     s0 = vp.sigmas[0]
     ve = KSchedule(vp.timesteps.float(), vp.sigmas, (s0**2 + 1) ** 0.5, "epsilon")
@@ -520,16 +520,13 @@ def test_readme_example_sampler():
     assert rel_err(got, want) <= 1e-5
 
 
-def readme_euler(model, x, sched, generator=None, callback=None, start=0):
-    """Euler (Karras et al. 2022) on the VE form x / alpha = x0 + sigma eps; epsilon prediction."""
-    s = sched.sigmas
-    x = x * (s[start] ** 2 + 1) ** 0.5  # VP x_t -> VE
-    for i in range(start, len(sched.timesteps)):
-        eps = model(x / (s[i] ** 2 + 1) ** 0.5, sched.timesteps[i])  # the UNet takes the VP x_t
-        x = x + eps * (s[i + 1] - s[i])  # dx/dsigma = eps
-        if callback is not None:
-            callback(i, sched.timesteps[i], x)
-    return x
+def _readme_sampler():
+    """The README's example sampler, executed from the README itself (so the two cannot drift apart)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in readme.split("```python")[1:] if "def my_euler" in b).split("```")[0]
+    scope: dict = {}
+    exec(block.split("\naudio = ")[0], scope)  # the definition, without the pipeline call after it
+    return scope["my_euler"]
 
 
 # --------------------------------------------------------------------------------------------- LMS

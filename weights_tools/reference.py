@@ -26,6 +26,9 @@ def reference_pipeline(path: str | Path):
     lm = GPT2LMHeadModel.from_pretrained(path, subfolder="language_model", dtype=torch.float32)
     pipe = AudioLDM2Pipeline.from_pretrained(path, language_model=lm, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    # The checkpoint's own scheduler, kept: a swapped-in scheduler's config carries its options (e.g.
+    # use_karras_sigmas) through the next from_config, so every swap starts from this one.
+    pipe.hub_scheduler = pipe.scheduler
     return pipe
 
 
@@ -78,7 +81,7 @@ def run_reference(
     pipe = reference_pipeline(str(path))
     if _ALIASES.get(sampler, sampler) not in DIFFUSERS_SCHEDULERS:
         raise ValueError(sampler)
-    pipe.scheduler = diffusers_scheduler(sampler, pipe.scheduler.config)
+    pipe.scheduler = diffusers_scheduler(sampler, pipe.hub_scheduler.config)
 
     out: dict[str, Any] = {}
     encode, decode, vocode, prepare = (
