@@ -9,20 +9,10 @@ sampler returns x_0 for the VAE. Samplers never see the conditions.
     sched = dpm_schedule(cfg, 20); x = sample_dpmpp_2m(model, x_T, sched)      # the same, by hand
 
 Every name in ``SAMPLERS`` reproduces, to float32 rounding, diffusers 0.42.1's ``AudioLDM2Pipeline`` with
-``pipe.scheduler = <Scheduler>.from_config(pipe.scheduler.config, <options>)``:
-
-    ddim                 DDIMScheduler (the checkpoint's own), eta included
-    dpmpp-2m(-karras)    DPMSolverMultistepScheduler (use_karras_sigmas=True)
-    dpmpp-2m-sde(-karras) the same, algorithm_type="sde-dpmsolver++"
-    unipc                UniPCMultistepScheduler (bh2, order 2, corrector on)
-    deis                 DEISMultistepScheduler
-    dpmpp-2s             DPMSolverSinglestepScheduler
-    euler, euler-a       EulerDiscreteScheduler, EulerAncestralDiscreteScheduler
-    heun                 HeunDiscreteScheduler
-    kdpm2, kdpm2-a       KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler
-    lms                  LMSDiscreteScheduler
-    pndm                 PNDMScheduler (with its Runge-Kutta warm-up)
-    ddpm                 DDPMScheduler
+``pipe.scheduler = <Scheduler>.from_config(pipe.scheduler.config, <options>)``, the scheduler and options of
+``weights_tools.reference.DIFFUSERS_SCHEDULERS`` (and the README's table): DDIM (the checkpoint's own),
+DDPM, PNDM, DPM-Solver++ 2M (SDE, Karras) and 2S, UniPC, DEIS, Euler (ancestral), Heun, KDPM2 (ancestral),
+LMS.
 
 The stochastic ones (ddim with eta > 0, ddpm, euler-a, kdpm2-a, dpmpp-2m-sde) draw their noise where
 diffusers' ``step`` does, with its shape, dtype and device (``randn`` = diffusers' ``randn_tensor``), so the
@@ -60,6 +50,11 @@ from .schedules import (
     DPMSchedule,
     KSchedule,
     PNDMSchedule,
+    _alpha_sigma,
+    _lambda,
+    _scale,
+    _x0_ve,
+    _x0_vp,
     alphas_cumprod,
     ddim_schedule,
     ddpm_schedule,
@@ -128,38 +123,6 @@ def randn(
 
 def _noise_like(out: Tensor, generator: Generators, dtype: torch.dtype | None = None) -> Tensor:
     return randn(tuple(out.shape), generator, out.device, dtype or out.dtype)
-
-
-# ------------------------------------------------------------------------------ shared conversions
-
-
-def _alpha_sigma(sigma: Tensor) -> tuple[Tensor, Tensor]:
-    """From the VE noise level sigma = sqrt((1 - abar) / abar) to the VP pair (sqrt(abar), sqrt(1 - abar))."""
-    alpha_t = 1 / (sigma**2 + 1) ** 0.5
-    return alpha_t, sigma * alpha_t
-
-
-def _lambda(alpha: Tensor, sigma: Tensor) -> Tensor:
-    return torch.log(alpha) - torch.log(sigma)  # half log-SNR; +inf at sigma=0
-
-
-def _x0_vp(out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
-    """x_0 from a VP x_t = alpha x_0 + sigma eps and the model's eps (or v = alpha eps - sigma x_0)."""
-    if prediction_type == "epsilon":
-        return (x - sigma * out) / alpha
-    return alpha * x - sigma * out
-
-
-def _x0_ve(out: Tensor, x: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
-    """x_0 from a VE x = x_0 + sigma eps (the model saw x / sqrt(sigma^2 + 1)) and its eps or v."""
-    if prediction_type == "epsilon":
-        return x - sigma * out
-    return out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
-
-
-def _scale(x: Tensor, sigma: Tensor) -> Tensor:
-    """VE x -> the VP x_t the UNet was trained on (diffusers' ``scale_model_input``)."""
-    return x / ((sigma**2 + 1) ** 0.5)
 
 
 def _done(callback: Callback | None, i: int, t: Tensor, x: Tensor) -> None:
@@ -395,11 +358,6 @@ def sample_dpmpp_2s(
     return x
 
 
-def _unipc_phi(h: Tensor) -> tuple[Tensor, Tensor]:
-    """phi_1(-h) h and B(h) of UniPC's "bh2" variant (Zhao et al. 2023, eq. 8 and sec. 3.3); both expm1(-h)."""
-    return torch.expm1(-h), torch.expm1(-h)
-
-
 def _unipc_rhos(h: Tensor, rks: list[Tensor], order: int) -> Tensor:
     """Solve UniPC's R rho = b for the corrector's weights (Zhao et al. 2023, Algorithm 1), as diffusers."""
     hh = -h  # data prediction
@@ -444,7 +402,7 @@ def sample_unipc(
             rhos = (
                 torch.ones(1, dtype=x.dtype, device=dev) * 0.5 if order == 1 else _unipc_rhos(h, rks, order)
             )
-            h_phi_1, b_h = _unipc_phi(h)
+            h_phi_1 = b_h = torch.expm1(-h)  # phi_1(-h) h and B(h) of "bh2"
             x_t = sigma_t / sigma_s0 * x_last - alpha_t * h_phi_1 * ms[-1]
             corr = torch.einsum("k,bkc...->bc...", rhos.to(x.dtype)[:-1], torch.stack(d1s, 1)) if d1s else 0
             x = (x_t - alpha_t * b_h * (corr + rhos.to(x.dtype)[-1] * (m - ms[-1]))).to(x_last.dtype)
@@ -455,7 +413,7 @@ def sample_unipc(
         alpha_t, sigma_t = _alpha_sigma(sched.sigmas[i + 1].to(dev))
         _, sigma_s0 = _alpha_sigma(sched.sigmas[i].to(dev))
         h = lam(i + 1) - lam(i)
-        h_phi_1, b_h = _unipc_phi(h)
+        h_phi_1 = b_h = torch.expm1(-h)  # phi_1(-h) h and B(h) of "bh2"
         x_t = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m
         if order == 2:
             rk = (lam(i - 1) - lam(i)) / h

@@ -19,7 +19,9 @@ Timestep spacings, as diffusers names them (T = num_train_timesteps, N = steps):
 The VE samplers keep fractional timesteps where they interpolate (KDPM2's midpoints, Karras sigmas): the
 UNet's sinusoidal embedding takes any real t.
 
-Quirks of the reference kept on purpose are listed at each builder; schedules diffusers builds wrong
+The conversions between the two (x_0 from an epsilon or v prediction in either form, the UNet's input from a
+VE x, half log-SNR) are here too, once, for all samplers. Quirks of the reference kept on purpose are listed
+at each builder; schedules diffusers builds wrong
 (timesteps outside [0, T), repeated, or one too many from numpy's float ``arange``) are refused with a
 ``ValueError`` (see ``_check_timesteps``).
 """
@@ -164,6 +166,38 @@ def _karras(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) ->
     ramp = np.linspace(0, 1, steps)
     min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+# ------------------------------------------------------------------- conversions between parametrisations
+
+
+def _alpha_sigma(sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """From the VE noise level sigma = sqrt((1 - abar) / abar) to the VP pair (sqrt(abar), sqrt(1 - abar))."""
+    alpha_t = 1 / (sigma**2 + 1) ** 0.5
+    return alpha_t, sigma * alpha_t
+
+
+def _lambda(alpha: Tensor, sigma: Tensor) -> Tensor:
+    return torch.log(alpha) - torch.log(sigma)  # half log-SNR; +inf at sigma=0
+
+
+def _x0_vp(out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
+    """x_0 from a VP x_t = alpha x_0 + sigma eps and the model's eps (or v = alpha eps - sigma x_0)."""
+    if prediction_type == "epsilon":
+        return (x - sigma * out) / alpha
+    return alpha * x - sigma * out
+
+
+def _x0_ve(out: Tensor, x: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
+    """x_0 from a VE x = x_0 + sigma eps (the model saw x / sqrt(sigma^2 + 1)) and its eps or v."""
+    if prediction_type == "epsilon":
+        return x - sigma * out
+    return out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+
+
+def _scale(x: Tensor, sigma: Tensor) -> Tensor:
+    """VE x -> the VP x_t the UNet was trained on (diffusers' ``scale_model_input``)."""
+    return x / ((sigma**2 + 1) ** 0.5)
 
 
 # --------------------------------------------------------------------------------------- VP builders
