@@ -693,9 +693,9 @@ def init_noise_sigma(sampler: str | SamplerFn, cfg: SchedulerConfig, steps: int)
     return sched.init_noise_sigma if isinstance(sched, KSchedule) else 1.0
 
 
-def _check_index(index: int, steps: int, what: str) -> None:
-    if isinstance(index, bool) or not isinstance(index, int | np.integer) or not 0 <= index < steps:
-        raise ValueError(f"{what} must be an integer step index in [0, steps={steps}), got {index!r}")
+def _check_index(index: int, n: int, what: str) -> None:
+    if isinstance(index, bool) or not isinstance(index, int | np.integer) or not 0 <= index < n:
+        raise ValueError(f"{what} must be an integer step index in [0, {n}), got {index!r}")
 
 
 def add_noise(
