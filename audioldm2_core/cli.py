@@ -38,7 +38,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of --model")
     p.add_argument("--negative", default=None, help="negative prompt: what the audio should not sound like")
     p.add_argument("--steps", type=int, default=200, help="denoising steps (default: %(default)s)")
-    p.add_argument("--sampler", default="ddim", help=f"one of {', '.join(SAMPLERS)} (default: %(default)s)")
+    p.add_argument(
+        "--sampler",
+        default="ddim",
+        help=f"one of {', '.join(SAMPLERS)}: the diffusers scheduler of that name, same seed same audio "
+        "(default: %(default)s)",
+    )
     p.add_argument(
         "--guidance", type=float, default=3.5, help="classifier-free guidance scale; 1 disables it"
     )

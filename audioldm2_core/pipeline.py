@@ -56,7 +56,7 @@ from .gpt2 import load_gpt2
 from .loading import Checkpoint, open_checkpoint
 from .projection import load_projection
 from .rerank import rank_within_prompts, score
-from .samplers import SAMPLERS, randn, sample
+from .samplers import SamplerFn, check_sampler, init_noise_sigma, randn, sample, schedule
 from .t5 import load_t5
 from .tokenization import load_tokenizer
 from .unet import load_unet
@@ -418,12 +418,15 @@ class AudioLDM2:
         *,
         num_inference_steps: int,
         guidance_scale: float,
-        sampler: str = "ddim",
+        sampler: str | SamplerFn = "ddim",
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         callback: Callable[[int, Tensor, Tensor], None] | None = None,
+        start: int = 0,
     ) -> Tensor:
-        """Run a sampler from x_T = ``latents``; the closure below owns guidance and both conditions."""
+        """Run a sampler from step ``start`` (0: x_T) on ``latents``, already in the sampler's scale (see
+        ``samplers.init_noise_sigma`` and ``samplers.add_noise``); the closure below owns guidance and both
+        conditions."""
         unet = self.unet
         guided = guidance_scale > 1.0
 
@@ -449,6 +452,7 @@ class AudioLDM2:
             latents,
             self.scheduler_config,
             num_inference_steps,
+            start=start,
             eta=eta,
             generator=generator,
             callback=callback,
@@ -517,15 +521,17 @@ class AudioLDM2:
         negative_attention_mask: Tensor | None = None,
         max_new_tokens: int | None = None,
         output_type: str = "np",
-        sampler: str = "ddim",
+        sampler: str | SamplerFn = "ddim",
         callback: Callable[[int, Tensor, Tensor], None] | None = None,
         callback_steps: int = 1,
         rerank: bool | None = None,
     ) -> AudioOutput:
         """Generate audio; arguments as ``diffusers.AudioLDM2Pipeline.__call__``, plus ``sampler``.
 
-        ``sampler``: "ddim" (the checkpoint's scheduler, diffusers' default), "dpmpp-2m" (as
-        ``DPMSolverMultistepScheduler.from_config`` of it) or "dpmpp-2m-karras". ``callback(step, t,
+        ``sampler``: a name in ``samplers.SAMPLERS``: "ddim" (the checkpoint's scheduler, diffusers' default),
+        or the diffusers scheduler it names built ``from_config`` of it ("dpmpp-2m", "unipc", "euler-a", ...;
+        the table in ``samplers.py``), or a function ``fn(model, x, sched, generator=, callback=, start=)``
+        (see the README). ``callback(step, t,
         latents)`` runs every ``callback_steps`` steps. ``rerank`` (default: when
         ``num_waveforms_per_prompt`` > 1 and a prompt is given, as diffusers) orders each prompt's candidates
         by CLAP score, best first, and returns the scores; False keeps generation order. Returns :class:`AudioOutput` with ``audios`` of
@@ -573,6 +579,7 @@ class AudioLDM2:
             raise ValueError(f"latents have shape {tuple(latents.shape)}; this request needs {shape}")
         else:
             latents = latents.to(self.device, prompt_embeds.dtype)
+        latents = latents * init_noise_sigma(sampler, self.scheduler_config, num_inference_steps)
 
         step_callback = None
         if callback is not None:
@@ -638,8 +645,8 @@ class AudioLDM2:
             )
         if output_type not in ("np", "pt", "latent"):
             raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        check_sampler(sampler)
+        schedule(sampler, self.scheduler_config, num_inference_steps)  # refuses counts it cannot run, early
         if not isinstance(callback_steps, int) or callback_steps < 1:
             raise ValueError(f"callback_steps must be a positive int, got {callback_steps!r}")
         if prompt is None and (prompt_embeds is None or generated_prompt_embeds is None):

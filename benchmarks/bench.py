@@ -306,7 +306,7 @@ def _call_kwargs(spec: dict, torch, **overrides) -> dict:
 
 def _diffusers(spec: dict, dtype, timer: StageTimer):
     import torch
-    from diffusers import AudioLDM2Pipeline, DDIMScheduler, DPMSolverMultistepScheduler
+    from diffusers import AudioLDM2Pipeline
     from diffusers.models import AutoencoderKL
     from diffusers.pipelines.audioldm2.modeling_audioldm2 import (
         AudioLDM2ProjectionModel,
@@ -325,12 +325,10 @@ def _diffusers(spec: dict, dtype, timer: StageTimer):
         torch.cuda.synchronize(device)
     spec["_load_s"] = time.perf_counter() - t0
     pipe.set_progress_bar_config(disable=True)
-    base = DDIMScheduler.from_config(pipe.scheduler.config)
-    if spec["sampler"] == "ddim":
-        pipe.scheduler = base
-    else:
-        karras = spec["sampler"] == "dpmpp-2m-karras"
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(base.config, use_karras_sigmas=karras)
+    sys.path.insert(0, str(ROOT))
+    from weights_tools.reference import diffusers_scheduler  # the scheduler our sampler name stands for
+
+    pipe.scheduler = diffusers_scheduler(spec["sampler"], pipe.scheduler.config)
     timer.wrap(ClapModel, "get_text_features", "text encoders")
     timer.wrap(T5EncoderModel, "forward", "text encoders")
     timer.wrap(AudioLDM2ProjectionModel, "forward", "text encoders")
@@ -466,12 +464,15 @@ def table(results: dict[str, list[dict]], errors: dict[str, float], header: str)
 
 
 def main(argv: list[str] | None = None) -> None:
+    sys.path.insert(0, str(ROOT))
+    from audioldm2_core.samplers import SAMPLERS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
     p.add_argument(
         "--sampler",
         default="dpmpp-2m",
-        choices=["ddim", "dpmpp-2m", "dpmpp-2m-karras"],
+        choices=list(SAMPLERS),
         help="sampler; diffusers gets the matching scheduler (default dpmpp-2m: DPM-Solver++ 2M)",
     )
     p.add_argument("--length", type=float, default=10.24, help="audio length in seconds (default 10.24)")

@@ -42,7 +42,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5, help="generations per implementation (default 5)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
-    p.add_argument("--sampler", default="dpmpp-2m", choices=["ddim", "dpmpp-2m", "dpmpp-2m-karras"])
+    sys.path.insert(0, str(ROOT))
+    from audioldm2_core.samplers import SAMPLERS
+
+    p.add_argument("--sampler", default="dpmpp-2m", choices=list(SAMPLERS), help="sampler (default dpmpp-2m)")
     p.add_argument("--length", type=float, default=10.24, help="audio length in seconds (default 10.24)")
     p.add_argument("--guidance", type=float, default=3.5, help="guidance scale (default 3.5)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

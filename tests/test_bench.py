@@ -91,3 +91,12 @@ def test_pipeline_ab_runs(tiny_base):
     assert all(len(r[2].split(", ")) == 2 for r in rows)  # one ratio per round
     assert all(float(r[3]) < 1e-5 for r in rows)  # the same waveform as diffusers, to float32 rounding
     assert _decisions(out)  # which rewrites "ours" had
+
+
+def test_samplers_ab_counts_unet_calls(tiny_base, tmp_path):
+    out = _run("samplers_ab.py", "--checkpoint", str(tiny_base), "--steps", "4", "--length", "0.64",
+               "--samplers", "ddim,heun,pndm")  # fmt: skip
+    calls = dict(
+        re.findall(r"^\| ([a-z0-9-]+) \| (\d+) \| [\d.]+ \| [\d.]+ s \| [\d.]+ s \| [\d.]+ s \|$", out, re.M)
+    )
+    assert calls == {"ddim": "4", "heun": "7", "pndm": "13"}  # N, 2N - 1, N + 9

@@ -50,6 +50,24 @@ def test_same_seed_same_file_and_candidates(tiny_base, tmp_path):
     assert a.shape == (16000,) and (a == sf.read(tmp_path / "a.wav")[0]).all()
 
 
+@pytest.mark.parametrize("name", ["ddim", "dpmpp-2m", "dpmpp-2m-karras", "dpmpp-2m-sde", "dpmpp-2m-sde-karras",
+                                  "unipc", "deis", "dpmpp-2s", "euler", "euler-a", "heun", "kdpm2", "kdpm2-a",
+                                  "lms", "pndm", "ddpm"])  # fmt: skip
+def test_every_sampler_name_is_accepted(name, tmp_path):
+    from audioldm2_core.cli import _check_args, parse_args
+
+    args = parse_args(["rain", "-o", str(tmp_path / "x.wav"), "--sampler", name])
+    assert _check_args(args) == [("rain", tmp_path / "x.wav")]
+
+
+def test_a_new_sampler_end_to_end(tiny_base, tmp_path):
+    out = tmp_path / "a.wav"
+    r = run("rain", "-o", str(out), "--model", str(tiny_base), "--steps", "2", "--length", "1.0",
+            "--seed", "0", "--sampler", "euler-a", "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert sf.read(out)[0].shape == (16000,)
+
+
 def test_plain_flag(tiny_base, tmp_path):
     """``--plain`` runs the model without the speed layer: the same audio to float32 rounding."""
     args = ["a bell", "--model", str(tiny_base), "--steps", "2", "--length", "1.0", "--seed", "5", "--quiet"]
@@ -100,7 +118,7 @@ def test_prompts_file(tiny_base, tmp_path):
         (["rain", "--steps", "-5"], "--steps must be at least 1, got -5"),
         (["rain", "--length", "0"], "--length must be a positive number of seconds, got 0.0"),
         (["rain", "--length", "-3"], "--length must be a positive number of seconds, got -3.0"),
-        (["rain", "--sampler", "euler"], "unknown sampler 'euler'"),
+        (["rain", "--sampler", "eulr"], "unknown sampler 'eulr'; choose one of ddim, dpmpp-2m, "),
         (["rain", "--candidates", "0"], "--candidates must be at least 1"),
         (["rain", "--cuda-graphs"], "--cuda-graphs needs a CUDA --device, not 'cpu'"),
         (["rain", "-o", "/nonexistent-dir/x.wav"], "output folder /nonexistent-dir does not exist"),

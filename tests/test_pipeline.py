@@ -166,7 +166,8 @@ def test_low_memory_mode_is_identical(tiny_base, pipe):
         (dict(guidance_scale=-2.0), ValueError, "guidance_scale must be >= 0"),
         (dict(num_waveforms_per_prompt=0), ValueError, "num_waveforms_per_prompt must be a positive int"),
         (dict(output_type="wav"), ValueError, "output_type must be"),
-        (dict(sampler="euler"), ValueError, "unknown sampler 'euler'"),
+        (dict(sampler="eulr"), ValueError, "unknown sampler 'eulr'"),
+        (dict(sampler="pndm"), ValueError, "PNDM needs at least 4 steps"),
         (dict(eta=2.0), ValueError, "eta must be a number in"),
     ],
 )

@@ -1,12 +1,15 @@
-"""Samplers against diffusers 0.42.1's ``DDIMScheduler`` and ``DPMSolverMultistepScheduler``.
+"""Samplers against diffusers 0.42.1's schedulers, every name against the one it stands for.
 
-Schedules (timesteps, abar, sigmas) must be identical for every step count 1..250; trajectories are run
-twice with the same deterministic fake denoiser, once through ``scheduler.step`` and once through our
-sampler, and compared after every step.
+DDIM's and DPM-Solver++'s schedules (timesteps, abar, sigmas) must be identical for every step count
+1..250; every sampler's trajectory is run twice with the same deterministic fake denoiser and generator,
+once through ``scheduler.step`` as the pipeline drives it and once through ours, and compared after every
+step (<= 1e-6; bit for bit but for LMS, whose diffusers coefficients come from scipy's adaptive quadrature);
+img2img starts (``start``, ``add_noise``) against ``set_begin_index`` + ``add_noise``.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -18,14 +21,20 @@ from diffusers.utils.torch_utils import randn_tensor
 from audioldm2_core.config import scheduler_config
 from audioldm2_core.samplers import (
     SAMPLERS,
+    KSchedule,
+    _lms_coefficient,
+    add_noise,
     ddim_schedule,
     dpm_schedule,
+    init_noise_sigma,
     randn,
     sample,
     sample_ddim,
     sample_dpmpp_2m,
+    sample_euler,
 )
 from tests.helpers import rel_err
+from weights_tools.reference import DIFFUSERS_SCHEDULERS, diffusers_scheduler
 
 HUB = json.loads(
     (
@@ -34,8 +43,11 @@ HUB = json.loads(
     ).read_text()
 )
 STEPS = (1, 2, 3, 10, 20, 50, 200, 250)
-# diffusers' own DPM set_timesteps calls np.array() on a tensor, which numpy 2 flags; not our code.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+# diffusers' own DPM, DEIS and KDPM2 code calls numpy functions on tensors, which numpy 2 flags; not our code.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning"),
+]
 SHAPE = (2, 4, 8, 6)  # (B, C, t, f) latents, tiny
 
 
@@ -256,17 +268,6 @@ def test_bfloat16_latents_keep_diffusers_dtypes():
     compare(our_trajectory(sample_dpmpp_2m, x, s), want)
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
-def test_sample_dispatch(name):
-    cfg = scheduler_config(HUB)
-    ref = ref_ddim(HUB) if name == "ddim" else ref_dpm(HUB, name.endswith("karras"))
-    want = reference_trajectory(ref, 20, x_T())
-    calls = []
-    got = sample(name, FakeDenoiser(), x_T(), cfg, 20, callback=lambda i, t, x: calls.append((i, int(t))))
-    assert rel_err(got, want[0][-1]) <= 1e-5
-    assert calls == list(enumerate(want[1]))
-
-
 def test_randn_matches_randn_tensor():
     for gen in (
         lambda: torch.Generator().manual_seed(0),
@@ -293,8 +294,8 @@ def test_bad_arguments():
     for eta in (-0.1, 1.5, float("nan"), None):
         with pytest.raises(ValueError, match="eta"):
             sample_ddim(model, x, s, eta=eta)
-    with pytest.raises(ValueError, match="unknown sampler"):
-        sample("euler", model, x, cfg, 10)
+    with pytest.raises(ValueError, match="unknown sampler 'eulr'; choose one of ddim, dpmpp-2m, "):
+        sample("eulr", model, x, cfg, 10)
     with pytest.raises(ValueError, match="eta"):
         sample("dpmpp-2m", model, x, cfg, 10, eta=0.5)
     with pytest.raises(ValueError, match="generators"):
@@ -313,3 +314,229 @@ def test_refuses_schedules_diffusers_gets_wrong():
     with pytest.raises(ValueError, match="timesteps"):
         ddim_schedule(scheduler_config(hub(timestep_spacing="trailing")), 61)
     assert len(dpm_schedule(scheduler_config(HUB), 1000, karras=True).timesteps) == 1000
+
+
+# ------------------------------------------------------------------ every name against its scheduler
+#
+# The loop below is diffusers' AudioLDM2Pipeline's, with the fake denoiser for the UNet + guidance:
+# latents * init_noise_sigma, then per timestep scale_model_input, the model, step (with the generator
+# where step takes one). Ours goes through ``sample`` by name. Compared: the timesteps the model is given
+# (exactly), and the latents after every step (Heun/KDPM2: after each step's second call).
+
+HUB_CONFIGS = {  # the five checkpoints' scheduler configs, deduplicated (today they are all the same)
+    json.dumps(c, sort_keys=True): c
+    for c in (
+        json.loads(f.read_text())
+        for f in sorted(
+            (Path(__file__).resolve().parents[1] / "weights_tools/hub_configs").glob("*/scheduler/*")
+        )
+    )
+}
+STEP_TOL = 1e-6
+NAMES = list(DIFFUSERS_SCHEDULERS)
+TWO_CALLS = {"heun", "kdpm2", "kdpm2-a"}  # diffusers' order 2: the timesteps are doubled
+
+
+def test_the_table_names_every_sampler():
+    assert list(SAMPLERS) == NAMES
+
+
+class RecordingDenoiser(FakeDenoiser):
+    def __call__(self, x, t):
+        self.seen.append(float(t))  # fractional for the KDPM2 midpoints and Karras sigmas
+        mix = torch.einsum("oc,bchw->bohw", self.w.to(x.dtype), x)
+        return mix + (torch.sin(t.to(torch.float32) / 150) * self.b).to(x.dtype)
+
+
+def diffusers_run(name, d, steps, x, *, start=0, x0=None, noise=None, seed=5):
+    """diffusers' loop for sampler ``name``; from ``start`` as its img2img pipelines do (then x = add_noise)."""
+    sched = diffusers_scheduler(name, d)
+    sched.set_timesteps(steps)
+    order = sched.order
+    timesteps = sched.timesteps[start * order :]
+    if start == 0:
+        x = x * sched.init_noise_sigma
+    else:
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(start * order)
+        x = sched.add_noise(x0, noise, timesteps[:1].repeat(x0.shape[0]))
+    model, g = RecordingDenoiser(), torch.Generator().manual_seed(seed)
+    takes = inspect.signature(sched.step).parameters
+    xs = []
+    for t in timesteps:
+        out = model(sched.scale_model_input(x, t), t)
+        x = sched.step(out, t, x, **({"generator": g} if "generator" in takes else {})).prev_sample
+        xs.append(x)
+    if name in TWO_CALLS:  # one entry per step: after its second call, and the last (single-call) step
+        xs = xs[1::2][: len(xs) // 2] + xs[-1:]
+    return xs, model.seen
+
+
+def our_run(name, d, steps, x, *, start=0, x0=None, noise=None, seed=5):
+    cfg, model, xs, idx = scheduler_config(d), RecordingDenoiser(), [], []
+    if start == 0:
+        x = x * init_noise_sigma(name, cfg, steps)
+    else:
+        x = add_noise(name, cfg, steps, x0, noise, start)
+
+    def callback(i, t, x_i):
+        idx.append(i)
+        xs.append(x_i)
+
+    g = torch.Generator().manual_seed(seed)
+    out = sample(name, model, x, cfg, steps, start=start, generator=g, callback=callback)
+    assert out is xs[-1] and idx == list(range(start, start + len(idx)))
+    return xs, model.seen
+
+
+def compare_runs(ours, ref, tol=STEP_TOL) -> None:
+    (xs, seen), (ref_xs, ref_seen) = ours, ref
+    assert seen == ref_seen, "the denoiser was given different timesteps"
+    assert len(xs) == len(ref_xs)
+    for a, b in zip(xs, ref_xs, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert rel_err(a, b) <= tol, rel_err(a, b)
+
+
+def _diffusers_refuses(name, d, steps) -> bool:
+    try:
+        diffusers_scheduler(name, d).set_timesteps(steps)
+    except ValueError:  # PNDM under 4 steps: numpy cannot broadcast its warm-up
+        return True
+    return False
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_matches_diffusers_step_by_step(name):
+    for d in HUB_CONFIGS.values():
+        for steps in (1, 2, 3, 7, 20, 250):
+            if _diffusers_refuses(name, d, steps):
+                with pytest.raises(ValueError, match="at least 4 steps"):
+                    sample(name, RecordingDenoiser(), x_T(), scheduler_config(d), steps)
+                continue
+            compare_runs(our_run(name, d, steps, x_T()), diffusers_run(name, d, steps, x_T()))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"timestep_spacing": "trailing"},
+        {"timestep_spacing": "linspace", "prediction_type": "v_prediction"},
+        {"beta_schedule": "linear", "steps_offset": 0, "set_alpha_to_one": True},
+    ],
+    ids=["trailing", "linspace-v", "linear-offset0"],
+)
+def test_other_config_options(name, overrides):
+    d = hub(**overrides)
+    for steps in (4, 9, 20):
+        compare_runs(our_run(name, d, steps, x_T()), diffusers_run(name, d, steps, x_T()))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bfloat16_latents_every_sampler(name):
+    x = x_T(torch.bfloat16)
+    compare_runs(our_run(name, HUB, 6, x), diffusers_run(name, HUB, 6, x), tol=0.0)
+
+
+# -------------------------------------------------------------------- img2img: start and add_noise
+
+
+def _model_calls(name, d, steps) -> int:
+    sched = diffusers_scheduler(name, d)
+    sched.set_timesteps(steps)
+    return len(sched.timesteps)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_start_matches_diffusers_img2img(name):
+    """``add_noise(..., k)`` then ``sample(..., start=k)`` = diffusers' img2img loop from t_start = k."""
+    x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(21))
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(22))
+    for steps in (5, 20):
+        last = _model_calls(name, HUB, steps) - 1 if name == "pndm" else steps - 1  # PNDM: k counts calls
+        for k in (1, 2, steps // 2, last):
+            kw = dict(start=k, x0=x0, noise=noise)
+            compare_runs(our_run(name, HUB, steps, None, **kw), diffusers_run(name, HUB, steps, None, **kw))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_noise_at_every_index(name, dtype):
+    """The scheduler's own ``add_noise`` after ``set_begin_index(k * order)``, for every k (RePaint re-noises
+    the known latents to the level of the next step)."""
+    x0, noise = x_T(dtype), torch.randn(SHAPE, generator=torch.Generator().manual_seed(9)).to(dtype)
+    cfg, steps = scheduler_config(HUB), 12
+    ref = diffusers_scheduler(name, HUB)
+    ref.set_timesteps(steps)
+    indices = range(len(ref.timesteps)) if name == "pndm" else range(steps)
+    for k in indices:
+        if hasattr(ref, "set_begin_index"):
+            ref.set_begin_index(k * ref.order)
+        t = ref.timesteps[k * ref.order : k * ref.order + 1].repeat(SHAPE[0])
+        want = ref.add_noise(x0, noise, t)
+        got = add_noise(name, cfg, steps, x0, noise, k)
+        assert got.dtype == want.dtype and torch.equal(got, want), (k, rel_err(got, want))
+
+
+def test_start_and_index_are_checked():
+    cfg, model = scheduler_config(HUB), RecordingDenoiser()
+    for bad in (-1, 10, 2.0, True):
+        with pytest.raises(ValueError, match="start must be an integer step index in"):
+            sample("euler", model, x_T(), cfg, 10, start=bad)
+        with pytest.raises(ValueError, match="index must be an integer step index in"):
+            add_noise("unipc", cfg, 10, x_T(), x_T(), bad)
+    with pytest.raises(ValueError, match="eta is a DDIM option"):
+        sample("euler-a", model, x_T(), cfg, 10, eta=0.5)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        init_noise_sigma("heun2", cfg, 10)
+
+
+# ------------------------------------------------------------------------------- your own sampler
+
+
+def test_a_function_is_a_sampler():
+    """A callable with the built-ins' signature gets the VP ``dpm_schedule`` and the latents as they are."""
+    cfg, seen = scheduler_config(HUB), []
+
+    def mine(model, x, sched, generator=None, callback=None, start=0):
+        seen.append((type(sched).__name__, start))
+        return sample_dpmpp_2m(model, x, sched, generator=generator, callback=callback, start=start)
+
+    assert init_noise_sigma(mine, cfg, 20) == 1.0
+    got = sample(mine, RecordingDenoiser(), x_T(), cfg, 20)
+    assert torch.equal(got, sample("dpmpp-2m", RecordingDenoiser(), x_T(), cfg, 20))
+    assert seen == [("DPMSchedule", 0)]
+
+
+def test_readme_example_sampler():
+    """The README's ten-line sampler is Euler: ``sample_euler`` on the same sigmas and timesteps."""
+    cfg = scheduler_config(HUB)
+    got = sample(_readme_sampler(), RecordingDenoiser(), x_T(), cfg, 20)
+    vp = dpm_schedule(cfg, 20)
+    s0 = vp.sigmas[0]
+    ve = KSchedule(vp.timesteps.float(), vp.sigmas, (s0**2 + 1) ** 0.5, "epsilon")
+    want = sample_euler(RecordingDenoiser(), x_T() * ve.init_noise_sigma, ve)
+    assert rel_err(got, want) <= 1e-5
+
+
+def _readme_sampler():
+    """The README's example sampler, executed from the README itself (so the two cannot drift apart)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in readme.split("```python")[1:] if "def my_euler" in b).split("```")[0]
+    scope: dict = {}
+    exec(block.split("\naudio = ")[0], scope)  # the definition, without the pipeline call after it
+    return scope["my_euler"]
+
+
+# --------------------------------------------------------------------------------------------- LMS
+
+
+def test_lms_coefficients_equal_scipy_quadrature():
+    ref = diffusers_scheduler("lms", HUB)
+    ref.set_timesteps(30)
+    for i in (0, 1, 2, 3, 10, 29):
+        order = min(i + 1, 4)
+        for j in range(order):
+            want = ref.get_lms_coefficient(order, i, j)
+            assert abs(_lms_coefficient(ref.sigmas, order, i, j) - want) <= 1e-6 * abs(want)

@@ -45,8 +45,6 @@ from . import ToolError
 
 COMPONENT_TOL = 1e-5
 GENERATION_TOL = 1e-4
-# our sampler names -> weights_tools.reference.run_reference's
-REFERENCE_SAMPLERS = {"ddim": "ddim", "dpmpp-2m": "dpmpp", "dpmpp-2m-karras": "dpmpp-karras"}
 
 
 @dataclass
@@ -197,9 +195,7 @@ def run_parity(
         audio_length_in_s=settings.seconds,
         guidance_scale=settings.guidance_scale,
     )
-    want = run_reference(
-        ckpt.root, settings.prompt, seed=settings.seed, sampler=REFERENCE_SAMPLERS[settings.sampler], **kw
-    )
+    want = run_reference(ckpt.root, settings.prompt, seed=settings.seed, sampler=settings.sampler, **kw)
     got: dict[str, Any] = {}
 
     def generate(key: str) -> torch.Tensor:

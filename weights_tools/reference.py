@@ -26,7 +26,45 @@ def reference_pipeline(path: str | Path):
     lm = GPT2LMHeadModel.from_pretrained(path, subfolder="language_model", dtype=torch.float32)
     pipe = AudioLDM2Pipeline.from_pretrained(path, language_model=lm, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    # The checkpoint's own scheduler, kept: a swapped-in scheduler's config carries its options (e.g.
+    # use_karras_sigmas) through the next from_config, so every swap starts from this one.
+    pipe.hub_scheduler = pipe.scheduler
     return pipe
+
+
+# Each of our sampler names -> the diffusers scheduler it equals, built as
+# ``<class>.from_config(<the checkpoint's DDIM config>, **options)`` (as a diffusers user swaps samplers).
+DIFFUSERS_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "dpmpp-2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp-2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "dpmpp-2m-sde-karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {}),
+    "dpmpp-2s": ("DPMSolverSinglestepScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "kdpm2": ("KDPM2DiscreteScheduler", {}),
+    "kdpm2-a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+}
+_ALIASES = {"dpmpp": "dpmpp-2m", "dpmpp-karras": "dpmpp-2m-karras"}  # the names older callers use
+
+
+def diffusers_scheduler(name: str, config: dict[str, Any]):
+    """The diffusers scheduler our sampler ``name`` equals, built from a DDIM scheduler config."""
+    import diffusers
+
+    cls, options = DIFFUSERS_SCHEDULERS[_ALIASES.get(name, name)]
+    base = diffusers.DDIMScheduler.from_config(config)
+    return getattr(diffusers, cls).from_config(base.config, **options)
 
 
 def run_reference(
@@ -37,21 +75,13 @@ def run_reference(
     Keys: ``prompt_embeds``, ``attention_mask``, ``generated_prompt_embeds`` (what encode_prompt returned,
     CFG-concatenated), ``timesteps``, ``initial_latents``, ``latents`` (final, before the VAE scaling),
     ``mel`` (VAE output), ``waveform_full`` (vocoder output before trimming), ``audio`` (the pipeline's
-    output, float32 tensor). ``sampler``: "ddim" (the hub scheduler) or "dpmpp" / "dpmpp-karras"
-    (``DPMSolverMultistepScheduler.from_config`` of it).
+    output, float32 tensor). ``sampler``: one of our sampler names (``DIFFUSERS_SCHEDULERS``; "dpmpp" and
+    "dpmpp-karras" also stand for "dpmpp-2m(-karras)"); the pipeline gets that diffusers scheduler.
     """
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
     pipe = reference_pipeline(str(path))
-    base = DDIMScheduler.from_config(pipe.scheduler.config)
-    if sampler == "ddim":
-        pipe.scheduler = base
-    elif sampler in ("dpmpp", "dpmpp-karras"):
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(
-            base.config, use_karras_sigmas=sampler == "dpmpp-karras"
-        )
-    else:
+    if _ALIASES.get(sampler, sampler) not in DIFFUSERS_SCHEDULERS:
         raise ValueError(sampler)
+    pipe.scheduler = diffusers_scheduler(sampler, pipe.hub_scheduler.config)
 
     out: dict[str, Any] = {}
     encode, decode, vocode, prepare = (
