@@ -88,9 +88,12 @@ from typing import Any
 from .samplers import SAMPLERS
 
 __all__ = [
+    "Context",
     "Item",
     "Job",
     "Layout",
+    "RankLog",
+    "generate_batch",
     "derive_seed",
     "read_items",
     "resolve",
@@ -121,11 +124,6 @@ ITEM_FIELDS = (
 RECORD_FIELDS = (
     "id", "index", "prompt", "file", "sha256", "sample_rate", "model", "revision", "model_commit", "dtype",
     "eta", "candidates", "clap_score", "seconds", "batch_size", *ITEM_FIELDS,
-)  # fmt: skip
-# What must be equal for a line to count as this item done: the inputs of the generation.
-SETTINGS = (
-    "prompt", "negative_prompt", "seed", "audio_length_in_s", "num_inference_steps", "guidance_scale",
-    "sampler", "transcription", "eta", "candidates", "dtype", "model", "revision",
 )  # fmt: skip
 
 
@@ -701,7 +699,7 @@ def synthesize(
 def merge_manifests(folder: Path, items: list[Item] | None = None, verify: bool = True) -> tuple[int, int]:
     """Write ``folder/manifest.jsonl``: one line per id, the latest record whose WAV is there (and, with
     ``verify``, has the record's sha256). With ``items``: only if every item has one (else nothing is
-    written), in file order; without: every id found, by item index. Returns (lines written, records
+    written), in file order; without: every id found, by item index. Returns (lines written, ids
     dropped); (0, 0) when ``items`` are not all done yet."""
     folder = Path(folder)
     found = all_records(folder)
@@ -713,7 +711,7 @@ def merge_manifests(folder: Path, items: list[Item] | None = None, verify: bool 
         ok = [r for r in recs if wav.is_file() and (not verify or r.get("sha256") == digest)]
         if ok:
             chosen[item_id] = ok[-1]
-        if not ok:
+        else:
             dropped += 1
     if items is not None:
         if any(it.id not in chosen for it in items):
@@ -774,7 +772,6 @@ def run_cli(args: argparse.Namespace) -> int:
         folder = Path(args.output or ".")
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"output {folder} is a file; give a folder with --prompts-file")
-        folder.mkdir(parents=True, exist_ok=True)
         ctx = Context(args.model, args.revision, args.dtype, args.eta, args.candidates)
         mine = shard(jobs, layout)
         todo, stale = plan(mine, folder, ctx)
@@ -790,6 +787,7 @@ def run_cli(args: argparse.Namespace) -> int:
         _error(str(e), layout)
         return 2
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         log = RankLog(folder / RANK_MANIFEST.format(layout.rank))
         log.drop(stale)
         remove_temp_files(folder, {j.id for j in todo})
