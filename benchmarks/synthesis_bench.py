@@ -6,9 +6,10 @@ process, and 1 vs 2 processes under ``torchrun`` (issue 19).
 
 Each configuration is the real command line, run as a user runs it, into a fresh output folder, on the same
 item file (``--items`` distinct prompts, one length and one set of settings, so every batch is full): one
-process with ``--threads`` torch threads at ``--batch-size`` 1, 2, 4; then ``torchrun --standalone
---nproc_per_node 2`` at batch 1 with ``threads // 2`` threads per process (the same cores, split). Batch sizes
-that do not divide ``--items`` leave one short batch.
+process with ``--threads`` torch threads at ``--batch-size`` 1, 2, 4; then, for the scaling from 1 to 2
+processes, one process with ``threads // 2`` threads and ``torchrun --standalone --nproc_per_node 2`` with
+``threads // 2`` threads each (the same cores, split), both at batch 1. Batch sizes that do not divide
+``--items`` leave one short batch.
 
 Throughput is read from the manifests: each line's ``seconds`` is its batch's time (encode, denoise, decode,
 write) over the batch size, so a rank's generating time is the sum over its lines, and the run's is the
@@ -49,8 +50,7 @@ def make_items(path: Path, n: int) -> Path:
     return path
 
 
-def run_config(args, ckpt: Path, items: Path, out: Path, batch: int, procs: int) -> dict:
-    threads = max(1, args.threads // procs)
+def run_config(args, ckpt: Path, items: Path, out: Path, batch: int, procs: int, threads: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
     cli = ["--prompts-file", str(items), "-o", str(out), "--model", str(ckpt), "--steps", str(args.steps),
            "--length", str(args.length), "--sampler", args.sampler, "--seed", "0", "--batch-size", str(batch),
@@ -124,15 +124,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="synthesis-bench-") as tmp:
         tmp = Path(tmp)
         items = make_items(tmp / "items.jsonl", args.items)
-        configs = [(int(b), 1) for b in args.batch_sizes.split(",")] + [(1, args.procs)]
+        split = max(1, args.threads // args.procs)  # threads per process when the cores are split
+        configs = [(int(b), 1, args.threads) for b in args.batch_sizes.split(",")]
+        configs += [(1, 1, split), (1, args.procs, split)]  # scaling: one process on its share, then all
         ref = None
-        for batch, procs in configs:
-            out = tmp / f"b{batch}-p{procs}"
-            row = run_config(args, ckpt, items, out, batch, procs)
+        for batch, procs, threads in configs:
+            out = tmp / f"b{batch}-p{procs}-t{threads}"
+            row = run_config(args, ckpt, items, out, batch, procs, threads)
             ref = ref or out
             row["max_rel_l2_vs_first"] = max_distance(ref, out)
             rows.append(row)
-            print(f"batch {batch}, {procs} process(es): {row['items_per_h']:.0f} items/h", file=sys.stderr)
+            print(f"batch {batch}, {procs} x {threads}: {row['items_per_h']:.0f} items/h", file=sys.stderr)
     print(f"# synthesis throughput: {bench.weights_description(args, ckpt)}")
     print(f"CPU: {bench.cpu_description()}; {args.threads} threads in all; {args.dtype} on {args.device}")
     print(f"{args.items} items of {args.length} s, {args.steps} {args.sampler} steps, guidance 3.5\n")
