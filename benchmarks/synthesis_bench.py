@@ -128,8 +128,8 @@ def main() -> None:
         configs = [(int(b), 1, args.threads) for b in args.batch_sizes.split(",")]
         configs += [(1, 1, split), (1, args.procs, split)]  # scaling: one process on its share, then all
         ref = None
-        for batch, procs, threads in configs:
-            out = tmp / f"b{batch}-p{procs}-t{threads}"
+        for k, (batch, procs, threads) in enumerate(configs):
+            out = tmp / f"{k}-b{batch}-p{procs}-t{threads}"  # a fresh folder each (a reused one resumes)
             row = run_config(args, ckpt, items, out, batch, procs, threads)
             ref = ref or out
             row["max_rel_l2_vs_first"] = max_distance(ref, out)
