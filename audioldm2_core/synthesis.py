@@ -676,7 +676,11 @@ def synthesize(
         if group[0].audio_length_in_s is None:  # the model's default length, recorded as a number
             group = [replace(j, audio_length_in_s=default_length(pipe)) for j in group]
         start = time.perf_counter()
-        audio, scores = generate_batch(pipe, group, ctx)
+        try:
+            audio, scores = generate_batch(pipe, group, ctx)
+        except (ValueError, TypeError) as e:  # a setting this model refuses (e.g. a length under its minimum)
+            where = ", ".join(f"{j.id!r} (line {j.item.line})" for j in group)
+            raise type(e)(f"item {where}: {e}") from e
         seconds = (time.perf_counter() - start) / len(group)
         for b, (job, score) in enumerate(zip(group, scores, strict=True)):
             wav = folder / f"{job.id}.wav"
