@@ -30,7 +30,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("prompt", nargs="?", help="text describing the sound (or use --prompts-file)")
     p.add_argument("-o", "--output", default=None, help="WAV file to write (a folder with --prompts-file)")
     p.add_argument(
-        "--prompts-file", type=Path, help="one prompt per line, optionally 'text|name'; one WAV each"
+        "--prompts-file",
+        type=Path,
+        help='JSON Lines items ({"id", "prompt", ...}) or \'text|name\' lines; one WAV each, resumable '
+        "(see audioldm2_core/synthesis.py)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="items per pipeline call with --prompts-file (same settings)",
+    )
+    p.add_argument(
+        "--shard", default=None, help="i/n: generate only share i of n of the items (SLURM arrays, k8s jobs)"
+    )
+    p.add_argument(
+        "--merge-manifests",
+        type=Path,
+        metavar="DIR",
+        help="merge DIR's per-rank manifests into DIR/manifest.jsonl",
     )
     p.add_argument(
         "--model", default=DEFAULT_MODEL, help="hub repo id or local folder (default: %(default)s)"
@@ -104,35 +122,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="on an error, show the traceback too")
     args = p.parse_args(argv)
-    if (args.prompt is None) == (args.prompts_file is None):
+    if args.merge_manifests is None and (args.prompt is None) == (args.prompts_file is None):
         p.error("give exactly one of a prompt or --prompts-file")
     return args
-
-
-def read_prompts(path: Path) -> list[tuple[str, str]]:
-    """``(text, name)`` pairs from a prompts file: blank lines and ``#`` comments skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read prompts file {path}: {e}") from e
-    out, names = [], set()
-    for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        text, _, name = line.partition("|")
-        text, name = text.strip(), name.strip() or f"{len(out) + 1:04d}"
-        if not text:
-            raise ValueError(f"{path}:{number}: empty prompt")
-        if "/" in name or "\\" in name or name in (".", ".."):
-            raise ValueError(f"{path}:{number}: name {name!r} must be a plain file name")
-        if name in names:
-            raise ValueError(f"{path}:{number}: name {name!r} is used twice")
-        names.add(name)
-        out.append((text, name))
-    if not out:
-        raise ValueError(f"{path}: no prompts")
-    return out
 
 
 def write_wav(path: Path, audio, sample_rate: int) -> None:
@@ -175,10 +167,6 @@ def _check_args(args: argparse.Namespace) -> list[tuple[str, Path]]:
         raise ValueError(f"--candidates must be at least 1, got {args.candidates}")
     if args.cuda_graphs and not args.device.startswith("cuda"):
         raise ValueError(f"--cuda-graphs needs a CUDA --device, not {args.device!r}")
-    if args.prompts_file is not None:
-        folder = Path(args.output or ".")
-        _check_writable(folder)
-        return [(text, folder / f"{name}.wav") for text, name in read_prompts(args.prompts_file)]
     if not args.prompt.strip():
         raise ValueError("the prompt is empty")
     out = Path(args.output or "audioldm2.wav")
@@ -247,6 +235,10 @@ def _spectrogram_paths(args: argparse.Namespace, jobs: list[tuple[str, Path]]) -
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.prompts_file is not None or args.merge_manifests is not None:
+        from .synthesis import run_cli  # many items: sharding, per-item seeds, a resumable manifest
+
+        return run_cli(args)
     try:
         args.device, args.dtype = resolve_device_and_dtype(args.device, args.dtype)
         jobs = _check_args(args)

@@ -106,7 +106,8 @@ def test_prompts_file(tiny_base, tmp_path):
     r = run("--prompts-file", str(prompts), "-o", str(outdir), "--model", str(tiny_base), "--steps", "1",
             "--length", "1.0", "--quiet")  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in outdir.iterdir()) == ["0002.wav", "storm.wav"]
+    assert sorted(p.name for p in outdir.glob("*.wav")) == ["0002.wav", "storm.wav"]
+    assert (outdir / "manifest.jsonl").is_file()  # how each was made (tests/test_synthesis.py)
 
 
 @pytest.mark.parametrize(
