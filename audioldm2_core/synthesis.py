@@ -80,6 +80,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -356,11 +357,12 @@ def shard(jobs: list[Job], layout: Layout) -> list[Job]:
 
 
 def rank_device(device: str | None, layout: Layout) -> str:
-    """``cuda`` (no index) or ``auto`` under torchrun -> ``cuda:LOCAL_RANK``; anything else as asked."""
+    """``auto`` as the single-prompt CLI resolves it (CUDA, MPS, CPU); ``cuda`` with no index under torchrun
+    -> ``cuda:LOCAL_RANK``; anything else as asked."""
     if device in (None, "auto"):
-        import torch
+        from .pipeline import resolve_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = str(resolve_device(device))
     if device == "cuda" and layout.torchrun:
         return f"cuda:{layout.local_rank}"
     return device
@@ -670,7 +672,9 @@ def synthesize(
     progress=None,
     on_written=None,
 ) -> None:
-    """The resumable loop: per batch, generate, write each WAV atomically, then append its line."""
+    """The resumable loop: per batch, generate, write each WAV atomically, then append its line;
+    ``on_written(wav_path, job, waveforms)`` after each item (its best, or with ``all_candidates`` every
+    candidate, in rank order)."""
     n = ctx.candidates
     for group in batches(jobs, batch_size):
         if group[0].audio_length_in_s is None:  # the model's default length, recorded as a number
@@ -692,7 +696,7 @@ def synthesize(
             write_atomic(wav, data)  # the WAV first: a line always names a whole file
             log.append(record(job, ctx, pipe, hashlib.sha256(data).hexdigest(), score, seconds, len(group)))
             if on_written is not None:
-                on_written(wav)
+                on_written(wav, job, [audio[b * n + k] for k in range(n if all_candidates else 1)])
             if progress is not None:
                 progress.update(1)
 
@@ -776,6 +780,10 @@ def run_cli(args: argparse.Namespace) -> int:
         folder = Path(args.output or ".")
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"output {folder} is a file; give a folder with --prompts-file")
+        pictures = _check_spectrogram(args)
+        from .cli import resolve_device_and_dtype
+
+        args.device, args.dtype = resolve_device_and_dtype(rank_device(args.device, layout), args.dtype)
         ctx = Context(args.model, args.revision, args.dtype, args.eta, args.candidates)
         mine = shard(jobs, layout)
         todo, stale = plan(mine, folder, ctx)
@@ -790,6 +798,10 @@ def run_cli(args: argparse.Namespace) -> int:
     except ValueError as e:
         _error(str(e), layout)
         return 2
+    if not args.quiet:
+        from .cli import device_line
+
+        print(f"audioldm2: {device_line(args.device, args.dtype)}", file=sys.stderr)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         log = RankLog(folder / RANK_MANIFEST.format(layout.rank))
@@ -797,27 +809,48 @@ def run_cli(args: argparse.Namespace) -> int:
         remove_temp_files(folder, {j.id for j in todo})
         try:
             if todo:
-                _generate(args, layout, folder, log, ctx, mine, todo)
+                _generate(args, layout, folder, log, ctx, mine, todo, pictures)
         finally:
             log.close()
         merge_manifests(folder, items, verify=False)
     except KeyboardInterrupt:
         _error("interrupted", layout)
         return 130
-    except (ValueError, TypeError, OSError, RuntimeError) as e:
-        _error(str(e).splitlines()[0] if str(e) else type(e).__name__, layout)
+    except Exception as e:  # one line (errors.explain: hub, disk, memory, bad input), --debug the traceback
+        from .cli import error_line
+
         if getattr(args, "debug", False):
-            raise
+            traceback.print_exception(e)
+        _error(error_line(e), layout)
         return 1
     return 0
 
 
-def _generate(args, layout: Layout, folder: Path, log: RankLog, ctx: Context, mine, todo) -> None:
+def _check_spectrogram(args: argparse.Namespace) -> Path | None:
+    """``--spectrogram DIR`` with a prompts file: one ``ID.png`` per written WAV; checked before any work."""
+    if getattr(args, "spectrogram", None) is None:
+        return None
+    from .cli import _check_writable
+    from .spectrogram import require_matplotlib
+
+    require_matplotlib()
+    folder = Path(args.spectrogram)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(
+            f"--spectrogram {folder}: with --prompts-file give an output folder for the pictures"
+        )
+    _check_writable(folder)
+    return folder
+
+
+def _generate(
+    args, layout: Layout, folder: Path, log: RankLog, ctx: Context, mine, todo, pictures: Path | None
+) -> None:
     import torch
 
     from .pipeline import AudioLDM2
 
-    device = rank_device(args.device, layout)
+    device = args.device
     if device.startswith("cuda:"):
         torch.cuda.set_device(torch.device(device))
     if args.cpu_attention:
@@ -834,6 +867,16 @@ def _generate(args, layout: Layout, folder: Path, log: RankLog, ctx: Context, mi
         cuda_graphs=args.cuda_graphs,
         fast=not args.plain,
     )
+
+    def written(wav: Path, job: Job, waveforms) -> None:
+        if pictures is not None:
+            from .cli import _save_spectrogram
+
+            for k, audio in enumerate(waveforms):
+                name = f"{job.id}.png" if k == 0 else f"{job.id}.rank{k + 1}.png"
+                _save_spectrogram(pictures / name, audio, pipe.sample_rate, job.item.prompt)
+        print(wav)
+
     bar = None
     if not args.quiet:
         from tqdm import tqdm
@@ -841,7 +884,7 @@ def _generate(args, layout: Layout, folder: Path, log: RankLog, ctx: Context, mi
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="item", file=sys.stderr,
                    desc=f"rank {layout.rank}/{layout.world}", position=layout.local_rank, dynamic_ncols=True)  # fmt: skip
     try:
-        synthesize(pipe, todo, folder, log, ctx, args.batch_size, args.all_candidates, bar, on_written=print)
+        synthesize(pipe, todo, folder, log, ctx, args.batch_size, args.all_candidates, bar, written)
     finally:
         if bar is not None:
             bar.close()

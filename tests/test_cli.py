@@ -169,30 +169,19 @@ def test_spectrogram_per_written_wav_and_the_device_line(tiny_base, tmp_path):
     assert all(Image.open(p).format == "PNG" for p in picture.parent.iterdir())
 
 
-def test_spectrogram_folder_with_a_prompts_file(tmp_path, monkeypatch, capsys):
-    """With ``--prompts-file``, ``--spectrogram`` names a folder: one NAME.png per prompt (a stand-in pipeline)."""
-    import numpy as np
-
-    from audioldm2_core import cli, pipeline
+def test_spectrogram_folder_with_a_prompts_file(tiny_base, tmp_path, capsys):
+    """With ``--prompts-file``, ``--spectrogram`` names a folder: one ID.png per written WAV (in-process)."""
+    from audioldm2_core import cli
 
     pytest.importorskip("matplotlib", reason="--spectrogram needs matplotlib")
-
-    def fake(*args, **kwargs):
-        sine = np.sin(np.linspace(0, 2000, 16000, dtype=np.float32))[None]
-        return lambda *a, **k: pipeline.AudioOutput(audios=sine, sample_rate=16000)
-
-    monkeypatch.setattr(pipeline.AudioLDM2, "from_pretrained", fake)
-    prompts, pictures = tmp_path / "prompts.txt", tmp_path / "pictures"
+    prompts, pictures, out = tmp_path / "prompts.txt", tmp_path / "pictures", tmp_path / "out"
     prompts.write_text("thunder|storm\nbirds\n", encoding="utf-8")
     pictures.mkdir()
-    assert (
-        cli.main(["--prompts-file", str(prompts), "-o", str(tmp_path), "--spectrogram", str(pictures)]) == 0
-    )
+    common = ["--prompts-file", str(prompts), "--model", str(tiny_base), "--steps", "2", "--length", "0.32"]
+    assert cli.main([*common, "-o", str(out), "--spectrogram", str(pictures), "--quiet"]) == 0
     assert sorted(p.name for p in pictures.iterdir()) == ["0002.png", "storm.png"]
-    assert (
-        cli.main(["--prompts-file", str(prompts), "-o", str(tmp_path), "--spectrogram", str(tmp_path / "x")])
-        == 2
-    )
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in pictures.iterdir())
+    assert cli.main([*common, "-o", str(tmp_path / "o2"), "--spectrogram", str(tmp_path / "x")]) == 2
     assert "output folder" in capsys.readouterr().err.splitlines()[-1]
 
 
