@@ -170,7 +170,7 @@ def test_items_fields_defaults_and_seeds(tmp_path):
             ['{"id": "a", "prompt": "x", "guidance_scale": -1}'],
             ":1: guidance_scale must be a finite number >= 0",
         ),
-        (['{"id": "a", "prompt": "x", "sampler": "euler"}'], ":1: sampler must be one of ddim"),
+        (['{"id": "a", "prompt": "x", "sampler": "eulr"}'], ":1: sampler must be one of ddim"),
         (
             ['{"id": "a", "prompt": "x", "negative_prompt": 5}'],
             ":1: negative_prompt must be a string or null",
@@ -201,7 +201,7 @@ def test_malformed_items_refused_before_any_model(lines, message, tmp_path, caps
     [
         (["--steps", "0"], "--steps: num_inference_steps must be an integer >= 1, got 0"),
         (["--length", "-1"], "--length: audio_length_in_s must be a number of seconds"),
-        (["--sampler", "euler"], "--sampler: sampler must be one of"),
+        (["--sampler", "eulr"], "--sampler: sampler must be one of"),
         (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
         (["--shard", "2/2"], "--shard must be i/n with 0 <= i < n (e.g. 0/4), got '2/2'"),
         (["--shard", "x"], "--shard must be i/n"),
