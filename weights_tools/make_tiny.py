@@ -65,6 +65,34 @@ TINY_VOCODER = dict(
 )
 
 
+# The tiny VITS: its text encoder at small width (183 symbols, as the hub's: the pipeline writes id 182 as the
+# end token), the parts AudioLDM 2 never runs (flow, HiFi-GAN, duration predictor, posterior encoder) as small
+# as transformers allows; they are in the file, as in the real one, and are checked to be there and unread.
+VITS_DIM = 24
+TINY_VITS = dict(
+    vocab_size=183,
+    hidden_size=VITS_DIM,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    ffn_dim=40,
+    ffn_kernel_size=3,
+    window_size=4,
+    flow_size=8,
+    spectrogram_bins=9,
+    upsample_initial_channel=8,
+    upsample_rates=[2, 2],
+    upsample_kernel_sizes=[4, 4],
+    resblock_kernel_sizes=[3],
+    resblock_dilation_sizes=[[1]],
+    depth_separable_channels=2,
+    duration_predictor_filter_channels=8,
+    posterior_encoder_num_wavenet_layers=1,
+    prior_encoder_num_wavenet_layers=1,
+    prior_encoder_num_flows=1,
+    duration_predictor_num_flows=1,
+)
+
+
 def tiny_configs(variant: str, vocab_sizes: dict[str, int]) -> dict[str, dict[str, Any]]:
     """Reference-library constructor kwargs of every model component at tiny size."""
     if variant not in ("base", "large"):
