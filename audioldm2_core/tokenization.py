@@ -324,7 +324,9 @@ class PhonemeTokenizer:
     1. ``normalize``: lower-case every character that does not start a vocabulary entry (a greedy scan);
     2. ``phonemize``: espeak-ng's en-us IPA through ``phonemizer``, runs of whitespace made one space;
        otherwise, with ``normalize``, characters outside the vocabulary (punctuation) are removed;
-    3. one token per character; ``add_blank`` puts the id-0 token before, between and after them.
+    3. the special tokens (pad, unk: transformers' "added tokens") are cut out of the string first and become
+       one token each; every other stretch becomes one token per character, and ``add_blank`` puts the id-0
+       token before, between and after the characters *of each stretch* (an empty string gives no token).
 
     Where we differ on purpose: the reference maps a character outside the vocabulary to ``unk`` (often the
     pad/blank id itself) and carries on; here it is an error naming the characters, since the phoneme encoder
@@ -341,6 +343,7 @@ class PhonemeTokenizer:
         normalize: bool,
         phonemize: bool,
         language: str | None,
+        special_tokens: Sequence[str] = (),
         name: str = "VITS phonemes",
     ):
         if 0 not in vocab.values():
@@ -351,6 +354,8 @@ class PhonemeTokenizer:
         self.add_blank, self.normalize, self.phonemize = add_blank, normalize, phonemize
         self.language = language
         self.name = name
+        specials = sorted({t for t in special_tokens if t in vocab}, key=len, reverse=True)  # longest first
+        self._special_split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
 
     def __repr__(self) -> str:
         return (
@@ -403,11 +408,18 @@ class PhonemeTokenizer:
                 f"{self.name}: {how} ({chars!r}) hold characters outside the checkpoint's phoneme vocabulary: "
                 f"{listed}; remove or replace them"
             )
-        ids = [self.vocab[c] for c in chars]
-        if self.add_blank:
-            blanked = [0] * (2 * len(ids) + 1)
-            blanked[1::2] = ids
-            ids = blanked
+        pieces = self._special_split.split(chars) if self._special_split else [chars]
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if i % 2:  # a special token (the split's captured group)
+                ids.append(self.vocab[piece])
+            elif piece:
+                stretch = [self.vocab[c] for c in piece]
+                if self.add_blank:
+                    blanked = [0] * (2 * len(stretch) + 1)
+                    blanked[1::2] = stretch
+                    stretch = blanked
+                ids += stretch
         return ids
 
     def __call__(self, texts: str | Sequence[str], *, is_phonemes: bool = False) -> TokenBatch:
@@ -455,10 +467,15 @@ def phoneme_tokenizer_from_folder(folder: str | Path) -> PhonemeTokenizer:
     model_max_length = config.get("model_max_length")
     if not isinstance(model_max_length, int) or isinstance(model_max_length, bool) or model_max_length <= 0:
         raise CheckpointError(f"{folder}/tokenizer_config.json: needs an integer model_max_length")
-    pad = config.get("pad_token") or specials.get("pad_token") or "<pad>"
-    pad = pad["content"] if isinstance(pad, dict) else str(pad)
+
+    def token(key: str, default: str) -> str:
+        value = config.get(key) or specials.get(key) or default
+        return value["content"] if isinstance(value, dict) else str(value)
+
+    pad = token("pad_token", "<pad>")
     if pad not in vocab:
         raise CheckpointError(f"{folder}: pad token {pad!r} is not in vocab.json")
+    added = [t["content"] for t in config.get("added_tokens_decoder", {}).values() if isinstance(t, dict)]
     return PhonemeTokenizer(
         vocab,
         pad_token_id=vocab[pad],
@@ -467,4 +484,5 @@ def phoneme_tokenizer_from_folder(folder: str | Path) -> PhonemeTokenizer:
         normalize=bool(config.get("normalize", True)),
         phonemize=bool(config.get("phonemize", True)),
         language=config.get("language"),
+        special_tokens=[pad, token("unk_token", "<unk>"), *added],
     )
