@@ -32,6 +32,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of --model")
     p.add_argument("--negative", default=None, help="negative prompt: what the audio should not sound like")
+    p.add_argument(
+        "--transcription",
+        default=None,
+        help="speech checkpoints (anhnct/audioldm2_gigaspeech, _ljspeech): the words to speak (the prompt "
+        'describes the voice); English text, phonemised with espeak-ng (pip install ".[speech]")',
+    )
+    p.add_argument(
+        "--phonemes",
+        action="store_true",
+        help='--transcription is IPA phonemes already (no espeak-ng needed), e.g. "həlˈoʊ wˈɜːld"',
+    )
     p.add_argument("--steps", type=int, default=200, help="denoising steps (default: %(default)s)")
     p.add_argument("--sampler", default="ddim", help=f"one of {', '.join(SAMPLERS)} (default: %(default)s)")
     p.add_argument(
@@ -144,6 +155,8 @@ def _check_args(args: argparse.Namespace) -> list[tuple[str, Path]]:
         raise ValueError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if args.candidates < 1:
         raise ValueError(f"--candidates must be at least 1, got {args.candidates}")
+    if args.phonemes and args.transcription is None:
+        raise ValueError("--phonemes says how to read --transcription: give --transcription too")
     if args.cuda_graphs and not args.device.startswith("cuda"):
         raise ValueError(f"--cuda-graphs needs a CUDA --device, not {args.device!r}")
     if args.prompts_file is not None:
@@ -205,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                     generator=generator,
                     sampler=args.sampler,
                     callback=(lambda i, t, x, bar=bar: bar.update(1)) if bar is not None else None,
+                    transcription=args.transcription,
+                    transcription_is_phonemes=args.phonemes,
                 )
             finally:
                 if bar is not None:
@@ -214,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                 for rank, audio in enumerate(out.audios, 1):
                     write_wav(path.with_name(f"{path.stem}.rank{rank}{path.suffix}"), audio, out.sample_rate)
             print(path)
-    except (ValueError, TypeError, CheckpointError, OSError, RuntimeError) as e:
+    except (ValueError, TypeError, CheckpointError, OSError, RuntimeError, ImportError) as e:  # ImportError:
+        # the phonemiser missing for a speech checkpoint (tokenization.PhonemizerMissingError)
         print(f"audioldm2: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
