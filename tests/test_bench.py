@@ -91,3 +91,12 @@ def test_pipeline_ab_runs(tiny_base):
     assert all(len(r[2].split(", ")) == 2 for r in rows)  # one ratio per round
     assert all(float(r[3]) < 1e-5 for r in rows)  # the same waveform as diffusers, to float32 rounding
     assert _decisions(out)  # which rewrites "ours" had
+
+
+def test_gpt2_ab_runs(tiny_gigaspeech):
+    """benchmarks/gpt2_ab.py: the speech checkpoints' GPT-2 generation, diffusers' loop against ours."""
+    out = _run("gpt2_ab.py", "--checkpoint", str(tiny_gigaspeech), "--new-tokens", "12", "--rounds", "2")
+    rows = dict(re.findall(r"^\| (diffusers|ours, plain|ours) \| .* \| (\S+) \|$", out, re.M))
+    assert set(rows) == {"diffusers", "ours, plain", "ours"}
+    assert all(float(err) < 1e-5 for err in rows.values())  # the same states, to float32 rounding
+    assert "12 states for a guidance batch of 2 from 315 inputs" in out
