@@ -136,8 +136,8 @@ def test_unwritable_output_and_bad_prompts_file(tiny_base, tmp_path):
 
 
 def test_speech_transcription_flags(tiny_ljspeech, tmp_path):
-    """A speech checkpoint from the CLI: --transcription with --phonemes (no espeak-ng needed), the checkpoint's
-    512 GPT-2 steps, the same audio as the API; its errors in one line."""
+    """A speech checkpoint from the CLI: --transcription with --phonemes (no espeak-ng needed), --max-new-tokens,
+    the same audio as the API; its errors in one line."""
     import numpy as np
     import torch
 
@@ -146,12 +146,14 @@ def test_speech_transcription_flags(tiny_ljspeech, tmp_path):
     out = tmp_path / "speech.wav"
     args = ["a man speaks", "--model", str(tiny_ljspeech), "--steps", "2", "--length", "1.0", "--seed", "1",
             "--plain"]  # fmt: skip
-    r = run(*args, "-o", str(out), "--transcription", "həlˈoʊ wˈɜːld", "--phonemes", "--quiet")
+    r = run(*args, "-o", str(out), "--transcription", "həlˈoʊ wˈɜːld", "--phonemes", "--quiet",
+            "--max-new-tokens", "8")  # fmt: skip
     assert r.returncode == 0, r.stderr
     got = sf.read(out, dtype="float32")[0]
     pipe = AudioLDM2.from_pretrained(tiny_ljspeech, fast=False)
     want = pipe("a man speaks", transcription="həlˈoʊ wˈɜːld", transcription_is_phonemes=True,
-                num_inference_steps=2, audio_length_in_s=1.0, generator=torch.Generator().manual_seed(1)).audios[0]  # fmt: skip
+                num_inference_steps=2, audio_length_in_s=1.0, max_new_tokens=8,
+                generator=torch.Generator().manual_seed(1)).audios[0]  # fmt: skip
     assert got.shape == (16000,) and np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
     for extra, message in (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -302,3 +304,29 @@ def test_speech_errors(tiny_gigaspeech, pipe):
         speech("a man speaks", num_inference_steps=1, audio_length_in_s=1.0)
     with pytest.raises(ValueError, match="`transcription` is for the text-to-speech checkpoints"):
         pipe("a dog", transcription="woof", num_inference_steps=1, audio_length_in_s=1.0)
+
+
+@pytest.mark.skipif(ESPEAK is None, reason="espeak-ng is not installed (the phonemiser's program)")
+def test_readme_speech_example(tiny_ljspeech):
+    """The README's text-to-speech example, on the tiny checkpoint (2 steps, 1 s, 6 GPT-2 states): the same
+    speech as diffusers' pipeline called with the same arguments."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme.split("## Text to speech", 1)[1], re.S).group(1)
+    edits = {
+        '"anhnct/audioldm2_ljspeech"': repr(str(tiny_ljspeech)),
+        "num_inference_steps=200": "num_inference_steps=2",
+        "audio_length_in_s=5.0": "audio_length_in_s=1.0",
+        "max_new_tokens=512": "max_new_tokens=6",
+    }
+    for old, new in edits.items():
+        assert old in code
+        code = code.replace(old, new)
+    scope: dict = {}
+    exec(compile(code, "README", "exec"), scope)
+    kw = dict(num_inference_steps=2, audio_length_in_s=1.0, max_new_tokens=6)
+    want = reference(
+        tiny_ljspeech, "A female reporter is speaking", transcription="Wish you have a good day", **kw
+    )
+    assert rel_err(scope["speech"], want[0]) <= WAVE_TOL
