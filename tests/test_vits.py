@@ -101,3 +101,21 @@ def test_config_translation():
         vits_config({"model_type": "vits", "hidden_act": "gelu"})
     with pytest.raises(UnsupportedConfigError, match="window_size=None"):
         vits_config({"model_type": "vits", "window_size": None})
+
+
+def test_pickled_file_as_on_the_hub(ckpt, tmp_path):
+    """The anhnct/* repos hold ``pytorch_model.bin`` only: the same tensors from a pickle, the same output."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    ref, root = ckpt
+    copy = tmp_path / "bin"
+    shutil.copytree(root, copy)
+    folder = copy / "text_encoder_2"
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    ids, mask = phonemes(2, 9, seed=5)
+    with torch.no_grad():
+        want = ref.text_encoder(ids, attention_mask=mask, padding_mask=mask.unsqueeze(-1)).last_hidden_state
+        assert rel_err(load_vits(open_checkpoint(copy))(ids, mask), want) <= 1e-5
