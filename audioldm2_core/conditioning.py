@@ -53,7 +53,8 @@ diffusers does it when ``text_encoder_2`` is a ``VitsModel``:
 - The returned ``prompt_embeds`` / ``attention_mask`` are the VITS states and phoneme mask (what diffusers
   returns); the speech UNet (``[[None, 768]]``) never reads them.
 - ``transcription`` (str or list, one per prompt) is required for a speech checkpoint when the prompt is
-  text, and an error for any other checkpoint. ``transcription_is_phonemes=True`` takes it as IPA already
+  text, and an error for any other checkpoint; with precomputed ``prompt_embeds`` it is not needed (diffusers
+  asks for it anyway, and ignores it). ``transcription_is_phonemes=True`` takes it as IPA already
   (no espeak-ng needed); otherwise the checkpoint's tokenizer normalises and phonemises it (``tokenization.py``).
 """
 
