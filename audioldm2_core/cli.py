@@ -55,6 +55,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of --model")
     p.add_argument("--negative", default=None, help="negative prompt: what the audio should not sound like")
+    p.add_argument(
+        "--transcription",
+        default=None,
+        help="speech checkpoints (anhnct/audioldm2_gigaspeech, _ljspeech): the words to speak (the prompt "
+        'describes the voice); English text, phonemised with espeak-ng (pip install ".[speech]")',
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="GPT-2 states to generate (default: the checkpoint's; 8, and 512 for the speech checkpoints)",
+    )
+    p.add_argument(
+        "--phonemes",
+        action="store_true",
+        help='--transcription is IPA phonemes already (no espeak-ng needed), e.g. "həlˈoʊ wˈɜːld"',
+    )
     p.add_argument("--steps", type=int, default=200, help="denoising steps (default: %(default)s)")
     p.add_argument(
         "--sampler",
@@ -165,6 +182,10 @@ def _check_args(args: argparse.Namespace) -> list[tuple[str, Path]]:
         raise ValueError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if args.candidates < 1:
         raise ValueError(f"--candidates must be at least 1, got {args.candidates}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.phonemes and args.transcription is None:
+        raise ValueError("--phonemes says how to read --transcription: give --transcription too")
     if args.cuda_graphs and not args.device.startswith("cuda"):
         raise ValueError(f"--cuda-graphs needs a CUDA --device, not {args.device!r}")
     if not args.prompt.strip():
@@ -285,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
                     generator=generator,
                     sampler=args.sampler,
                     callback=(lambda i, t, x, bar=bar: bar.update(1)) if bar is not None else None,
+                    max_new_tokens=args.max_new_tokens,
+                    transcription=args.transcription,
+                    transcription_is_phonemes=args.phonemes,
                 )
             finally:
                 if bar is not None:

@@ -34,7 +34,28 @@ inputs are the same shape); CLAP's input is padded to the longest prompt instead
 the attention mask changes nothing but the work (RoBERTa pad tokens sit at the pad position and are never
 attended to).
 
-Left out on purpose: the VITS text encoder and ``transcription`` of the TTS checkpoints.
+Speech checkpoints (``anhnct/audioldm2_gigaspeech``, ``_ljspeech``; ``stack.speech``): the second stream is
+the ``transcription``'s phonemes through the VITS encoder (``vits.py``) instead of the prompt through T5, as
+diffusers does it when ``text_encoder_2`` is a ``VitsModel``:
+
+    transcription --PhonemeTokenizer--> ids (B, 310), padded; the end token 182 written over the first id 0
+                  --VITS encoder------> (B, 310, 192), mask (B, 310)
+    projection: [sos, CLAP, eos, sos_1, VITS states + learned positions, eos_1]  (B, 315, 768)
+    GPT-2 generate: max_new_tokens (the checkpoint's 512) states
+
+- "The first id 0": with ``add_blank`` every other id is the blank 0, so the end token lands on position 0
+  (the leading blank), not after the phonemes; without it, on the first pad. Either way it is what diffusers
+  does (its loop looks for the value 0, not for padding), so it is what the checkpoints were converted for.
+- The negative branch does not encode anything through VITS: its phoneme states are zeros (B, 310, 192) and
+  its mask is zeros in the encoder's float dtype (diffusers' ``torch.zeros(...).to(dtype)``), so the guidance
+  batch's mask is float; the CLAP half still encodes the negative prompt ("" by default). GPT-2 then
+  generates ``max_new_tokens`` states for both halves.
+- The returned ``prompt_embeds`` / ``attention_mask`` are the VITS states and phoneme mask (what diffusers
+  returns); the speech UNet (``[[None, 768]]``) never reads them.
+- ``transcription`` (str or list, one per prompt) is required for a speech checkpoint when the prompt is
+  text, and an error for any other checkpoint; with precomputed ``prompt_embeds`` it is not needed (diffusers
+  asks for it anyway, and ignores it). ``transcription_is_phonemes=True`` takes it as IPA already
+  (no espeak-ng needed); otherwise the checkpoint's tokenizer normalises and phonemises it (``tokenization.py``).
 """
 
 from __future__ import annotations
@@ -50,9 +71,14 @@ from .gpt2 import GPT2, generate, load_gpt2
 from .loading import Checkpoint
 from .projection import AudioLDM2Projection, load_projection
 from .t5 import T5Encoder, load_t5
-from .tokenization import TextTokenizer, load_tokenizer
+from .tokenization import PhonemeTokenizer, TextTokenizer, load_tokenizer
+from .vits import VitsPhonemeEncoder, load_vits
 
-__all__ = ["TextStack", "load_text_stack", "encode_prompt"]
+__all__ = ["TextStack", "load_text_stack", "encode_prompt", "mark_phoneme_end", "PHONEME_END_ID"]
+
+# diffusers writes this id over the first 0 of each phoneme row (hard-coded: the last of the speech
+# checkpoints' 183 VITS symbols)
+PHONEME_END_ID = 182
 
 
 @dataclass(frozen=True)
@@ -60,12 +86,17 @@ class TextStack:
     """Everything that turns text into conditions."""
 
     tokenizer: TextTokenizer  # RoBERTa, for CLAP
-    tokenizer_2: TextTokenizer  # T5
+    tokenizer_2: TextTokenizer | PhonemeTokenizer  # T5; speech checkpoints: VITS phonemes
     clap: ClapTextEncoder
-    t5: T5Encoder
+    t5: T5Encoder | VitsPhonemeEncoder  # the second text encoder: Flan-T5, or VITS for speech
     projection: AudioLDM2Projection
     gpt2: GPT2
-    max_new_tokens: int  # default GPT-2 continuation length (language_model config, 8)
+    max_new_tokens: int  # default GPT-2 continuation length (language_model config: 8, speech 512)
+
+    @property
+    def speech(self) -> bool:
+        """A text-to-speech stack: the second stream is the transcription's phonemes through VITS."""
+        return isinstance(self.t5, VitsPhonemeEncoder)
 
 
 def load_text_stack(
@@ -77,7 +108,7 @@ def load_text_stack(
         tokenizer=load_tokenizer(ckpt, "tokenizer"),
         tokenizer_2=load_tokenizer(ckpt, "tokenizer_2"),
         clap=load_clap_text(ckpt, dtype, device),
-        t5=load_t5(ckpt, dtype, device),
+        t5=(load_vits if ckpt.is_speech else load_t5)(ckpt, dtype, device),
         projection=load_projection(ckpt, dtype, device),
         gpt2=gpt2,
         max_new_tokens=gpt2.cfg.max_new_tokens,
@@ -125,6 +156,48 @@ def _encode_texts(
     return t5_states, generate(stack.gpt2, hidden, mask, max_new_tokens)
 
 
+def mark_phoneme_end(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusers' end token: in each row, the first id equal to 0 becomes ``PHONEME_END_ID``, attended to.
+
+    (B, L) -> (B, L), new tensors. A row without a 0 (cut at the maximum length, without blanks) is unchanged.
+    """
+    ids, mask = input_ids.clone(), attention_mask.clone()
+    is_zero = ids == 0
+    rows = is_zero.any(dim=1).nonzero().squeeze(1)
+    first = is_zero.int().argmax(dim=1)[rows]  # argmax returns the first maximum
+    ids[rows, first], mask[rows, first] = PHONEME_END_ID, 1
+    return ids, mask
+
+
+def _encode_speech(
+    stack: TextStack,
+    texts: list[str],
+    phoneme_ids: torch.Tensor | None,
+    phoneme_mask: torch.Tensor | None,
+    negative_mask: torch.Tensor | None,
+    device: torch.device,
+    max_new_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speech: N prompts for CLAP (the negatives first), the positives' phonemes (B, L) (None: no positives)
+    and the negatives' zero mask (B, L) (None: no negatives) -> phoneme states (N, L, d_vits), GPT-2 states."""
+    clap_tokens = stack.tokenizer(texts)
+    clap = stack.clap(clap_tokens.input_ids.to(device), clap_tokens.attention_mask.to(device))  # (N, 512)
+    states, masks = [], []
+    if negative_mask is not None:  # the unconditional branch: zero phoneme states, nothing attended
+        B, L = negative_mask.shape
+        states.append(torch.zeros(B, L, stack.t5.cfg.hidden_size, dtype=_dtype(stack.t5), device=device))
+        masks.append(negative_mask)
+    if phoneme_ids is not None:
+        states.append(stack.t5(phoneme_ids, phoneme_mask))  # (B, L, d_vits)
+        masks.append(phoneme_mask)
+    states, mask = torch.cat(states), torch.cat(masks)  # a float negative mask makes the whole mask float
+    one = clap_tokens.attention_mask.new_ones(len(texts), 1).to(device)
+    hidden, mask = stack.projection(clap[:, None, :], states, one, mask)
+    return states, generate(stack.gpt2, hidden, mask, max_new_tokens)
+
+
 def encode_prompt(
     stack: TextStack,
     prompt: str | Sequence[str] | None,
@@ -139,8 +212,13 @@ def encode_prompt(
     attention_mask: torch.Tensor | None = None,
     negative_attention_mask: torch.Tensor | None = None,
     max_new_tokens: int | None = None,
+    transcription: str | Sequence[str] | None = None,
+    transcription_is_phonemes: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Encode prompts into ``(prompt_embeds, attention_mask, generated_prompt_embeds)`` as diffusers does.
+
+    ``transcription``: the words to speak, one per prompt (speech checkpoints only; required there when the
+    prompt is text); ``transcription_is_phonemes``: it is IPA already, not to be phonemised.
 
     Shapes (B prompts, n = num_waveforms_per_prompt, g = 2 with guidance, else 1): T5 states
     (g * B * n, L, d_t5), their mask (g * B * n, L) int64, GPT-2 states (g * B * n, max_new_tokens, d_lm);
@@ -177,6 +255,30 @@ def encode_prompt(
         raise ValueError("pass `prompt`, or both `prompt_embeds` and `generated_prompt_embeds`")
     batch_size = len(prompts) if prompts is not None else prompt_embeds.shape[0]
 
+    # --- speech: the transcription takes T5's place
+    transcriptions = _prompt_list(transcription, "transcription")
+    if not isinstance(transcription_is_phonemes, bool):
+        raise TypeError(f"`transcription_is_phonemes` must be a bool, got {transcription_is_phonemes!r}")
+    if not stack.speech and (transcriptions is not None or transcription_is_phonemes):
+        raise ValueError(
+            "`transcription` is for the text-to-speech checkpoints (anhnct/audioldm2_gigaspeech, "
+            "anhnct/audioldm2_ljspeech); this checkpoint's second text encoder is T5, which reads the prompt"
+        )
+    if stack.speech and prompts is not None:
+        if transcriptions is None:
+            raise ValueError(
+                "this is a text-to-speech checkpoint: pass `transcription=` (the words to speak; the prompt "
+                "describes the voice), one per prompt"
+            )
+        if len(transcriptions) != batch_size:
+            raise ValueError(
+                f"`transcription` has {len(transcriptions)} entries for {batch_size} prompts; give one per prompt"
+            )
+    elif stack.speech and transcriptions is not None:
+        raise ValueError(
+            "`transcription` goes with `prompt`; precomputed `prompt_embeds` already hold the phoneme states"
+        )
+
     negative_from_text = do_classifier_free_guidance and negative_prompt_embeds is None
     if do_classifier_free_guidance:
         if negative_prompt_embeds is not None:
@@ -198,6 +300,14 @@ def encode_prompt(
                     f"`negative_prompt` has batch size {len(negatives)}, but `prompt` has batch size "
                     f"{batch_size}; they must match"
                 )
+
+    if stack.speech:
+        return _encode_prompt_speech(
+            stack, prompts, transcriptions, transcription_is_phonemes, negatives, negative_from_text,
+            batch_size, device, num_waveforms_per_prompt, do_classifier_free_guidance, max_new_tokens,
+            prompt_embeds, negative_prompt_embeds, generated_prompt_embeds, negative_generated_prompt_embeds,
+            attention_mask, negative_attention_mask,
+        )  # fmt: skip
 
     # --- tokenize; the negative T5 tokens take the prompt's T5 length
     texts: list[str] = []
@@ -226,6 +336,78 @@ def encode_prompt(
             negative_prompt_embeds, negative_attention_mask = states[:batch_size], t5_mask[:batch_size]
             negative_generated_prompt_embeds = generated[:batch_size]
 
+    return _finish(
+        stack, batch_size, seq_len, device, num_waveforms_per_prompt, do_classifier_free_guidance,
+        (prompt_embeds, attention_mask, generated_prompt_embeds),
+        (negative_prompt_embeds, negative_attention_mask, negative_generated_prompt_embeds),
+    )  # fmt: skip
+
+
+def _encode_prompt_speech(
+    stack: TextStack,
+    prompts: list[str] | None,
+    transcriptions: list[str] | None,
+    transcription_is_phonemes: bool,
+    negatives: list[str] | None,
+    negative_from_text: bool,
+    batch_size: int,
+    device: torch.device,
+    num_waveforms_per_prompt: int,
+    do_classifier_free_guidance: bool,
+    max_new_tokens: int,
+    prompt_embeds: torch.Tensor | None,
+    negative_prompt_embeds: torch.Tensor | None,
+    generated_prompt_embeds: torch.Tensor | None,
+    negative_generated_prompt_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    negative_attention_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``encode_prompt`` of a speech checkpoint (module docstring): the inputs are checked already."""
+    seq_len = stack.tokenizer_2.model_max_length if prompts is not None else prompt_embeds.shape[1]
+    texts: list[str] = []
+    phoneme_ids = phoneme_mask = zero_mask = None
+    if negative_from_text:
+        texts += negatives
+        zero_mask = torch.zeros(batch_size, seq_len, dtype=_dtype(stack.t5), device=device)
+    if prompts is not None:
+        if stack.t5.cfg.vocab_size <= PHONEME_END_ID:
+            raise ValueError(
+                f"the VITS encoder has {stack.t5.cfg.vocab_size} symbols; the end token {PHONEME_END_ID} that "
+                "diffusers writes needs at least 183"
+            )
+        tokens = stack.tokenizer_2(transcriptions, is_phonemes=transcription_is_phonemes)
+        phoneme_ids, phoneme_mask = mark_phoneme_end(tokens.input_ids, tokens.attention_mask)
+        phoneme_ids, phoneme_mask = phoneme_ids.to(device), phoneme_mask.to(device)
+        texts += prompts
+    if texts:
+        states, generated = _encode_speech(
+            stack, texts, phoneme_ids, phoneme_mask, zero_mask, device, max_new_tokens
+        )
+        if prompts is not None:  # the last B rows
+            prompt_embeds, attention_mask = states[-batch_size:], phoneme_mask
+            generated_prompt_embeds = generated[-batch_size:]
+        if negative_from_text:  # the first B rows
+            negative_prompt_embeds, negative_attention_mask = states[:batch_size], zero_mask
+            negative_generated_prompt_embeds = generated[:batch_size]
+    return _finish(
+        stack, batch_size, seq_len, device, num_waveforms_per_prompt, do_classifier_free_guidance,
+        (prompt_embeds, attention_mask, generated_prompt_embeds),
+        (negative_prompt_embeds, negative_attention_mask, negative_generated_prompt_embeds),
+    )  # fmt: skip
+
+
+def _finish(
+    stack: TextStack,
+    batch_size: int,
+    seq_len: int,
+    device: torch.device,
+    num_waveforms_per_prompt: int,
+    do_classifier_free_guidance: bool,
+    positive: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor],
+    negative: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Check both sides' shapes, cast, repeat each row ``num_waveforms_per_prompt`` times, and concatenate
+    ``[negative, positive]`` under guidance."""
     t5_dtype, lm_dtype = _dtype(stack.t5), _dtype(stack.gpt2)
 
     def finish(
@@ -251,12 +433,10 @@ def encode_prompt(
             generated.to(device=device, dtype=lm_dtype).repeat_interleave(n, dim=0),  # (B * n, new, d_lm)
         )
 
-    out = finish(prompt_embeds, attention_mask, generated_prompt_embeds, "prompt")
+    out = finish(*positive, "prompt")
     if not do_classifier_free_guidance:
         return out
-    negative = finish(
-        negative_prompt_embeds, negative_attention_mask, negative_generated_prompt_embeds, "negative"
-    )
+    negative = finish(*negative, "negative")
     if negative[0].shape != out[0].shape or negative[2].shape != out[2].shape:
         raise ValueError(
             f"negative and positive conditions differ in shape: {tuple(negative[0].shape)} vs "

@@ -25,6 +25,7 @@ __all__ = [
     "ClapAudioConfig",
     "ClapConfig",
     "T5Config",
+    "VitsConfig",
     "GPT2Config",
     "ProjectionConfig",
     "UNetConfig",
@@ -34,6 +35,7 @@ __all__ = [
     "FeatureExtractorConfig",
     "clap_config",
     "t5_config",
+    "vits_config",
     "gpt2_config",
     "projection_config",
     "unet_config",
@@ -208,6 +210,53 @@ def t5_config(d: dict[str, Any]) -> T5Config:
         relative_attention_max_distance=d.get("relative_attention_max_distance", 128),
         layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-6),
         gated=ff == "gated-gelu",  # transformers then uses gelu_new, whatever dense_act_fn says
+    )
+
+
+# ------------------------------------------------------------------------------ VITS (speech checkpoints)
+
+
+@dataclass(frozen=True)
+class VitsConfig:
+    """The text encoder of a transformers ``VitsModel`` (``text_encoder_2`` of the speech checkpoints)."""
+
+    vocab_size: int  # 183 phoneme symbols (the pipeline writes id 182 as the end token)
+    hidden_size: int  # 192
+    num_layers: int  # 6 (hub ``num_hidden_layers``)
+    num_heads: int  # 2 (hub ``num_attention_heads``)
+    ffn_dim: int  # 768: width of the convolutional feed-forward
+    ffn_kernel_size: int  # 3: its kernel along the phoneme axis
+    window_size: int  # 4: relative positions -4..4 have their own key/value embedding, farther ones none
+    use_bias: bool  # biases of q/k/v/out projections
+    layer_norm_eps: float  # 1e-5
+
+
+def vits_config(d: dict[str, Any]) -> VitsConfig:
+    """Translate ``text_encoder_2/config.json`` of a speech checkpoint (transformers ``VitsConfig``).
+
+    Only the text encoder is built; the rest of the VITS config (flow, duration predictor, HiFi-GAN) describes
+    parts AudioLDM 2 never runs and is not read.
+    """
+    c = "text_encoder_2 (VitsModel)"
+    _require(d, c, "model_type", "vits")
+    _require(d, c, "hidden_act", "relu", "relu")
+    window = d.get("window_size", 4)
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        # transformers also allows None (no relative positions); no AudioLDM 2 checkpoint uses it
+        raise UnsupportedConfigError(f"{c}: window_size={window!r} is not supported (a positive int)")
+    hidden, heads = d.get("hidden_size", 192), d.get("num_attention_heads", 2)
+    if hidden % heads:
+        raise ConfigError(f"{c}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+    return VitsConfig(
+        vocab_size=d.get("vocab_size", 38),
+        hidden_size=hidden,
+        num_layers=d.get("num_hidden_layers", 6),
+        num_heads=heads,
+        ffn_dim=d.get("ffn_dim", 768),
+        ffn_kernel_size=d.get("ffn_kernel_size", 3),
+        window_size=window,
+        use_bias=d.get("use_bias", True),
+        layer_norm_eps=d.get("layer_norm_eps", 1e-5),
     )
 
 

@@ -56,7 +56,7 @@ class WeightsError(CheckpointError):
 # Component -> the classes of model_index.json we implement. What is not here is an error at open time.
 COMPONENTS: dict[str, tuple[str, ...]] = {
     "text_encoder": ("ClapModel",),
-    "text_encoder_2": ("T5EncoderModel",),
+    "text_encoder_2": ("T5EncoderModel", "VitsModel"),  # VitsModel: the speech checkpoints' phoneme encoder
     "projection_model": ("AudioLDM2ProjectionModel",),
     "language_model": ("GPT2Model",),
     "unet": ("AudioLDM2UNet2DConditionModel",),
@@ -64,7 +64,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "vocoder": ("SpeechT5HifiGan",),
     "scheduler": ("DDIMScheduler", "DPMSolverMultistepScheduler"),
     "tokenizer": ("RobertaTokenizer", "RobertaTokenizerFast"),
-    "tokenizer_2": ("T5Tokenizer", "T5TokenizerFast"),
+    "tokenizer_2": ("T5Tokenizer", "T5TokenizerFast", "VitsTokenizer"),
     "feature_extractor": ("ClapFeatureExtractor",),
 }
 PIPELINE_CLASS = "AudioLDM2Pipeline"
@@ -111,8 +111,23 @@ class Checkpoint:
                     f"{self.source}: component folder {component}/ is missing ({self.root})"
                 )
 
+        # A speech checkpoint pairs the VITS phoneme encoder with its own tokenizer; T5 with T5's.
+        if (self.index["text_encoder_2"][1] == "VitsModel") != (
+            self.index["tokenizer_2"][1] == "VitsTokenizer"
+        ):
+            raise CheckpointError(
+                f"{index_path}: text_encoder_2 {self.index['text_encoder_2'][1]!r} does not go with tokenizer_2 "
+                f"{self.index['tokenizer_2'][1]!r} (VitsModel needs VitsTokenizer, T5EncoderModel a T5 tokenizer)"
+            )
+
     def __repr__(self) -> str:
         return f"Checkpoint({self.source!r})"
+
+    @property
+    def is_speech(self) -> bool:
+        """A text-to-speech checkpoint (``anhnct/audioldm2_gigaspeech``, ``_ljspeech``): the second text encoder
+        is VITS's phoneme encoder, fed the ``transcription``."""
+        return self.index["text_encoder_2"][1] == "VitsModel"
 
     def folder(self, component: str) -> Path:
         if component not in COMPONENTS:

@@ -27,8 +27,13 @@ switches its modules to exact faster rewrites where this CPU supports them and t
 names (``pipe.unet``, ``pipe.vae``, ...), which a user may read, modify, hook or replace; the stages
 (``encode_prompt``, ``denoise``, ``decode``) work under autograd, and only ``__call__`` runs in inference mode.
 
-Left out on purpose: the speech (``transcription``) path until the VITS phoneme encoder lands,
-``return_dict`` / tuple outputs, ``callback_on_step_end`` tensor plumbing, model offload hooks.
+Speech (``anhnct/audioldm2_gigaspeech``, ``_ljspeech``): ``text_encoder_2`` is the VITS phoneme encoder and
+``tokenizer_2`` the phoneme tokenizer; ``pipe(prompt, transcription="words to say")`` (the prompt describes the
+voice), see ``conditioning.py``. diffusers takes ``transcription`` as its second positional argument; here it
+is a keyword (after ``max_new_tokens``), so that positional calls written for this class keep their meaning.
+
+Left out on purpose: ``return_dict`` / tuple outputs, ``callback_on_step_end`` tensor plumbing, model offload
+hooks.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ from .t5 import load_t5
 from .tokenization import load_tokenizer
 from .unet import load_unet
 from .vae import load_vae
+from .vits import load_vits
 from .vocoder import load_vocoder
 
 logger = logging.getLogger("audioldm2_core")
@@ -229,9 +235,9 @@ class AudioLDM2:
     """AudioLDM 2 text-to-audio. ``AudioLDM2.from_pretrained("cvssp/audioldm2")("a dog barking").audios``."""
 
     tokenizer = _Component()  # RoBERTa, for CLAP
-    tokenizer_2 = _Component()  # T5
+    tokenizer_2 = _Component()  # T5 (speech checkpoints: VITS phonemes)
     text_encoder = _Component()  # CLAP's text branch (diffusers: the whole ClapModel)
-    text_encoder_2 = _Component()  # Flan-T5 encoder
+    text_encoder_2 = _Component()  # Flan-T5 encoder (speech: the text encoder of VITS)
     projection_model = _Component()
     language_model = _Component()  # GPT-2
     unet = _Component()
@@ -325,7 +331,7 @@ class AudioLDM2:
         "tokenizer": lambda p: load_tokenizer(p.ckpt, "tokenizer"),
         "tokenizer_2": lambda p: load_tokenizer(p.ckpt, "tokenizer_2"),
         "text_encoder": lambda p: load_clap_text(p.ckpt, p.dtype, p.device),
-        "text_encoder_2": lambda p: load_t5(p.ckpt, p.dtype, p.device),
+        "text_encoder_2": lambda p: (load_vits if p.ckpt.is_speech else load_t5)(p.ckpt, p.dtype, p.device),
         "projection_model": lambda p: load_projection(p.ckpt, p.dtype, p.device),
         "language_model": lambda p: load_gpt2(p.ckpt, p.dtype, p.device),
         "unet": lambda p: load_unet(p.ckpt, p.dtype, p.device),
@@ -383,11 +389,14 @@ class AudioLDM2:
         attention_mask: Tensor | None = None,
         negative_attention_mask: Tensor | None = None,
         max_new_tokens: int | None = None,
+        transcription: str | list[str] | None = None,
+        transcription_is_phonemes: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(prompt_embeds, attention_mask, generated_prompt_embeds)`` as diffusers' ``encode_prompt``.
 
         With guidance the batch is ``[negative, positive]``; each row is repeated
-        ``num_waveforms_per_prompt`` times.
+        ``num_waveforms_per_prompt`` times. ``transcription`` (speech checkpoints): the words to speak, one
+        per prompt; ``transcription_is_phonemes``: they are IPA already (no espeak-ng needed).
         """
         out = conditioning.encode_prompt(
             self.text_stack(),
@@ -403,6 +412,8 @@ class AudioLDM2:
             attention_mask=attention_mask,
             negative_attention_mask=negative_attention_mask,
             max_new_tokens=max_new_tokens,
+            transcription=transcription,
+            transcription_is_phonemes=transcription_is_phonemes,
         )
         self._release(
             "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "projection_model", "language_model"
@@ -525,6 +536,8 @@ class AudioLDM2:
         callback: Callable[[int, Tensor, Tensor], None] | None = None,
         callback_steps: int = 1,
         rerank: bool | None = None,
+        transcription: str | list[str] | None = None,
+        transcription_is_phonemes: bool = False,
     ) -> AudioOutput:
         """Generate audio; arguments as ``diffusers.AudioLDM2Pipeline.__call__``, plus ``sampler``.
 
@@ -536,6 +549,9 @@ class AudioLDM2:
         ``num_waveforms_per_prompt`` > 1 and a prompt is given, as diffusers) orders each prompt's candidates
         by CLAP score, best first, and returns the scores; False keeps generation order. Returns :class:`AudioOutput` with ``audios`` of
         shape (batch * num_waveforms_per_prompt, samples), float32.
+
+        Speech checkpoints: ``transcription`` (str, or a list with one per prompt) is what is said, the prompt
+        how it sounds; ``transcription_is_phonemes=True`` passes IPA phonemes as they are (no espeak-ng).
         """
         factor, vae_scale = self._upsample_factor(), self.vae_config.scale_factor
         if audio_length_in_s is None:
@@ -565,6 +581,8 @@ class AudioLDM2:
             attention_mask=attention_mask,
             negative_attention_mask=negative_attention_mask,
             max_new_tokens=max_new_tokens,
+            transcription=transcription,
+            transcription_is_phonemes=transcription_is_phonemes,
         )
         batch = prompt_embeds.shape[0] // (2 if guidance_scale > 1.0 else 1)
         shape = (

@@ -30,6 +30,10 @@ special tokens (as the backend's truncation does), then add the special tokens a
 
 A checkpoint without ``tokenizer.json`` (only ``vocab.json`` + ``merges.txt``, or ``spiece.model``) falls
 back to transformers, lazily imported, whose converted backend tokenizer then runs through the same code.
+
+The speech checkpoints' ``tokenizer_2/`` is a ``VitsTokenizer`` (``vocab.json``: one id per character, IPA
+symbols included), read by :class:`PhonemeTokenizer` below with no library at all, except the optional
+phonemiser (``phonemizer`` + espeak-ng, ``pip install ".[speech]"``) that turns English text into IPA.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +53,15 @@ from tokenizers import Encoding, Tokenizer, decoders, normalizers, pre_tokenizer
 
 from .loading import Checkpoint, CheckpointError
 
-__all__ = ["TokenBatch", "TextTokenizer", "load_tokenizer", "tokenizer_from_folder"]
+__all__ = [
+    "TokenBatch",
+    "TextTokenizer",
+    "PhonemeTokenizer",
+    "PhonemizerMissingError",
+    "load_tokenizer",
+    "tokenizer_from_folder",
+    "phoneme_tokenizer_from_folder",
+]
 
 logger = logging.getLogger("audioldm2_core")
 
@@ -141,8 +155,12 @@ class TextTokenizer:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def load_tokenizer(ckpt: Checkpoint, component: Literal["tokenizer", "tokenizer_2"]) -> TextTokenizer:
+def load_tokenizer(
+    ckpt: Checkpoint, component: Literal["tokenizer", "tokenizer_2"]
+) -> TextTokenizer | PhonemeTokenizer:
     """The tokenizer of a checkpoint component, of the class its ``model_index.json`` names."""
+    if ckpt.index[component][1] == "VitsTokenizer":
+        return phoneme_tokenizer_from_folder(ckpt.folder(component))
     return tokenizer_from_folder(ckpt.folder(component), ckpt.index[component][1])
 
 
@@ -261,3 +279,210 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
+
+
+# ------------------------------------------------------------------------------- speech: VITS phonemes
+
+
+class PhonemizerMissingError(ImportError):
+    """Phonemisation was needed (the checkpoint's tokenizer says ``phonemize``) but cannot run here."""
+
+
+_INSTALL_HINT = (
+    'install it with `pip install ".[speech]"` (the `phonemizer` package) plus the espeak-ng program '
+    "(`apt install espeak-ng`, `brew install espeak-ng`), or pass phonemes (IPA) directly with "
+    "transcription_is_phonemes=True (CLI: --phonemes)"
+)
+
+
+def phonemize_english(text: str) -> str:
+    """English text -> IPA with stress marks, exactly as transformers' ``VitsTokenizer`` calls espeak-ng
+    through ``phonemizer`` (``en-us`` whatever the tokenizer's ``language``; punctuation kept)."""
+    try:
+        import phonemizer
+    except ImportError as e:
+        raise PhonemizerMissingError(
+            f"phonemizing the transcription needs `phonemizer`: {_INSTALL_HINT}"
+        ) from e
+    try:
+        phonemes = phonemizer.phonemize(
+            text, language="en-us", backend="espeak", strip=True, preserve_punctuation=True, with_stress=True
+        )
+    except RuntimeError as e:  # phonemizer's way of saying that espeak(-ng) is not installed
+        raise PhonemizerMissingError(
+            f"phonemizing the transcription needs espeak-ng ({e}): {_INSTALL_HINT}"
+        ) from e
+    return re.sub(r"\s+", " ", phonemes)
+
+
+class PhonemeTokenizer:
+    """transformers' ``VitsTokenizer`` as diffusers' speech pipeline calls it: one id per character of the
+    (normalised, phonemised) transcription, with the blank id 0 between characters if ``add_blank``, right-
+    padded with the pad id and truncated to ``model_max_length``.
+
+    The reference's steps, in order (``prepare_for_tokenization``, ``_tokenize``):
+    1. ``normalize``: lower-case every character that does not start a vocabulary entry (a greedy scan);
+    2. ``phonemize``: espeak-ng's en-us IPA through ``phonemizer``, runs of whitespace made one space;
+       otherwise, with ``normalize``, characters outside the vocabulary (punctuation) are removed;
+    3. the special tokens (pad, unk: transformers' "added tokens") are cut out of the string first and become
+       one token each; every other stretch becomes one token per character, and ``add_blank`` puts the id-0
+       token before, between and after the characters *of each stretch* (an empty string gives no token).
+
+    Where we differ on purpose: the reference maps a character outside the vocabulary to ``unk`` (often the
+    pad/blank id itself) and carries on; here it is an error naming the characters, since the phoneme encoder
+    would silently be told something else. Punctuation that step 2 removes is still removed.
+    """
+
+    def __init__(
+        self,
+        vocab: dict[str, int],
+        *,
+        pad_token_id: int,
+        model_max_length: int,
+        add_blank: bool,
+        normalize: bool,
+        phonemize: bool,
+        language: str | None,
+        special_tokens: Sequence[str] = (),
+        name: str = "VITS phonemes",
+    ):
+        if 0 not in vocab.values():
+            raise ValueError(f"{name}: the vocabulary has no id 0 (the blank token)")
+        self.vocab = vocab
+        self.pad_token_id = pad_token_id
+        self.model_max_length = model_max_length
+        self.add_blank, self.normalize, self.phonemize = add_blank, normalize, phonemize
+        self.language = language
+        self.name = name
+        specials = sorted({t for t in special_tokens if t in vocab}, key=len, reverse=True)  # longest first
+        self._special_split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+
+    def __repr__(self) -> str:
+        return (
+            f"PhonemeTokenizer(vocab={len(self.vocab)}, model_max_length={self.model_max_length}, "
+            f"add_blank={self.add_blank}, normalize={self.normalize}, phonemize={self.phonemize})"
+        )
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def _normalize_case(self, text: str) -> str:
+        """``VitsTokenizer.normalize_text``: keep vocabulary entries as written, lower-case the rest."""
+        out, i = [], 0
+        while i < len(text):
+            for word in self.vocab:  # the vocabulary's order, first match wins, as the reference
+                if text.startswith(word, i):
+                    out.append(word)
+                    i += len(word)
+                    break
+            else:
+                out.append(text[i].lower())
+                i += 1
+        return "".join(out)
+
+    def phonemes(self, text: str, *, is_phonemes: bool = False) -> str:
+        """The character string that is tokenized: ``text`` normalised and phonemised as the checkpoint's
+        tokenizer says; with ``is_phonemes``, ``text`` is taken as phonemes already (whitespace runs made one
+        space, as after phonemisation; no case change)."""
+        if is_phonemes:
+            return re.sub(r"\s+", " ", text).strip()
+        if self.normalize:
+            text = self._normalize_case(text)
+        if self.language == "ron":
+            text = text.replace("ț", "ţ")  # the reference's one language-specific substitution
+        if self.phonemize:
+            return phonemize_english(text)
+        if self.normalize:  # the reference strips what the vocabulary lacks; we strip punctuation only
+            text = "".join(c for c in text if c in self.vocab or not unicodedata.category(c).startswith("P"))
+            return text.strip()
+        return text
+
+    def encode(self, text: str, *, is_phonemes: bool = False) -> list[int]:
+        """One transcription -> its ids, unpadded and untruncated."""
+        chars = self.phonemes(text, is_phonemes=is_phonemes)
+        unknown = sorted({c for c in chars if c not in self.vocab})
+        if unknown:
+            listed = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in unknown)
+            how = "the phonemes given" if is_phonemes else f"the phonemes of {text!r}"
+            raise ValueError(
+                f"{self.name}: {how} ({chars!r}) hold characters outside the checkpoint's phoneme vocabulary: "
+                f"{listed}; remove or replace them"
+            )
+        pieces = self._special_split.split(chars) if self._special_split else [chars]
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if i % 2:  # a special token (the split's captured group)
+                ids.append(self.vocab[piece])
+            elif piece:
+                stretch = [self.vocab[c] for c in piece]
+                if self.add_blank:
+                    blanked = [0] * (2 * len(stretch) + 1)
+                    blanked[1::2] = stretch
+                    stretch = blanked
+                ids += stretch
+        return ids
+
+    def __call__(self, texts: str | Sequence[str], *, is_phonemes: bool = False) -> TokenBatch:
+        """A batch of transcriptions -> ids and mask (B, model_max_length), as the reference's
+        ``padding="max_length", truncation=True``; a cut transcription is logged."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise ValueError(f"{self.name}: nothing to tokenize (an empty list of transcriptions)")
+        for t in texts:
+            if not isinstance(t, str):
+                raise TypeError(f"{self.name}: transcriptions must be str, got {type(t).__name__}: {t!r}")
+        length = self.model_max_length
+        input_ids = torch.full((len(texts), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(texts), length), dtype=torch.long)
+        for i, text in enumerate(texts):
+            ids = self.encode(text, is_phonemes=is_phonemes)
+            if len(ids) > length:
+                logger.warning(
+                    f"{self.name}: transcription {i} has {len(ids)} phoneme tokens; the checkpoint reads at most "
+                    f"{length}, so it is cut to {self.phonemes(text, is_phonemes=is_phonemes)[: length // (1 + self.add_blank)]!r}"
+                )
+                ids = ids[:length]
+            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, : len(ids)] = 1
+        return TokenBatch(input_ids, attention_mask)
+
+
+def phoneme_tokenizer_from_folder(folder: str | Path) -> PhonemeTokenizer:
+    """Read a ``VitsTokenizer`` folder (``vocab.json``, ``tokenizer_config.json``) into a :class:`PhonemeTokenizer`."""
+    folder = Path(folder)
+    config = _read_json(folder / "tokenizer_config.json")
+    vocab = _read_json(folder / "vocab.json")
+    if not config or not vocab:
+        raise CheckpointError(f"{folder}: a VitsTokenizer needs tokenizer_config.json and vocab.json")
+    if not all(isinstance(v, int) for v in vocab.values()):
+        raise CheckpointError(f"{folder}/vocab.json: ids must be integers")
+    specials = {} if "added_tokens_decoder" in config else _read_json(folder / "special_tokens_map.json")
+    if config.get("is_uroman"):
+        raise CheckpointError(
+            f"{folder}/tokenizer_config.json: is_uroman (romanising the input) is not supported"
+        )
+    for key in ("padding_side", "truncation_side"):
+        if config.get(key, "right") != "right":
+            raise CheckpointError(f"{folder}/tokenizer_config.json: {key} {config[key]!r} is not supported")
+    model_max_length = config.get("model_max_length")
+    if not isinstance(model_max_length, int) or isinstance(model_max_length, bool) or model_max_length <= 0:
+        raise CheckpointError(f"{folder}/tokenizer_config.json: needs an integer model_max_length")
+
+    def token(key: str, default: str) -> str:
+        value = config.get(key) or specials.get(key) or default
+        return value["content"] if isinstance(value, dict) else str(value)
+
+    pad = token("pad_token", "<pad>")
+    if pad not in vocab:
+        raise CheckpointError(f"{folder}: pad token {pad!r} is not in vocab.json")
+    added = [t["content"] for t in config.get("added_tokens_decoder", {}).values() if isinstance(t, dict)]
+    return PhonemeTokenizer(
+        vocab,
+        pad_token_id=vocab[pad],
+        model_max_length=model_max_length,
+        add_blank=bool(config.get("add_blank", True)),
+        normalize=bool(config.get("normalize", True)),
+        phonemize=bool(config.get("phonemize", True)),
+        language=config.get("language"),
+        special_tokens=[pad, token("unk_token", "<unk>"), *added],
+    )

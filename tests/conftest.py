@@ -36,3 +36,15 @@ def cpu_attention_on():
     cpu_attention.enable()
     yield cpu_attention
     cpu_attention.enable(False)
+
+
+@pytest.fixture(scope="session")
+def tiny_gigaspeech(tmp_path_factory):
+    """The anhnct/audioldm2_gigaspeech shape (text-to-speech: VITS, UNet [[None, lm]]); its tokenizer blanks."""
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "gigaspeech", variant="gigaspeech", seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_ljspeech(tmp_path_factory):
+    """The anhnct/audioldm2_ljspeech shape; its tokenizer does not blank (the end token lands on the first pad)."""
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "ljspeech", variant="ljspeech", seed=3)

@@ -100,3 +100,12 @@ def test_samplers_ab_counts_unet_calls(tiny_base, tmp_path):
         re.findall(r"^\| ([a-z0-9-]+) \| (\d+) \| [\d.]+ \| [\d.]+ s \| [\d.]+ s \| [\d.]+ s \|$", out, re.M)
     )
     assert calls == {"ddim": "4", "heun": "7", "pndm": "13"}  # N, 2N - 1, N + 9
+
+
+def test_gpt2_ab_runs(tiny_gigaspeech):
+    """benchmarks/gpt2_ab.py: the speech checkpoints' GPT-2 generation, diffusers' loop against ours."""
+    out = _run("gpt2_ab.py", "--checkpoint", str(tiny_gigaspeech), "--new-tokens", "12", "--rounds", "2")
+    rows = dict(re.findall(r"^\| (diffusers|ours, plain|ours) \| .* \| (\S+) \|$", out, re.M))
+    assert set(rows) == {"diffusers", "ours, plain", "ours"}
+    assert all(float(err) < 1e-5 for err in rows.values())  # the same states, to float32 rounding
+    assert "12 states for a guidance batch of 2 from 315 inputs" in out

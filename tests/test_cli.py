@@ -208,3 +208,46 @@ def test_device_auto_resolution(monkeypatch):
     assert resolve_device(None) == torch.device("cpu")
     with pytest.raises(ValueError, match="unknown device 'gpu0'"):
         resolve_device("gpu0")
+
+
+def test_speech_transcription_flags(tiny_ljspeech, tmp_path):
+    """A speech checkpoint from the CLI: --transcription with --phonemes (no espeak-ng needed), --max-new-tokens,
+    the same audio as the API; its errors in one line."""
+    import numpy as np
+    import torch
+
+    from audioldm2_core import AudioLDM2
+
+    out = tmp_path / "speech.wav"
+    args = ["a man speaks", "--model", str(tiny_ljspeech), "--steps", "2", "--length", "1.0", "--seed", "1",
+            "--plain"]  # fmt: skip
+    r = run(*args, "-o", str(out), "--transcription", "həlˈoʊ wˈɜːld", "--phonemes", "--quiet",
+            "--max-new-tokens", "8")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    got = sf.read(out, dtype="float32")[0]
+    pipe = AudioLDM2.from_pretrained(tiny_ljspeech, fast=False)
+    want = pipe("a man speaks", transcription="həlˈoʊ wˈɜːld", transcription_is_phonemes=True,
+                num_inference_steps=2, audio_length_in_s=1.0, max_new_tokens=8,
+                generator=torch.Generator().manual_seed(1)).audios[0]  # fmt: skip
+    assert got.shape == (16000,) and np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+    for extra, message in (
+        ([], "text-to-speech checkpoint: pass `transcription=`"),
+        (["--phonemes"], "--phonemes says how to read --transcription"),
+    ):
+        r = run(*args, "-o", str(tmp_path / "x.wav"), "--quiet", *extra)
+        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert message in r.stderr and "Traceback" not in r.stderr
+    # the phonemiser missing: a stub that fails to import stands in for an uninstalled `phonemizer`
+    (tmp_path / "stub").mkdir()
+    (tmp_path / "stub" / "phonemizer.py").write_text("raise ImportError('No module named phonemizer')\n")
+    r = run(*args, "-o", str(tmp_path / "y.wav"), "--quiet", "--transcription", "hello",
+            PYTHONPATH=f"{tmp_path / 'stub'}{os.pathsep}{ROOT}")  # fmt: skip
+    assert r.returncode == 1 and 'pip install ".[speech]"' in r.stderr and "--phonemes" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_transcription_for_a_sound_checkpoint(tiny_base, tmp_path):
+    r = run("a dog", "--model", str(tiny_base), "--steps", "1", "--length", "1.0", "--quiet",
+            "--transcription", "woof", "-o", str(tmp_path / "x.wav"))  # fmt: skip
+    assert r.returncode == 1 and "`transcription` is for the text-to-speech checkpoints" in r.stderr

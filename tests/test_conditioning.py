@@ -250,3 +250,99 @@ def test_input_errors(stacks, kwargs, error, match):
     kwargs = {"do_classifier_free_guidance": True, **kwargs}
     with pytest.raises(error, match=match):
         encode_prompt(stack, device="cpu", **kwargs)
+
+
+# ------------------------------------------------------------------------------- speech checkpoints
+
+ESPEAK = __import__("shutil").which("espeak-ng") or __import__("shutil").which("espeak")
+needs_espeak = pytest.mark.skipif(
+    ESPEAK is None, reason="espeak-ng is not installed (the phonemiser's program)"
+)
+
+SPEECH_CASES = {
+    "single_cfg": dict(
+        prompt="A man speaks clearly.",
+        transcription="Hello world, it's me!",
+        do_classifier_free_guidance=True,
+    ),
+    "single_no_cfg": dict(
+        prompt="A woman whispers.", transcription="The quick brown fox.", do_classifier_free_guidance=False
+    ),
+    "batch_negative_n2": dict(
+        prompt=["A man speaks clearly.", "A child shouts"],
+        transcription=["Hello world, it's me!", "Numbers like 42 are spelled out."],
+        negative_prompt=["low quality", "noise"],
+        num_waveforms_per_prompt=2,
+        do_classifier_free_guidance=True,
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=["gigaspeech", "ljspeech"])
+def speech_stacks(request):
+    path = request.getfixturevalue(f"tiny_{request.param}")
+    return load_text_stack(open_checkpoint(path)), reference_pipeline(str(path))
+
+
+@needs_espeak
+@pytest.mark.parametrize("case", list(SPEECH_CASES))
+def test_speech_parity(speech_stacks, case):
+    """Phonemised transcriptions, the end token, the zero negative branch, learned positions, GPT-2."""
+    stack, pipe = speech_stacks
+    kwargs = dict(SPEECH_CASES[case], max_new_tokens=5)
+    ours = encode_prompt(stack, device="cpu", **kwargs)
+    assert_parity(ours, reference(pipe, **kwargs))
+    assert ours[0].shape[1:] == (310, stack.t5.cfg.hidden_size) and ours[2].shape[1] == 5
+    if kwargs["do_classifier_free_guidance"]:
+        negative, _ = halves(ours)
+        assert negative[1].dtype == torch.float32 and not negative[1].any() and not negative[0].any()
+
+
+def test_speech_phoneme_input(speech_stacks):
+    """IPA passed as it is: the reference's tokenizer told not to normalise or phonemise reads it the same."""
+    stack, pipe = speech_stacks
+    ipa = ["həlˈoʊ wˈɜːld, ɪts mˌiː!", "ðə kwˈɪk bɹˈaʊn fˈɑːks."]
+    kwargs = dict(prompt=["A man speaks", "a woman"], do_classifier_free_guidance=True, max_new_tokens=4)
+    ours = encode_prompt(stack, device="cpu", transcription=ipa, transcription_is_phonemes=True, **kwargs)
+    tok = pipe.tokenizer_2
+    saved = tok.phonemize, tok.normalize
+    tok.phonemize = tok.normalize = False
+    try:
+        ref = reference(pipe, transcription=ipa, **kwargs)
+    finally:
+        tok.phonemize, tok.normalize = saved
+    assert_parity(ours, ref)
+
+
+def test_speech_end_token(speech_stacks):
+    """diffusers writes 182 over the first id 0: the leading blank with add_blank, else the first pad."""
+    from audioldm2_core.conditioning import mark_phoneme_end
+
+    stack, _ = speech_stacks
+    tokens = stack.tokenizer_2(["hˈɛloʊ", ""], is_phonemes=True)
+    ids, mask = mark_phoneme_end(tokens.input_ids, tokens.attention_mask)
+    n = 6 * (2 if stack.tokenizer_2.add_blank else 1) + stack.tokenizer_2.add_blank  # phonemes (and blanks)
+    end = 0 if stack.tokenizer_2.add_blank else n
+    assert ids[0, end] == 182 and mask[0].sum() == n + (0 if stack.tokenizer_2.add_blank else 1)
+    assert ids[1, 0] == 182 and mask[1].sum() == 1  # an empty transcription: the end token alone
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(prompt="a man"), "text-to-speech checkpoint: pass `transcription=`"),
+        (dict(prompt=["a", "b"], transcription="one"), "1 entries for 2 prompts"),
+        (dict(prompt="a", transcription=["x"], transcription_is_phonemes=1), "must be a bool"),
+        (dict(prompt="a", transcription="hˈɛloʊ 你", transcription_is_phonemes=True), "'你'"),
+    ],
+)
+def test_speech_errors(speech_stacks, kwargs, match):
+    stack, _ = speech_stacks
+    with pytest.raises((ValueError, TypeError), match=match):
+        encode_prompt(stack, device="cpu", do_classifier_free_guidance=True, max_new_tokens=2, **kwargs)
+
+
+def test_transcription_for_a_sound_checkpoint_is_an_error(stacks):
+    stack, _ = stacks
+    with pytest.raises(ValueError, match="`transcription` is for the text-to-speech checkpoints"):
+        encode_prompt(stack, "a dog", device="cpu", transcription="woof")

@@ -45,9 +45,10 @@ def test_five_checkpoints_are_shipped():
 def test_every_hub_config_translates_or_is_rejected(repo, component):
     d = load(repo, component)
     if repo.startswith("anhnct") and component == "text_encoder_2":
-        # The TTS checkpoints' second text encoder is a VITS phoneme encoder, not implemented yet.
+        # The TTS checkpoints' second text encoder is VITS's phoneme encoder: T5's translation refuses it
         with pytest.raises(C.UnsupportedConfigError, match=r"text_encoder_2 .*model_type='vits'"):
             TRANSLATORS[component](d)
+        assert C.vits_config(d).hidden_size == 192
         return
     cfg = TRANSLATORS[component](d)
     assert cfg is not None

@@ -164,10 +164,10 @@ def test_missing_weight_file_and_component_folder(ckpt_copy):
 
 def test_unsupported_component_class(ckpt_copy):
     index = json.loads((ckpt_copy / "model_index.json").read_text())
-    index["text_encoder_2"] = ["transformers", "VitsModel"]
+    index["text_encoder_2"] = ["transformers", "BertModel"]  # (VitsModel: the speech checkpoints, supported)
     (ckpt_copy / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(
-        CheckpointError, match=r"component 'text_encoder_2' has class 'VitsModel'.*not support"
+        CheckpointError, match=r"component 'text_encoder_2' has class 'BertModel'.*not support"
     ):
         open_checkpoint(ckpt_copy)
     index["_class_name"] = "StableDiffusionPipeline"
@@ -319,3 +319,20 @@ def test_load_strict_assigns_the_files_tensors():
         block = Block()
     with pytest.raises(WeightsError, match=r"test: weights do not match Block: missing keys: scale"):
         load_strict(block, {k: v for k, v in state.items() if k != "scale"}, "test")
+
+
+def test_speech_checkpoint_pairs_vits_with_its_tokenizer(tiny_gigaspeech, tmp_path):
+    """VitsModel goes with VitsTokenizer (and T5 with T5's tokenizer): a mixed model_index.json is refused."""
+    import json
+    import shutil
+
+    from audioldm2_core.loading import CheckpointError, open_checkpoint
+
+    assert open_checkpoint(tiny_gigaspeech).is_speech
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tiny_gigaspeech, mixed)
+    index = json.loads((mixed / "model_index.json").read_text())
+    index["tokenizer_2"] = ["transformers", "T5TokenizerFast"]
+    (mixed / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="VitsModel needs VitsTokenizer"):
+        open_checkpoint(mixed)

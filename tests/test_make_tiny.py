@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from weights_tools.make_tiny import build_models, tiny_configs
@@ -53,3 +54,21 @@ def test_models_are_deterministic_for_a_seed():
         sa, sb, sc = a[name].state_dict(), b[name].state_dict(), c[name].state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name
         assert not all(torch.equal(sa[k], sc[k]) for k in sa if sa[k].is_floating_point()), name
+
+
+@pytest.mark.parametrize("variant", ["gigaspeech", "ljspeech"])
+def test_speech_variants(request, variant):
+    """The anhnct/* layout: VitsModel + VitsTokenizer, learned positions, 512 GPT-2 states, UNet [[None, lm]]."""
+    path = request.getfixturevalue(f"tiny_{variant}")
+    index = json.loads((path / "model_index.json").read_text())
+    assert index["text_encoder_2"] == ["transformers", "VitsModel"]
+    assert index["tokenizer_2"] == ["transformers", "VitsTokenizer"]
+    projection = json.loads((path / "projection_model" / "config.json").read_text())
+    assert projection["use_learned_position_embedding"] and projection["max_seq_length"] == 310
+    assert json.loads((path / "language_model" / "config.json").read_text())["max_new_tokens"] == 512
+    unet = json.loads((path / "unet" / "config.json").read_text())
+    assert all(len(x) == 2 and x[0] is None for x in unet["cross_attention_dim"])
+    tok = json.loads((path / "tokenizer_2" / "tokenizer_config.json").read_text())
+    assert (
+        tok["model_max_length"] == 310 and tok["phonemize"] and tok["add_blank"] == (variant == "gigaspeech")
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -230,3 +232,102 @@ def test_audio_branch_unloaded_without_candidates(tiny_base):
             rerank=True,
             audio_length_in_s=1.0,
         )
+
+
+# ------------------------------------------------------------------------------- speech checkpoints
+
+ESPEAK = __import__("shutil").which("espeak-ng") or __import__("shutil").which("espeak")
+SPEECH = dict(prompt="A man speaks clearly in a quiet room", num_inference_steps=3, audio_length_in_s=1.0)
+
+
+@pytest.mark.skipif(ESPEAK is None, reason="espeak-ng is not installed (the phonemiser's program)")
+@pytest.mark.parametrize("variant", ["gigaspeech", "ljspeech"])
+def test_speech_same_seed_same_audio(request, variant):
+    """Text to speech with phonemisation, as diffusers' pipeline with a VitsModel runs it."""
+    path = request.getfixturevalue(f"tiny_{variant}")
+    kw = dict(transcription="Hello world, it's me!", negative_prompt="noise", max_new_tokens=8)
+    prompt = SPEECH["prompt"]
+    got = ours(
+        AudioLDM2.from_pretrained(path), prompt, **{k: v for k, v in SPEECH.items() if k != "prompt"}, **kw
+    )
+    want = reference(path, prompt, **{k: v for k, v in SPEECH.items() if k != "prompt"}, **kw)
+    assert got.shape == want.shape == (1, 16000)
+    assert rel_err(got, want) <= WAVE_TOL
+
+
+def _reference_phonemes(path, prompt, **kw):
+    """The reference reading IPA as it is: its tokenizer told not to normalise or phonemise."""
+    from tests.oracle import reference_pipeline
+
+    tok = reference_pipeline(str(path)).tokenizer_2
+    saved = tok.phonemize, tok.normalize
+    tok.phonemize = tok.normalize = False
+    try:
+        return reference(path, prompt, **kw)
+    finally:
+        tok.phonemize, tok.normalize = saved
+
+
+def test_speech_phonemes_batch(tiny_gigaspeech):
+    """The phoneme path (no espeak-ng anywhere), two prompts with their transcriptions, no guidance."""
+    prompts = ["A man speaks", "A woman sings softly"]
+    ipa = ["həlˈoʊ wˈɜːld", "ðə kwˈɪk bɹˈaʊn fˈɑːks."]
+    kw = dict(num_inference_steps=2, audio_length_in_s=1.0, max_new_tokens=6, guidance_scale=1.0)
+    pipe = AudioLDM2.from_pretrained(tiny_gigaspeech)
+    got = ours(pipe, prompts, transcription=ipa, transcription_is_phonemes=True, **kw)
+    want = _reference_phonemes(tiny_gigaspeech, prompts, transcription=ipa, **kw)
+    assert got.shape == want.shape == (2, 16000)
+    assert rel_err(got, want) <= WAVE_TOL
+
+
+def test_speech_checkpoint_max_new_tokens_default(tiny_ljspeech):
+    """The checkpoint's own GPT-2 length is the default: 512 states for both halves of the guidance batch."""
+    pipe = AudioLDM2.from_pretrained(tiny_ljspeech, fast=False)  # no speed-layer timing: a shape check
+    assert pipe.max_new_tokens == 512
+    with torch.inference_mode():
+        embeds = pipe.encode_prompt("A man speaks", transcription="ɪts mˌiː!", transcription_is_phonemes=True)
+    assert embeds[2].shape == (2, 512, 32) and embeds[0].shape == (2, 310, 24)
+
+
+@pytest.mark.slow  # the reference's 2 x 512 GPT-2 calls take a minute or more on a loaded 2-core CPU
+def test_speech_checkpoint_max_new_tokens(tiny_ljspeech):
+    """Same seed, same speech with the checkpoint's own 512 GPT-2 states."""
+    pipe = AudioLDM2.from_pretrained(tiny_ljspeech)
+    kw = dict(num_inference_steps=2, audio_length_in_s=1.0, transcription="ɪts mˌiː!")
+    got = ours(pipe, "A man speaks", transcription_is_phonemes=True, **kw)
+    want = _reference_phonemes(tiny_ljspeech, "A man speaks", **kw)
+    assert rel_err(got, want) <= WAVE_TOL
+
+
+def test_speech_errors(tiny_gigaspeech, pipe):
+    speech = AudioLDM2.from_pretrained(tiny_gigaspeech, low_memory=True)
+    with pytest.raises(ValueError, match="text-to-speech checkpoint: pass `transcription=`"):
+        speech("a man speaks", num_inference_steps=1, audio_length_in_s=1.0)
+    with pytest.raises(ValueError, match="`transcription` is for the text-to-speech checkpoints"):
+        pipe("a dog", transcription="woof", num_inference_steps=1, audio_length_in_s=1.0)
+
+
+@pytest.mark.skipif(ESPEAK is None, reason="espeak-ng is not installed (the phonemiser's program)")
+def test_readme_speech_example(tiny_ljspeech):
+    """The README's text-to-speech example, on the tiny checkpoint (2 steps, 1 s, 6 GPT-2 states): the same
+    speech as diffusers' pipeline called with the same arguments."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme.split("## Text to speech", 1)[1], re.S).group(1)
+    edits = {
+        '"anhnct/audioldm2_ljspeech"': repr(str(tiny_ljspeech)),
+        "num_inference_steps=200": "num_inference_steps=2",
+        "audio_length_in_s=5.0": "audio_length_in_s=1.0",
+        "max_new_tokens=512": "max_new_tokens=6",
+    }
+    for old, new in edits.items():
+        assert old in code
+        code = code.replace(old, new)
+    scope: dict = {}
+    exec(compile(code, "README", "exec"), scope)
+    kw = dict(num_inference_steps=2, audio_length_in_s=1.0, max_new_tokens=6)
+    want = reference(
+        tiny_ljspeech, "A female reporter is speaking", transcription="Wish you have a good day", **kw
+    )
+    assert rel_err(scope["speech"], want[0]) <= WAVE_TOL

@@ -290,3 +290,133 @@ def test_folder_errors(tokenizer_roots, tmp_path):
         (folder / "tokenizer_config.json").write_text(json.dumps(config))
         with pytest.raises(CheckpointError, match=match):
             tokenizer_from_folder(folder, "RobertaTokenizerFast")
+
+
+# ------------------------------------------------------------------------- speech: VITS phonemes
+
+SPEECH_TEXTS = [
+    "Hello world, it's me!",
+    "The quick brown fox jumps over the lazy dog.",
+    "  Leading and trailing spaces  ",
+    "double  space   and\ttab",
+    "UPPER lower MiXeD case",
+    "Numbers like 42 and 1999.",
+    "Is this a question? Yes; it is: really!",
+    "a",
+    "",
+    'She said "hi" and left.',
+]
+# characters only: the normalise-without-phonemes path keeps vocabulary letters and drops punctuation
+PLAIN_TEXTS = ["hello world", "Hello, World!", "  spaced  out  ", "MiXeD case.", "", "a;b:c"]
+ESPEAK = shutil.which("espeak-ng") or shutil.which("espeak")
+needs_espeak = pytest.mark.skipif(
+    ESPEAK is None, reason="espeak-ng is not installed (the phonemiser's program)"
+)
+
+
+def _phoneme_tokenizer(tmp_path, add_blank: bool, normalize: bool, phonemize: bool, max_length: int = 310):
+    from weights_tools.make_tiny import write_phoneme_tokenizer
+
+    folder = tmp_path / f"vits_{add_blank}_{normalize}_{phonemize}"
+    write_phoneme_tokenizer(folder, add_blank=add_blank)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(normalize=normalize, phonemize=phonemize, model_max_length=max_length)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder, transformers.VitsTokenizer.from_pretrained(folder)
+
+
+def _reference_ids(ref, texts, max_length=310):
+    # as diffusers' encode_prompt calls it for the transcription
+    r = ref(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    return r.input_ids, r.attention_mask
+
+
+@pytest.mark.parametrize("add_blank", [True, False])
+@pytest.mark.parametrize(
+    "normalize,phonemize", [pytest.param(True, True, marks=needs_espeak), (True, False), (False, False)]
+)
+def test_phonemes_match_vits_tokenizer(tmp_path, add_blank, normalize, phonemize):
+    from audioldm2_core.tokenization import phoneme_tokenizer_from_folder
+
+    folder, ref = _phoneme_tokenizer(tmp_path, add_blank, normalize, phonemize)
+    ours = phoneme_tokenizer_from_folder(folder)
+    texts = SPEECH_TEXTS if phonemize else PLAIN_TEXTS if normalize else [t.lower() for t in PLAIN_TEXTS[:3]]
+    got = ours(texts)
+    ids, mask = _reference_ids(ref, texts)
+    assert torch.equal(got.input_ids, ids) and torch.equal(got.attention_mask, mask)
+
+
+@needs_espeak
+def test_phoneme_input_path(tmp_path):
+    """IPA given directly gives the ids of the text it is the phonemisation of, without calling espeak."""
+    from audioldm2_core import tokenization
+
+    folder, _ = _phoneme_tokenizer(tmp_path, True, True, True)
+    ours = tokenization.phoneme_tokenizer_from_folder(folder)
+    ipa = [tokenization.phonemize_english(ours._normalize_case(t)) for t in SPEECH_TEXTS]
+    assert ipa[0] == "həlˈoʊ wˈɜːld, ɪts mˌiː!"
+    want = ours(SPEECH_TEXTS)
+    assert torch.equal(ours([p + "  " for p in ipa], is_phonemes=True).input_ids, want.input_ids)
+
+
+def test_phonemes_out_of_vocabulary_and_missing_phonemizer(tmp_path, monkeypatch):
+    import sys
+
+    from audioldm2_core.tokenization import PhonemizerMissingError, phoneme_tokenizer_from_folder
+
+    folder, _ = _phoneme_tokenizer(tmp_path, True, True, True)
+    ours = phoneme_tokenizer_from_folder(folder)
+    with pytest.raises(
+        ValueError, match=r"outside the checkpoint's phoneme vocabulary: '1' \(U\+0031\), '你'"
+    ):
+        ours(["həlˈoʊ", "wˈɜːld 你 1"], is_phonemes=True)
+    monkeypatch.setitem(sys.modules, "phonemizer", None)  # not installed
+    with pytest.raises(
+        PhonemizerMissingError, match=r'pip install "\.\[speech\]".*transcription_is_phonemes'
+    ):
+        ours("hello")
+    assert ours("hˈɛloʊ", is_phonemes=True).attention_mask.sum() == 13  # the phoneme path needs neither
+
+    class NoEspeak:
+        @staticmethod
+        def phonemize(*a, **k):
+            raise RuntimeError("espeak not installed on your system")
+
+    monkeypatch.setitem(sys.modules, "phonemizer", NoEspeak)
+    with pytest.raises(PhonemizerMissingError, match="needs espeak-ng"):
+        ours("hello")
+    # without phonemisation, punctuation is stripped (the reference's normalisation); other characters are errors
+    folder, _ = _phoneme_tokenizer(tmp_path, False, True, False)
+    plain = phoneme_tokenizer_from_folder(folder)
+    assert plain("Hi (there)").attention_mask.sum() == 8  # the VITS table has no brackets
+    with pytest.raises(ValueError, match="'7'"):
+        plain("Agent 007")
+
+
+def test_phonemes_truncated_with_warning(tmp_path, caplog):
+    from audioldm2_core.tokenization import phoneme_tokenizer_from_folder
+
+    folder, ref = _phoneme_tokenizer(tmp_path, True, True, False, max_length=20)
+    ours = phoneme_tokenizer_from_folder(folder)
+    with caplog.at_level(logging.WARNING, logger="audioldm2_core"):
+        got = ours(["a much longer transcription than fits", "ok"])
+    assert "cut to 'a much lon'" in caplog.text
+    ids, mask = _reference_ids(ref, ["a much longer transcription than fits", "ok"], max_length=20)
+    assert torch.equal(got.input_ids, ids) and torch.equal(got.attention_mask, mask)
+
+
+def test_phoneme_folder_errors(tmp_path):
+    from audioldm2_core.loading import CheckpointError
+    from audioldm2_core.tokenization import phoneme_tokenizer_from_folder
+
+    for key, value, match in (
+        ("model_max_length", None, "model_max_length"),
+        ("is_uroman", True, "is_uroman"),
+        ("pad_token", "<nope>", "pad token"),
+    ):
+        folder, _ = _phoneme_tokenizer(tmp_path / key, True, True, True)
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config[key] = value
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+        with pytest.raises(CheckpointError, match=match):
+            phoneme_tokenizer_from_folder(folder)

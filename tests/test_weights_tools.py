@@ -92,6 +92,40 @@ def test_fetch_plan_picks_one_format_and_counts_bytes():
     assert p.saved_bytes == 10 + 5 + 1000 + 500 + 801
 
 
+def test_fetch_plan_of_a_speech_repo():
+    """The anhnct/* text-to-speech layout: pickles only (transformers' and diffusers' names), a VitsTokenizer.
+    Every weight file is needed (the VITS file is read in part, but a pickle cannot be fetched in part)."""
+    sizes = {
+        "README.md": 10,
+        "model_index.json": 1,
+        "scheduler/scheduler_config.json": 2,
+        "feature_extractor/preprocessor_config.json": 3,
+        "tokenizer/vocab.json": 100,
+        "tokenizer/merges.txt": 50,
+        "tokenizer/tokenizer.json": 150,
+        "tokenizer_2/vocab.json": 3,
+        "tokenizer_2/tokenizer_config.json": 2,
+        "tokenizer_2/special_tokens_map.json": 1,
+        "text_encoder/config.json": 4,
+        "text_encoder/pytorch_model.bin": 700,
+        "text_encoder_2/config.json": 4,
+        "text_encoder_2/pytorch_model.bin": 146,
+        "projection_model/config.json": 4,
+        "projection_model/diffusion_pytorch_model.bin": 5,
+        "language_model/config.json": 4,
+        "language_model/pytorch_model.bin": 500,
+        "unet/config.json": 4,
+        "unet/diffusion_pytorch_model.bin": 1000,
+        "vae/config.json": 4,
+        "vae/diffusion_pytorch_model.bin": 300,
+        "vocoder/config.json": 4,
+        "vocoder/pytorch_model.bin": 200,
+    }
+    p = plan(sizes)
+    assert set(p.selected) == set(sizes) - {"README.md"}
+    assert p.saved_bytes == 10
+
+
 def test_fetch_offline_without_cache_is_a_clear_error(tmp_path):
     r = _cli(["fetch", "cvssp/audioldm2"], _env(tmp_path / "hf"))
     assert r.returncode == 2, r.stdout + r.stderr
@@ -363,3 +397,36 @@ def test_make_tiny(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
     assert main(["make-tiny", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ speech checkpoints
+
+
+def test_inspect_a_speech_checkpoint(tiny_gigaspeech):
+    """The VITS file holds a whole VitsModel; our module is its text encoder without ``project``."""
+    report = inspect_checkpoint(str(tiny_gigaspeech))
+    assert report.ok, [(c.name, c.error) for c in report.components if not c.loads]
+    c = {c.name: c for c in report.components}
+    ref = reference_pipeline(str(tiny_gigaspeech)).text_encoder_2
+    text_encoder = {k: v for k, v in ref.state_dict().items() if k.startswith("text_encoder.")}
+    used = {k: v for k, v in text_encoder.items() if not k.startswith("text_encoder.project.")}
+    assert c["text_encoder_2"].class_name == "VitsModel" and c["text_encoder_2"].ours == "VitsPhonemeEncoder"
+    assert c["text_encoder_2"].file_tensors == len(ref.state_dict())
+    assert (c["text_encoder_2"].ours_tensors, c["text_encoder_2"].ours_values) == (
+        len(used),
+        sum(t.numel() for t in used.values()),
+    )
+    assert c["text_encoder_2"].config["window_size"] == 4
+    assert (
+        c["tokenizer_2"].ours.startswith("PhonemeTokenizer(") and c["tokenizer_2"].config["add_blank"] is True
+    )
+
+
+def test_parity_of_a_speech_checkpoint(tiny_ljspeech, capsys):
+    """IPA transcription (no espeak-ng needed), a few GPT-2 states: every stage, VITS in T5's place."""
+    args = [*PARITY_ARGS, "--transcription", "həlˈoʊ wˈɜːld", "--phonemes", "--max-new-tokens", "4", "--json"]
+    assert main(["parity", str(tiny_ljspeech), *args]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in data["stages"]] == [name if name != "t5" else "vits" for name in STAGES]
+    assert all(s["passed"] for s in data["stages"]), data["stages"]
+    assert data["settings"]["transcription_is_phonemes"] is True

@@ -35,6 +35,7 @@ from audioldm2_core.t5 import load_t5
 from audioldm2_core.tokenization import load_tokenizer
 from audioldm2_core.unet import load_unet
 from audioldm2_core.vae import load_vae
+from audioldm2_core.vits import load_vits
 from audioldm2_core.vocoder import load_vocoder
 
 from . import ToolError
@@ -49,7 +50,19 @@ KEY_FIELDS: dict[str, tuple[str, ...]] = {
         "audio_config.hidden_size",
         "audio_config.depths",
     ),
-    "text_encoder_2": ("d_model", "num_layers", "num_heads", "d_kv", "feed_forward_proj"),
+    "text_encoder_2": (
+        "d_model",
+        "num_layers",
+        "num_heads",
+        "d_kv",
+        "feed_forward_proj",
+        # VITS (speech checkpoints)
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "window_size",
+        "vocab_size",
+    ),
     "language_model": ("n_embd", "n_layer", "n_head", "max_new_tokens"),
     "projection_model": (
         "text_encoder_dim",
@@ -76,14 +89,20 @@ KEY_FIELDS: dict[str, tuple[str, ...]] = {
     ),
     "feature_extractor": ("sampling_rate", "feature_size", "hop_length", "max_length_s"),
     "tokenizer": ("model_max_length",),
-    "tokenizer_2": ("model_max_length",),
+    "tokenizer_2": ("model_max_length", "add_blank", "normalize", "phonemize"),
 }
 _CONFIG_FILES = ("config.json", "scheduler_config.json", "preprocessor_config.json", "tokenizer_config.json")
+
+
+def _load_text_encoder_2(ckpt: Checkpoint, dtype: torch.dtype) -> torch.nn.Module:
+    """Flan-T5, or on a speech checkpoint the VITS phoneme encoder (the text encoder of its VitsModel)."""
+    return (load_vits if ckpt.is_speech else load_t5)(ckpt, dtype)
+
 
 # Our modules per model component: a file may fill more than one (CLAP: text and audio towers).
 LOADERS: dict[str, tuple[Callable[..., torch.nn.Module], ...]] = {
     "text_encoder": (load_clap_text, load_clap_audio),
-    "text_encoder_2": (load_t5,),
+    "text_encoder_2": (_load_text_encoder_2,),
     "projection_model": (load_projection,),
     "language_model": (load_gpt2,),
     "unet": (load_unet,),

@@ -1,11 +1,16 @@
 """Write a small random AudioLDM 2 checkpoint in the exact official layout, with the reference stack's own
 ``save_pretrained``: key names, configs and file names come from diffusers and transformers, not from us.
 
-    python -m weights_tools.make_tiny OUT_DIR [--variant base|large] [--seed 0]
+    python -m weights_tools.make_tiny OUT_DIR [--variant base|large|gigaspeech|ljspeech] [--seed 0]
 
 Variants: ``base`` has the ``cvssp/audioldm2`` UNet shape (``[[None, lm, t5]]`` per block, one transformer
-layer); ``large`` the ``cvssp/audioldm2-large`` shape (``[[None, lm, t5, None]]``, two layers). Every other
-component is the real architecture at a tiny width. Random weights are deterministic for a seed; 1-D
+layer); ``large`` the ``cvssp/audioldm2-large`` shape (``[[None, lm, t5, None]]``, two layers). The speech
+variants have the shape of ``anhnct/audioldm2_gigaspeech`` / ``_ljspeech`` (text-to-speech): ``text_encoder_2``
+a transformers ``VitsModel`` and ``tokenizer_2`` a ``VitsTokenizer`` (the VITS symbol table, phonemising
+with espeak-ng, ``model_max_length`` 310), the projection's learned position table, GPT-2 generating 512 states,
+the UNet ``[[None, lm]]``. The real tokenizers' ``add_blank`` is not known here, so the two differ in it:
+``gigaspeech`` blanks (the pipeline's end token then lands on the first blank), ``ljspeech`` does not (it
+lands on the first pad). Every other component is the real architecture at a tiny width. Random weights are deterministic for a seed; 1-D
 parameters (norm scales, biases) are perturbed away from their 0/1 initialisation so that a swapped scale
 and shift cannot pass a parity test. The ``real`` sizes (benchmarks) come from the hub configs shipped in
 ``weights_tools/hub_configs``.
@@ -65,10 +70,45 @@ TINY_VOCODER = dict(
 )
 
 
+# The tiny VITS: its text encoder at small width (183 symbols, as the hub's: the pipeline writes id 182 as the
+# end token), the parts AudioLDM 2 never runs (flow, HiFi-GAN, duration predictor, posterior encoder) as small
+# as transformers allows; they are in the file, as in the real one, and are checked to be there and unread.
+VITS_DIM = 24
+TINY_VITS = dict(
+    vocab_size=183,
+    hidden_size=VITS_DIM,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    ffn_dim=40,
+    ffn_kernel_size=3,
+    window_size=4,
+    flow_size=8,
+    spectrogram_bins=9,
+    upsample_initial_channel=8,
+    upsample_rates=[2, 2],
+    upsample_kernel_sizes=[4, 4],
+    resblock_kernel_sizes=[3],
+    resblock_dilation_sizes=[[1]],
+    depth_separable_channels=2,
+    duration_predictor_filter_channels=8,
+    posterior_encoder_num_wavenet_layers=1,
+    prior_encoder_num_wavenet_layers=1,
+    prior_encoder_num_flows=1,
+    duration_predictor_num_flows=1,
+)
+
+
+VARIANTS = ("base", "large", "gigaspeech", "ljspeech")
+SPEECH_VARIANTS = {"gigaspeech": "anhnct/audioldm2_gigaspeech", "ljspeech": "anhnct/audioldm2_ljspeech"}
+PHONEME_MAX_LENGTH = 310  # the hub projection's max_seq_length: the tokenizer pads the phonemes to it
+
+
 def tiny_configs(variant: str, vocab_sizes: dict[str, int]) -> dict[str, dict[str, Any]]:
     """Reference-library constructor kwargs of every model component at tiny size."""
-    if variant not in ("base", "large"):
-        raise ValueError(f"unknown variant {variant!r} (base, large)")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r} ({', '.join(VARIANTS)})")
+    if variant in SPEECH_VARIANTS:
+        return _tiny_speech_configs(vocab_sizes)
     large = variant == "large"
     return {
         "text_encoder": dict(
@@ -136,6 +176,28 @@ def tiny_configs(variant: str, vocab_sizes: dict[str, int]) -> dict[str, dict[st
         "vae": dict(TINY_VAE),
         "vocoder": dict(TINY_VOCODER),
     }
+
+
+def _tiny_speech_configs(vocab_sizes: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """The speech checkpoints' shape at tiny size (hub_configs/anhnct__*): VITS in place of T5, the learned
+    position table, GPT-2 with room for 310 + 4 + 1 + 512 positions, a UNet attending to GPT-2 only."""
+    c = tiny_configs("base", vocab_sizes)
+    c["text_encoder_2"] = dict(TINY_VITS)
+    c["language_model"] |= dict(n_positions=1024, max_new_tokens=512)
+    c["projection_model"] = dict(
+        text_encoder_dim=CLAP_DIM,
+        text_encoder_1_dim=VITS_DIM,
+        langauge_model_dim=LM_DIM,
+        use_learned_position_embedding=True,
+        max_seq_length=PHONEME_MAX_LENGTH,
+    )
+    c["unet"]["cross_attention_dim"] = [[None, LM_DIM]] * 4
+    return c
+
+
+def is_vits(config: dict[str, Any]) -> bool:
+    """A ``text_encoder_2`` config of the speech checkpoints (VITS) rather than T5."""
+    return config.get("model_type") == "vits" or "window_size" in config
 
 
 def real_configs(repo: str = "cvssp/audioldm2") -> dict[str, dict[str, Any]]:
@@ -215,12 +277,21 @@ def build_models(configs: dict[str, dict[str, Any]], seed: int = 0, tiny: bool =
         SpeechT5HifiGanConfig,
         T5Config,
         T5EncoderModel,
+        VitsConfig,
+        VitsModel,
     )
 
     c = copy.deepcopy(configs)
+    vits = is_vits(c["text_encoder_2"])
+    if vits:  # model_type is the class's, not a constructor argument
+        c["text_encoder_2"].pop("model_type", None)
     builders = {
         "text_encoder": lambda: ClapModel(ClapConfig(**c["text_encoder"])),
-        "text_encoder_2": lambda: T5EncoderModel(T5Config(**c["text_encoder_2"])),
+        "text_encoder_2": lambda: (
+            VitsModel(VitsConfig(**c["text_encoder_2"]))
+            if vits
+            else T5EncoderModel(T5Config(**c["text_encoder_2"]))
+        ),
         "language_model": lambda: GPT2Model(GPT2Config(**c["language_model"])),
         "projection_model": lambda: AudioLDM2ProjectionModel(**c["projection_model"]),
         "unet": lambda: AudioLDM2UNet2DConditionModel(**c["unet"]),
@@ -255,7 +326,15 @@ def write_checkpoint(
     out_dir = Path(out_dir)
     tok_root = out_dir / "_tokenizers"  # written by train_tokenizers; re-saved by the pipeline below
     tokenizer = RobertaTokenizerFast.from_pretrained(tok_root / "tokenizer")
-    tokenizer_2 = T5TokenizerFast.from_pretrained(tok_root / "tokenizer_2")
+    speech = type(models["text_encoder_2"]).__name__ == "VitsModel"
+    if (
+        speech
+    ):  # saved as transformers 5 saves it (vocab.json, tokenizer_config.json): no older layout to keep
+        from transformers import VitsTokenizer
+
+        tokenizer_2 = VitsTokenizer.from_pretrained(tok_root / "tokenizer_2")
+    else:
+        tokenizer_2 = T5TokenizerFast.from_pretrained(tok_root / "tokenizer_2")
     scheduler = DDIMScheduler.from_config(hub_config(repo_for_configs, "scheduler"))
     fe = {
         k: v
@@ -279,21 +358,58 @@ def write_checkpoint(
     # transformers 5 re-saves tokenizers as tokenizer.json + a new-style config only; the hub has the
     # transformers 4 layout (vocab.json, merges.txt, spiece.model, special_tokens_map.json, legacy configs),
     # which train_tokenizers wrote: keep those.
-    for name in ("tokenizer", "tokenizer_2"):
+    for name in ("tokenizer",) if speech else ("tokenizer", "tokenizer_2"):
         shutil.rmtree(out_dir / name)
         shutil.move(tok_root / name, out_dir / name)
     shutil.rmtree(tok_root)
     return out_dir
 
 
+# The VITS symbol table (jaywalnut310/vits text/symbols.py): pad/blank "_", punctuation and space, Latin
+# letters, the IPA espeak-ng writes (stress and length marks included); a repeated symbol keeps its first id.
+_VITS_SYMBOLS = (
+    "_"
+    + ';:,.!?¡¿—…"«»“” '
+    + "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    + "ɑɐɒæɓʙβɔɕçɗɖðʤəɘɚɛɜɝɞɟʄɡɠɢʛɦɧħɥʜɨɪʝɭɬɫɮʟɱɯɰŋɳɲɴøɵɸθœɶʘɹɺɾɻʀʁɽʂʃʈʧʉʊʋⱱʌɣɤʍχʎʏʑʐʒʔʡʕʢǀǁǂǃˈˌːˑʼʴʰʱʲʷˠˤ˞↓↑→↗↘'̩'ᵻ"
+)
+
+
+def write_phoneme_tokenizer(out: Path, add_blank: bool) -> int:
+    """A ``VitsTokenizer`` over the VITS symbol table, saved by transformers; returns the vocabulary size."""
+    from transformers import VitsTokenizer
+
+    vocab: dict[str, int] = {}
+    for symbol in _VITS_SYMBOLS:
+        vocab.setdefault(symbol, len(vocab))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    tok = VitsTokenizer(
+        str(out / "vocab.json"),
+        pad_token="_",
+        unk_token="_",
+        add_blank=add_blank,
+        normalize=True,
+        phonemize=True,
+        model_max_length=PHONEME_MAX_LENGTH,
+    )
+    tok.save_pretrained(out)
+    return len(vocab)
+
+
 def make_tiny(out_dir: str | Path, variant: str = "base", seed: int = 0) -> Path:
     """Write a tiny random checkpoint (see module docstring) to ``out_dir`` and return it."""
     from weights_tools.tiny_tokenizers import train_tokenizers
 
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r} ({', '.join(VARIANTS)})")
     out_dir = Path(out_dir)
     vocab_sizes = train_tokenizers(out_dir / "_tokenizers", seed=seed)
+    if variant in SPEECH_VARIANTS:
+        shutil.rmtree(out_dir / "_tokenizers" / "tokenizer_2")
+        write_phoneme_tokenizer(out_dir / "_tokenizers" / "tokenizer_2", add_blank=variant == "gigaspeech")
     models = build_models(tiny_configs(variant, vocab_sizes), seed=seed, tiny=True)
-    return write_checkpoint(out_dir, models)
+    return write_checkpoint(out_dir, models, SPEECH_VARIANTS.get(variant, "cvssp/audioldm2"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -301,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
         description="Write a tiny random AudioLDM 2 checkpoint in the official layout."
     )
     p.add_argument("out_dir", help="folder to write (created)")
-    p.add_argument("--variant", default="base", choices=["base", "large"], help="UNet shape")
+    p.add_argument("--variant", default="base", choices=VARIANTS, help="checkpoint shape")
     p.add_argument("--seed", type=int, default=0, help="random seed for weights and tokenizers")
     a = p.parse_args(argv)
     print(make_tiny(a.out_dir, a.variant, a.seed))

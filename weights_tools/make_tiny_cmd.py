@@ -1,5 +1,5 @@
-"""``audioldm2-weights make-tiny OUT [--variant base|large] [--seed 0] [--force]``: a tiny random checkpoint
-in the official layout (``weights_tools.make_tiny``), written atomically like every output of these tools."""
+"""``audioldm2-weights make-tiny OUT [--variant V] [--seed 0] [--force]``: a tiny random checkpoint in the
+official layout (``weights_tools.make_tiny``), written atomically like every output of these tools."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from pathlib import Path
 
 from .files import atomic_output
 
+VARIANTS = ("base", "large", "gigaspeech", "ljspeech")  # make_tiny.VARIANTS (imported lazily: diffusers)
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="folder to write")
-    p.add_argument("--variant", default="base", choices=["base", "large"], help="UNet shape (default: base)")
+    p.add_argument("--variant", default="base", choices=VARIANTS, help="checkpoint shape (default: base)")
     p.add_argument("--seed", type=int, default=0, help="random seed for weights and tokenizers (default: 0)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
 

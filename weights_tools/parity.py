@@ -5,8 +5,9 @@ on the CPU, with the ``GPT2LMHeadModel`` substitution transformers 5 needs). Eac
 *the reference's* inputs to both sides, so a stage's error is that component's alone:
 
     tokenizers   the prompt and "" (the unconditional branch): ids and masks, exact
+                 (speech checkpoints: CLAP's tokens and the transcription's phoneme ids and mask)
     clap         CLAP text embedding of those tokens
-    t5           Flan-T5 states
+    t5           Flan-T5 states (speech: ``vits``, the phoneme states, with diffusers' end token written)
     projection   the GPT-2 input sequence, from the reference's CLAP and T5 outputs
     gpt2         the 8 generated states, from the reference's projection
     unet         one denoiser call on seeded latents at t = T/2, with the reference's conditions
@@ -20,6 +21,11 @@ project's tolerances (1e-5 per component, 1e-4 for the whole generation, 0 for t
 stage that cannot run (a weight that does not load, a shape that differs) fails with its error. Exit
 status 1 when any stage fails. Needs the test extra (diffusers, transformers).
 
+On a speech checkpoint (``anhnct/audioldm2_gigaspeech``, ``_ljspeech``) the ``--transcription`` is spoken
+(``--phonemes``: it is IPA, read as it is by both sides; otherwise both phonemise it with espeak-ng), the
+projection gets the VITS states beside the unconditional branch's zeros, and GPT-2 generates
+``--max-new-tokens`` states (default: the checkpoint's, 512 for these: a minute or two for the reference).
+
 Both sides load the same files, so a checkpoint whose weights are wrong passes if both read them alike:
 this checks the implementation on these weights, not the weights.
 """
@@ -27,6 +33,7 @@ this checks the implementation on these weights, not the weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -36,7 +43,19 @@ from typing import Any
 
 import torch
 
-from audioldm2_core import clap_text, gpt2, pipeline, projection, t5, tokenization, unet, vae, vocoder
+from audioldm2_core import (
+    clap_text,
+    conditioning,
+    gpt2,
+    pipeline,
+    projection,
+    t5,
+    tokenization,
+    unet,
+    vae,
+    vits,
+    vocoder,
+)
 from audioldm2_core.config import unet_config, vae_config, vocoder_config
 from audioldm2_core.loading import open_checkpoint
 from audioldm2_core.samplers import SAMPLERS
@@ -68,6 +87,9 @@ class Settings:
     guidance_scale: float = 3.5
     seed: int = 0
     sampler: str = "ddim"
+    transcription: str = "Hello world, this is a test."  # speech checkpoints only
+    transcription_is_phonemes: bool = False
+    max_new_tokens: int | None = None  # None: the checkpoint's (language_model config)
 
 
 def errors(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -120,6 +142,9 @@ def run_parity(
             on_stage(s)
 
     texts = [settings.prompt, ""]  # the prompt and the unconditional branch, as guidance batches them
+    new_tokens = settings.max_new_tokens or ckpt.config("language_model").get("max_new_tokens", 8)
+    if ckpt.is_speech:
+        return _run_speech(ckpt, ref, run_reference, settings, texts, new_tokens, stage, stages)
     tok = ref.tokenizer(
         texts,
         padding="max_length",
@@ -159,7 +184,6 @@ def run_parity(
         (proj.hidden_states, proj.attention_mask),
     )
 
-    new_tokens = ckpt.config("language_model").get("max_new_tokens", 8)
     gen_ref = ref.generate_language_model(
         proj.hidden_states, attention_mask=proj.attention_mask, max_new_tokens=new_tokens
     )
@@ -169,6 +193,34 @@ def run_parity(
         gen_ref,
     )
 
+    _decoder_and_generation_stages(
+        ckpt,
+        ref,
+        run_reference,
+        settings,
+        stage,
+        gen_ref,
+        t5_ref,
+        tok_2.attention_mask,
+        len(texts),
+        new_tokens,
+    )
+    return stages
+
+
+def _decoder_and_generation_stages(
+    ckpt,
+    ref,
+    run_reference,
+    settings: Settings,
+    stage,
+    gen_ref,
+    states_1,
+    mask_1,
+    batch: int,
+    new_tokens: int,
+) -> None:
+    """unet, vae, vocoder, gen-latents, gen-audio: the same for every checkpoint family."""
     u_cfg = unet_config(ckpt.config("unet"))
     v_cfg = vae_config(ckpt.config("vae"))
     voc_cfg = vocoder_config(ckpt.config("vocoder"))
@@ -176,12 +228,10 @@ def run_parity(
     frames, _ = pipeline.audio_shape(settings.seconds, factor, v_cfg.scale_factor, voc_cfg.sampling_rate)
     latent_hw = (frames // v_cfg.scale_factor, voc_cfg.model_in_dim // v_cfg.scale_factor)
     g = torch.Generator().manual_seed(settings.seed)
-    x = torch.randn((len(texts), u_cfg.in_channels, *latent_hw), generator=g)
+    x = torch.randn((batch, u_cfg.in_channels, *latent_hw), generator=g)
     t = torch.tensor(ckpt.config("scheduler").get("num_train_timesteps", 1000) // 2)
     cond = dict(
-        encoder_hidden_states=gen_ref,
-        encoder_hidden_states_1=t5_ref,
-        encoder_attention_mask_1=tok_2.attention_mask,
+        encoder_hidden_states=gen_ref, encoder_hidden_states_1=states_1, encoder_attention_mask_1=mask_1
     )
     stage("unet", lambda: unet.load_unet(ckpt)(x, t, **cond), ref.unet(x, t, **cond).sample)
 
@@ -190,12 +240,18 @@ def run_parity(
     stage("vae", lambda: vae.load_vae(ckpt).decode(z), mel_ref)
     stage("vocoder", lambda: vocoder.load_vocoder(ckpt)(mel_ref.squeeze(1)), ref.vocoder(mel_ref.squeeze(1)))
 
-    kw = dict(
+    kw: dict[str, Any] = dict(
         num_inference_steps=settings.steps,
         audio_length_in_s=settings.seconds,
         guidance_scale=settings.guidance_scale,
+        max_new_tokens=new_tokens,
     )
-    want = run_reference(ckpt.root, settings.prompt, seed=settings.seed, sampler=settings.sampler, **kw)
+    ours_kw: dict[str, Any] = {}
+    if ckpt.is_speech:
+        kw["transcription"] = settings.transcription
+        ours_kw["transcription_is_phonemes"] = settings.transcription_is_phonemes
+    with _reading_phonemes(ref, settings):
+        want = run_reference(ckpt.root, settings.prompt, seed=settings.seed, sampler=settings.sampler, **kw)
     got: dict[str, Any] = {}
 
     def generate(key: str) -> torch.Tensor:
@@ -204,7 +260,9 @@ def run_parity(
                 pipe = pipeline.AudioLDM2(ckpt)
                 g = torch.Generator().manual_seed(settings.seed)
                 last = lambda i, t, x: got.update(latents=x.clone())  # noqa: E731  x after the last step
-                out = pipe(settings.prompt, generator=g, sampler=settings.sampler, callback=last, **kw)
+                out = pipe(
+                    settings.prompt, generator=g, sampler=settings.sampler, callback=last, **kw, **ours_kw
+                )
                 got["audio"] = torch.from_numpy(out.audios)
             except Exception as e:
                 got["error"] = e
@@ -215,6 +273,91 @@ def run_parity(
     # The denoised latents as well as the audio: a tiny random vocoder's output hardly depends on its input.
     stage("gen-latents", lambda: generate("latents"), want["latents"], tol=GENERATION_TOL)
     stage("gen-audio", lambda: generate("audio"), want["audio"], tol=GENERATION_TOL)
+
+
+@contextlib.contextmanager
+def _reading_phonemes(ref, settings: Settings):
+    """With ``transcription_is_phonemes``, the reference's VitsTokenizer reads the IPA as it is (neither
+    normalised nor phonemised), as ours does."""
+    tok = ref.tokenizer_2
+    if not (settings.transcription_is_phonemes and hasattr(tok, "phonemize")):
+        yield
+        return
+    saved = tok.phonemize, tok.normalize
+    tok.phonemize = tok.normalize = False
+    try:
+        yield
+    finally:
+        tok.phonemize, tok.normalize = saved
+
+
+def _run_speech(ckpt, ref, run_reference, settings: Settings, texts, new_tokens: int, stage, stages) -> list:
+    """The stages of a speech checkpoint: VITS phonemes in T5's place (diffusers' ``encode_prompt``)."""
+    tok = ref.tokenizer(
+        texts,
+        padding="max_length",
+        max_length=ref.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    max_len = ref.tokenizer_2.model_max_length
+    with _reading_phonemes(ref, settings):
+        phon = ref.tokenizer_2(
+            [settings.transcription],
+            padding="max_length",
+            max_length=max_len,
+            truncation=True,
+            return_tensors="pt",
+        )
+
+    def our_tokens():
+        a = tokenization.load_tokenizer(ckpt, "tokenizer")(texts, padding="max_length")
+        b = tokenization.load_tokenizer(ckpt, "tokenizer_2")(
+            [settings.transcription], is_phonemes=settings.transcription_is_phonemes
+        )
+        return a.input_ids, a.attention_mask, b.input_ids, b.attention_mask
+
+    stage(
+        "tokenizers",
+        our_tokens,
+        (tok.input_ids, tok.attention_mask, phon.input_ids, phon.attention_mask),
+        0.0,
+    )
+
+    clap_ref = ref.text_encoder.get_text_features(tok.input_ids, attention_mask=tok.attention_mask)
+    clap_ref = getattr(clap_ref, "pooler_output", clap_ref)
+    stage("clap", lambda: clap_text.load_clap_text(ckpt)(tok.input_ids, tok.attention_mask), clap_ref)
+
+    ids, mask = conditioning.mark_phoneme_end(phon.input_ids, phon.attention_mask)  # diffusers' end token
+    vits_ref = ref.text_encoder_2.text_encoder(ids, attention_mask=mask, padding_mask=mask.unsqueeze(-1))[0]
+    stage("vits", lambda: vits.load_vits(ckpt)(ids, mask), vits_ref)
+
+    # rows [prompt, ""]: the unconditional branch's phoneme states and mask are zeros (float mask)
+    states_1 = torch.cat([vits_ref, torch.zeros_like(vits_ref)])
+    mask_1 = torch.cat([mask, torch.zeros(mask.shape, dtype=vits_ref.dtype)])
+    one = tok.attention_mask.new_ones(len(texts), 1)
+    proj = ref.projection_model(
+        hidden_states=clap_ref[:, None, :],
+        hidden_states_1=states_1,
+        attention_mask=one,
+        attention_mask_1=mask_1,
+    )
+    stage(
+        "projection",
+        lambda: projection.load_projection(ckpt)(clap_ref[:, None, :], states_1, one, mask_1),
+        (proj.hidden_states, proj.attention_mask),
+    )
+    gen_ref = ref.generate_language_model(
+        proj.hidden_states, attention_mask=proj.attention_mask, max_new_tokens=new_tokens
+    )
+    stage(
+        "gpt2",
+        lambda: gpt2.generate(gpt2.load_gpt2(ckpt), proj.hidden_states, proj.attention_mask, new_tokens),
+        gen_ref,
+    )
+    _decoder_and_generation_stages(
+        ckpt, ref, run_reference, settings, stage, gen_ref, states_1, mask_1, len(texts), new_tokens
+    )
     return stages
 
 
@@ -237,6 +380,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-scale", type=float, default=d.guidance_scale, help="guidance (default: 3.5)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed for latents and noise (default: {d.seed})")
     p.add_argument("--sampler", default=d.sampler, choices=list(SAMPLERS), help="sampler (default: ddim)")
+    p.add_argument(
+        "--transcription",
+        default=d.transcription,
+        help=f"speech checkpoints: the words to speak (default: {d.transcription!r})",
+    )
+    p.add_argument("--phonemes", action="store_true", help="speech: --transcription is IPA (no espeak-ng)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="GPT-2 states to generate (default: the checkpoint's)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -248,9 +403,14 @@ def run(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale,
         seed=args.seed,
         sampler=args.sampler,
+        transcription=args.transcription,
+        transcription_is_phonemes=args.phonemes,
+        max_new_tokens=args.max_new_tokens,
     )
     if settings.steps < 1 or not settings.seconds > 0:
         raise ToolError("--steps must be at least 1 and --seconds positive")
+    if settings.max_new_tokens is not None and settings.max_new_tokens < 1:
+        raise ToolError("--max-new-tokens must be at least 1")
     try:
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
