@@ -290,9 +290,12 @@ def resolve(items: list[Item], args: argparse.Namespace) -> list[Job]:
     def pick(value, default):
         return default if value is None else value
 
+    transcription = getattr(args, "transcription", None)  # --transcription: the default of every item
     return [
         Job(
-            item=it,
+            item=it
+            if it.transcription is not None or transcription is None
+            else replace(it, transcription=transcription),
             seed=it.seed if it.seed is not None else derive_seed(base, it.id),
             audio_length_in_s=pick(it.audio_length_in_s, args.length),
             num_inference_steps=pick(it.num_inference_steps, args.steps),
@@ -498,6 +501,8 @@ class Context:
     dtype: str
     eta: float
     candidates: int
+    max_new_tokens: int | None = None  # --max-new-tokens (None: the checkpoint's)
+    phonemes: bool = False  # --phonemes: transcriptions are IPA already
 
 
 def settings(job: Job, ctx: Context) -> dict[str, Any]:
@@ -599,7 +604,8 @@ def generate_batch(pipe, jobs: list[Job], ctx: Context) -> tuple[Any, list[float
     if first.item.transcription is not None:  # the speech path: one item per call, as the pipeline takes it
         (job,) = jobs
         out = pipe(job.item.prompt, negative_prompt=job.negative_prompt, transcription=job.item.transcription,
-                   rerank=n > 1, **common)  # fmt: skip
+                   transcription_is_phonemes=ctx.phonemes, max_new_tokens=ctx.max_new_tokens, rerank=n > 1,
+                   **common)  # fmt: skip
         scores = [float(out.scores[0, 0])] if out.scores is not None else [None]
         return out.audios.float().cpu().numpy(), scores
     with torch.inference_mode():
@@ -609,6 +615,7 @@ def generate_batch(pipe, jobs: list[Job], ctx: Context) -> tuple[Any, list[float
                 num_waveforms_per_prompt=1,
                 do_classifier_free_guidance=guided,
                 negative_prompt=j.negative_prompt,
+                max_new_tokens=ctx.max_new_tokens,
             )
             for j in jobs
         ]
@@ -784,7 +791,15 @@ def run_cli(args: argparse.Namespace) -> int:
         from .cli import resolve_device_and_dtype
 
         args.device, args.dtype = resolve_device_and_dtype(rank_device(args.device, layout), args.dtype)
-        ctx = Context(args.model, args.revision, args.dtype, args.eta, args.candidates)
+        ctx = Context(
+            args.model,
+            args.revision,
+            args.dtype,
+            args.eta,
+            args.candidates,
+            getattr(args, "max_new_tokens", None),
+            bool(getattr(args, "phonemes", False)),
+        )
         mine = shard(jobs, layout)
         todo, stale = plan(mine, folder, ctx)
         if any(j.item.transcription is not None for j in todo):

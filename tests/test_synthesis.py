@@ -382,3 +382,31 @@ def test_merge_keeps_the_latest_record_matching_its_wav(tmp_path):
         ("a", None),
         ("b", 2),
     ]
+
+
+def test_speech_items(tiny_ljspeech, tmp_path):
+    """Items for a speech checkpoint: an item's own transcription or --transcription as the default, with
+    --phonemes and --max-new-tokens; each WAV equals the pipeline called alone with the item's seed."""
+    import numpy as np
+    import soundfile as sf
+    import torch
+
+    from audioldm2_core import AudioLDM2, cli
+
+    items = [{"id": "own", "prompt": "a man speaks", "transcription": "wˈɜːld", "seed": 3},
+             {"id": "default", "prompt": "a woman speaks", "seed": 4}]  # fmt: skip
+    path = write_items(tmp_path / "items.jsonl", items)
+    out = tmp_path / "out"
+    args = ["--prompts-file", str(path), "-o", str(out), "--model", str(tiny_ljspeech), "--steps", "2",
+            "--length", "0.64", "--plain", "--quiet", "--transcription", "həlˈoʊ", "--phonemes",
+            "--max-new-tokens", "8"]  # fmt: skip
+    assert cli.main(args) == 0
+    pipe = AudioLDM2.from_pretrained(tiny_ljspeech, fast=False)
+    for item, words in ((items[0], "wˈɜːld"), (items[1], "həlˈoʊ")):
+        want = pipe(item["prompt"], transcription=words, transcription_is_phonemes=True, max_new_tokens=8,
+                    num_inference_steps=2, audio_length_in_s=0.64,
+                    generator=torch.Generator().manual_seed(item["seed"])).audios[0]  # fmt: skip
+        got = sf.read(out / f"{item['id']}.wav", dtype="float32")[0]
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert {r["id"]: r["transcription"] for r in records} == {"own": "wˈɜːld", "default": "həlˈoʊ"}
