@@ -13,12 +13,13 @@
    ``utilities/audio/tools.py`` ``wav_to_fbank`` / ``read_wav_file`` / ``get_mel_from_wav`` and
    ``utilities/audio/stft.py`` ``TacotronSTFT(1024, 160, 1024, 64, 16000, 0, 8000)``, the same computation as
    its training data (``utilities/data/dataset.py``). Per waveform:
-   - normalise: ``x - mean(x)``, then ``/ (max|x| + 1e-8)``, times 0.5; zero-pad (or cut) to ``frames * 160``
-     samples; then once more ``/ max|x|``, times 0.5 (the original divides by zero for silence, giving NaN; here
-     silence stays silence).
+   - normalise: ``x - mean(x)``, then ``/ (max|x| + 1e-8)``, times 0.5; zero-pad to ``frames * 160`` samples;
+     then once more ``/ max|x|``, times 0.5 (the original divides by zero for silence, giving NaN; here silence
+     stays silence). A longer waveform is not cut (the original's ``pad_wav`` means to, but slices the wrong
+     axis); its spectrogram is.
    - STFT: n_fft 1024, hop 160, periodic Hann window of 1024, centred with reflect padding of 512 each side
-     (``frames * 160`` samples give ``frames + 1`` frames; the last is cut, as the original's ``_pad_spec``
-     does), magnitude (not power).
+     (``frames * 160`` samples give ``frames + 1`` frames; the spectrogram is cut to ``frames``, as the
+     original's ``_pad_spec`` does), magnitude (not power).
    - mel: 64 Slaney-scale, Slaney-normalised triangular filters from 0 to 8000 Hz (``librosa.filters.mel``'s
      defaults, which the original calls); log of the mel magnitude clamped at 1e-5 (``dynamic_range_
      compression``): values from log(1e-5) = -11.51 up.
@@ -303,23 +304,20 @@ def mel_frames(num_samples: int, multiple: int = 1) -> int:
 
 
 def _normalize(wave: torch.Tensor, num_samples: int) -> torch.Tensor:
-    """The original's ``read_wav_file`` after resampling: peak 0.5 around zero mean, padded or cut to
-    ``num_samples``, and scaled to peak 0.5 again (which only matters after a cut)."""
+    """The original's ``read_wav_file`` after resampling: peak 0.5 around zero mean, zero-padded to at least
+    ``num_samples``, and scaled to peak 0.5 again. A longer waveform is not cut: the original's ``pad_wav``
+    slices the first axis of its (1, T) array, which leaves it whole; ``log_mel`` cuts the frames instead."""
     wave = wave - wave.mean()
     wave = wave / (wave.abs().max() + 1e-8) * 0.5
-    wave = (
-        wave[:num_samples]
-        if wave.shape[0] >= num_samples
-        else torch.nn.functional.pad(wave, (0, num_samples - wave.shape[0]))
-    )
+    wave = torch.nn.functional.pad(wave, (0, max(0, num_samples - wave.shape[0])))
     peak = wave.abs().max()
     return wave / peak * 0.5 if peak > 0 else wave  # the original divides by zero for silence
 
 
 def log_mel(waveform: torch.Tensor | np.ndarray, frames: int | None = None) -> torch.Tensor:
     """16 kHz mono waveform (T,) -> log-mel spectrogram (frames, 64) float32, as the original's
-    ``wav_to_fbank`` (see the module docstring). ``frames`` defaults to ``mel_frames(T)``; the waveform is
-    zero-padded or cut to ``frames * 160`` samples. Computed in float64."""
+    ``wav_to_fbank`` (see the module docstring). ``frames`` defaults to ``mel_frames(T)``; a shorter waveform
+    is zero-padded to ``frames * 160`` samples, a longer one's spectrogram is cut to ``frames``. In float64."""
     x = torch.as_tensor(np.asarray(waveform) if not torch.is_tensor(waveform) else waveform).detach().cpu()
     if x.ndim != 1 or x.shape[0] == 0:
         raise ValueError(f"log_mel takes a non-empty mono waveform (T,), got shape {tuple(x.shape)}")
@@ -341,7 +339,7 @@ def log_mel(waveform: torch.Tensor | np.ndarray, frames: int | None = None) -> t
         center=True,
         pad_mode="reflect",
         return_complex=True,
-    )  # (n_fft // 2 + 1, frames + 1)
+    )  # (n_fft // 2 + 1, T // 160 + 1), at least frames + 1
     filters = slaney_mel_filters(SAMPLE_RATE, N_FFT, N_MELS, F_MIN, F_MAX)  # (513, 64)
     mel = spec.abs().T[:frames] @ filters  # (frames, 64) mel magnitudes; the extra last frame is cut
     return torch.log(torch.clamp(mel, min=LOG_FLOOR)).to(torch.float32)

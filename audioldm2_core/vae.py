@@ -343,9 +343,10 @@ def _vae_keys(ckpt: Checkpoint, half: str) -> dict[str, torch.Tensor]:
     stray = [k for k in rest if not k.startswith(_HALVES[other])]
     conv = f"{_HALVES[other][1]}weight"  # quant_conv.weight or post_quant_conv.weight
     if stray or not any(k.startswith(_HALVES[other][0]) for k in rest) or conv not in rest:
+        prefixes = ", ".join(p + "*" for p in _HALVES[other])
         raise WeightsError(
-            f"{ckpt.root}/vae: expected the file to hold the {other} ({', '.join(p + '*' for p in _HALVES[other])}) "
-            f"besides the {half}; keys of neither: {sorted(stray)[:12]}; {other} keys found: {len(rest) - len(stray)}"
+            f"{ckpt.root}/vae: expected the file to hold the {other} ({prefixes}) besides the {half}; "
+            f"keys of neither: {sorted(stray)[:12]}; {other} keys found: {len(rest) - len(stray)}"
         )
     return state
 
