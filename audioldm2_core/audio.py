@@ -237,7 +237,11 @@ def _read_file(path: Path, max_seconds: float | None) -> tuple[np.ndarray, int]:
 
 def _as_array(audio: np.ndarray | torch.Tensor) -> np.ndarray:
     """A waveform array or tensor -> (channels, samples) float64; signed integers are PCM (full scale = 1)."""
-    x = audio.detach().cpu().numpy() if torch.is_tensor(audio) else audio
+    if torch.is_tensor(audio):  # floats through float64: numpy has no bfloat16
+        audio = audio.detach().cpu()
+        x = (audio.double() if audio.is_floating_point() else audio).numpy()
+    else:
+        x = audio
     if x.dtype.kind == "i":
         x = x.astype(np.float64) / (np.iinfo(x.dtype).max + 1)  # int16 PCM: / 32768
     elif x.dtype.kind == "f":
@@ -364,6 +368,8 @@ def latent_mask(
     (B, C, latent_frames, 16) as ``mask[None, None]``. (The original AudioLDM's ``mask`` is the opposite: 1 =
     keep.)
     """
+    if isinstance(latent_frames, bool) or not isinstance(latent_frames, int) or latent_frames < 1:
+        raise ValueError(f"latent_frames must be a positive int, got {latent_frames!r}")
     if not spans_s and not bands_hz:
         raise ValueError("give time spans (seconds) and/or frequency bands (Hz) to regenerate")
     if N_MELS % scale != 0:

@@ -344,6 +344,9 @@ def test_pcm_and_16khz_input(tmp_path):
     assert torch.equal(load_audio(pcm, 16000), want)
     assert torch.equal(load_audio(tmp_path / "pcm.wav"), want)
     assert torch.equal(load_audio(pcm[None], np.int64(16000)), want)  # (1, samples), a numpy integer rate
+    assert torch.equal(load_audio(torch.from_numpy(pcm), 16000), want)  # an int16 tensor
+    bf16 = torch.linspace(-0.5, 0.5, 1000, dtype=torch.bfloat16, requires_grad=True)
+    assert torch.equal(load_audio(bf16, 16000), bf16.detach().float())  # numpy has no bfloat16
 
 
 def bad_files(tmp_path: Path) -> dict[str, Path]:
@@ -394,6 +397,7 @@ def test_bad_files(tmp_path, name, message):
         (np.zeros((2, 0), dtype=np.float32), 16000, ValueError, r"audio is empty"),
         (np.array([0.0, np.inf, 0.0]), 16000, ValueError, "NaN or infinite"),
         (torch.tensor([0.0, float("nan")]), 16000, ValueError, "NaN or infinite"),
+        (torch.zeros(100, dtype=torch.complex64), 16000, TypeError, "floats or signed integers"),
         (np.zeros(3 * 100, dtype=np.float32), 100, ValueError, r"3\.0 s long; at most 2"),
         (
             np.zeros((1, 2, 100), dtype=np.float32),
@@ -472,3 +476,9 @@ def test_latent_mask_bands_and_both():
 def test_latent_mask_bad_input(spans, bands, message):
     with pytest.raises(ValueError, match=message):
         latent_mask(100, spans, bands)
+
+
+@pytest.mark.parametrize("latent_frames", [0, 2.5, True])
+def test_latent_mask_bad_frame_count(latent_frames):
+    with pytest.raises(ValueError, match="latent_frames must be a positive int"):
+        latent_mask(latent_frames, [(0.0, 1.0)])
