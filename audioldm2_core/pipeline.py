@@ -3,6 +3,7 @@
     prompt --encode_prompt--> T5 states (B, L, 1024) + mask, GPT-2 states (B, 8, 768)
            --denoise-------> latents (B, 8, T/4, 16)        [UNet + classifier-free guidance + a sampler]
            --decode--------> mel (B, 1, T, 64) -> waveform (B, 160 T) -> trimmed to the asked length
+    audio  --encode_audio--> latents (1, 8, T/4, 16)         [audio in: audio.log_mel + the VAE's encoder]
 
 ``AudioLDM2.from_pretrained(...)`` loads the components strictly from an official checkpoint (a folder or a
 hub repo id); calling it mirrors ``diffusers.AudioLDM2Pipeline.__call__`` argument by argument where the
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import audio as audio_front_end
 from . import conditioning
 from . import fast as fast_layer
 from .audio import clap_features, resample
@@ -60,7 +62,7 @@ from .samplers import SamplerFn, check_sampler, init_noise_sigma, randn, sample,
 from .t5 import load_t5
 from .tokenization import load_tokenizer
 from .unet import load_unet
-from .vae import load_vae
+from .vae import load_vae, load_vae_encoder
 from .vocoder import load_vocoder
 
 logger = logging.getLogger("audioldm2_core")
@@ -236,6 +238,7 @@ class AudioLDM2:
     language_model = _Component()  # GPT-2
     unet = _Component()
     vae = _Component()  # the VAE's decoder
+    vae_encoder = _Component()  # the VAE's encoder, for audio input
     vocoder = _Component()
     clap_audio = _Component()  # CLAP's audio branch, for re-ranking
 
@@ -331,10 +334,11 @@ class AudioLDM2:
         "unet": lambda p: load_unet(p.ckpt, p.dtype, p.device),
         "vae": lambda p: load_vae(p.ckpt, p._decoder_dtype, p.device),
         "vocoder": lambda p: load_vocoder(p.ckpt, p._decoder_dtype, p.device),
-        # Only for re-ranking: never loaded up front, never read for plain generation.
+        # Only for re-ranking, and only for audio input: never loaded up front, never read for text-to-audio.
         "clap_audio": lambda p: load_clap_audio(p.ckpt, p.dtype, p.device),
+        "vae_encoder": lambda p: load_vae_encoder(p.ckpt, p._decoder_dtype, p.device),
     }
-    _GENERATION = tuple(n for n in _LOADERS if n != "clap_audio")
+    _GENERATION = tuple(n for n in _LOADERS if n not in ("clap_audio", "vae_encoder"))
 
     def _get(self, name: str):
         if name not in self._modules:
@@ -459,6 +463,41 @@ class AudioLDM2:
         )
         self._release("unet")
         return x
+
+    def encode_audio(
+        self,
+        audio: str | Path | np.ndarray | Tensor,
+        sample_rate: int | None = None,
+        *,
+        sample: bool = False,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> Tensor:
+        """Audio (a file path, or a waveform with its ``sample_rate``) -> latents (1, 8, t, 16), UNet scale.
+
+        The input is read and checked by ``audio.load_audio`` (at most ``MAX_AUDIO_LENGTH_S``; any rate, mono
+        or stereo), turned into the log-mel the model was trained on (``audio.log_mel``: 4 t mel frames, the
+        input's length rounded up to a whole latent frame of 40 ms) and encoded by the VAE encoder, loaded on
+        first use (text-to-audio never reads it): ``scaling_factor * mean`` of the posterior, or with
+        ``sample=True`` a draw from it (diffusers' ``latent_dist.sample(generator)``). Returns the latents in
+        the VAE's dtype on the pipeline's device; ``audio.load_audio(...).shape[0]`` is the input's length in
+        samples at 16 kHz.
+        """
+        v, s = self.vocoder_config, self.vae_config
+        if (v.sampling_rate, v.hop_length, v.model_in_dim, s.in_channels) != (
+            audio_front_end.SAMPLE_RATE, audio_front_end.HOP_LENGTH, audio_front_end.N_MELS, 1,
+        ):  # fmt: skip
+            raise ValueError(
+                f"audio input needs a 16 kHz model with 64 mel bins and a hop of 160 samples; this checkpoint "
+                f"has {v.sampling_rate} Hz, {v.model_in_dim} bins, a hop of {v.hop_length}"
+            )
+        wave = audio_front_end.load_audio(audio, sample_rate, max_seconds=MAX_AUDIO_LENGTH_S)
+        mel = audio_front_end.log_mel(wave, audio_front_end.mel_frames(wave.shape[0], s.scale_factor))
+        encoder = self.vae_encoder
+        latents = encoder.encode(
+            mel[None, None].to(self.device, self._decoder_dtype), sample=sample, generator=generator
+        )  # (1, 8, frames / 4, 16)
+        self._release("vae_encoder")
+        return latents
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents (B, 8, t, 16) -> float32 waveforms (B, samples) at the vocoder's rate, untrimmed."""
