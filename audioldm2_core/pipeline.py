@@ -629,7 +629,7 @@ class AudioLDM2:
                          inpaint_bands_hz=inpaint_bands_hz, super_resolution=super_resolution, cutoff_hz=cutoff_hz)  # fmt: skip
             extra = [k for k, v in given.items() if v not in (None, False)]
             if extra:
-                raise ValueError(f"{', '.join(extra)} need an input: pass audio=")
+                raise ValueError(f"{', '.join(extra)}: only with input audio (pass audio=)")
         if audio_length_in_s is None:
             audio_length_in_s = self.unet_config.sample_size * vae_scale * factor
         self._check_call(
