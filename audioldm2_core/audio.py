@@ -90,6 +90,7 @@ __all__ = [
     "N_MELS",
     "load_audio",
     "log_mel",
+    "mel_spectrogram",
     "mel_frames",
     "latent_mask",
     "resample",
@@ -332,7 +333,17 @@ def log_mel(waveform: torch.Tensor | np.ndarray, frames: int | None = None) -> t
         raise ValueError(
             f"frames must be an int >= {MIN_FRAMES} ({MIN_FRAMES * HOP_LENGTH} samples), got {frames!r}"
         )
-    x = _normalize(x.to(torch.float64), frames * HOP_LENGTH)
+    return mel_spectrogram(_normalize(x.to(torch.float64), frames * HOP_LENGTH), frames)
+
+
+def mel_spectrogram(x: torch.Tensor, frames: int | None = None) -> torch.Tensor:
+    """The model's mel of a 16 kHz waveform (T,) as it is, without ``log_mel``'s normalisation: (frames, 64)
+    float32 natural log of the Slaney mel magnitudes, floored at 1e-5. ``frames`` None: every STFT frame,
+    1 + T // 160 (a waveform of at most 512 samples is zero-padded to 513 first, for the reflect padding).
+    Computed in float64. ``log_mel`` and the pictures of ``spectrogram.py`` both go through here."""
+    x = torch.as_tensor(x).to(torch.float64)
+    if x.shape[0] <= N_FFT // 2:
+        x = torch.nn.functional.pad(x, (0, N_FFT // 2 + 1 - x.shape[0]))
     window = torch.hann_window(WIN_LENGTH, periodic=True, dtype=torch.float64)
     spec = torch.stft(
         x,
