@@ -1,5 +1,9 @@
 """Command line: ``audioldm2 "a dog barking in the rain" -o dog.wav`` (also ``python -m audioldm2_core``).
 
+Audio in: ``--audio in.wav`` edits an input (style transfer with ``--strength``; ``--inpaint 3.5-5.0``, several
+spans by repeating the flag or with commas; ``--inpaint-band LOW-HIGH`` in Hz; ``--super-resolution [HZ]``);
+the input is read and checked before any model loads, so a bad file fails at once in one line.
+
 Every failure a user can meet (bad input, an unreachable hub, a gated repo, a full disk, out of memory, an
 output that cannot be written) exits non-zero with one line on stderr (``errors.explain``) and no traceback;
 ``--debug`` shows it. WAVs and spectrogram PNGs are written atomically (temp file in the same folder, then

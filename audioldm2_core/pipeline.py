@@ -4,6 +4,7 @@
            --denoise-------> latents (B, 8, T/4, 16)        [UNet + classifier-free guidance + a sampler]
            --decode--------> mel (B, 1, T, 64) -> waveform (B, 160 T) -> trimmed to the asked length
     audio  --encode_audio--> latents (1, 8, T/4, 16)         [audio in: audio.log_mel + the VAE's encoder]
+           --denoise from step ``start`` (``audio=``, ``strength=``), masked for inpainting (editing.py)
 
 ``AudioLDM2.from_pretrained(...)`` loads the components strictly from an official checkpoint (a folder or a
 hub repo id); calling it mirrors ``diffusers.AudioLDM2Pipeline.__call__`` argument by argument where the
