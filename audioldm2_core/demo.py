@@ -333,7 +333,11 @@ def build_app(pipe, title: str = "AudioLDM 2", *, steps: int = 200, candidates: 
                         mode = gr.Radio(list(MODES), value="Style transfer", label="Mode",
                                         info="; ".join(f"{k}: {v}" for k, v in MODES.items()))  # fmt: skip
                         strength = gr.Slider(
-                            0.05, 1.0, value=0.6, step=0.05, label="Strength (1: from noise)"
+                            0.05,
+                            1.0,
+                            value=0.6,
+                            step=0.05,
+                            label="Strength (1: from noise; 1 suits inpainting and super-resolution)",
                         )
                         spans = gr.Textbox(
                             label="Spans to regenerate (s), for inpainting", placeholder="1-2, 3.5-5"
