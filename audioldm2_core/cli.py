@@ -1,5 +1,9 @@
 """Command line: ``audioldm2 "a dog barking in the rain" -o dog.wav`` (also ``python -m audioldm2_core``).
 
+Audio in: ``--audio in.wav`` edits an input (style transfer with ``--strength``; ``--inpaint 3.5-5.0``, several
+spans by repeating the flag or with commas; ``--inpaint-band LOW-HIGH`` in Hz; ``--super-resolution [HZ]``);
+the input is read and checked before any model loads, so a bad file fails at once in one line.
+
 Every failure a user can meet (bad input, an unreachable hub, a gated repo, a full disk, out of memory, an
 output that cannot be written) exits non-zero with one line on stderr (``errors.explain``) and no traceback;
 ``--debug`` shows it. WAVs and spectrogram PNGs are written atomically (temp file in the same folder, then
@@ -20,12 +24,14 @@ from pathlib import Path
 from .samplers import SAMPLERS
 
 DEFAULT_MODEL = "cvssp/audioldm2"
+DEFAULT_STRENGTH = 0.6  # = pipeline.DEFAULT_STRENGTH (not imported: the CLI parses its flags without torch)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="audioldm2",
-        description="Generate audio from text with AudioLDM 2 (official checkpoints, same output as diffusers).",
+        description="Generate audio from text with AudioLDM 2 (official checkpoints, same output as diffusers); "
+        "with --audio, edit an input: style transfer, inpainting (--inpaint), super-resolution.",
     )
     p.add_argument("prompt", nargs="?", help="text describing the sound (or use --prompts-file)")
     p.add_argument("-o", "--output", default=None, help="WAV file to write (a folder with --prompts-file)")
@@ -83,7 +89,52 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--guidance", type=float, default=3.5, help="classifier-free guidance scale; 1 disables it"
     )
     p.add_argument(
-        "--length", type=float, default=None, help="audio length in seconds (default: the model's, 10.24)"
+        "--length",
+        type=float,
+        default=None,
+        help="audio length in seconds (default: the model's, 10.24; with --audio the input's: a longer input "
+        "is cut, a shorter one padded with silence)",
+    )
+    p.add_argument(
+        "--audio",
+        type=Path,
+        default=None,
+        metavar="WAV",
+        help="input audio (WAV, FLAC, OGG, MP3; any rate, mono or stereo): alone, style transfer (SDEdit) "
+        "toward the prompt; with --inpaint or --super-resolution, regenerate those parts and keep the rest",
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="with --audio: how far from the input, in (0, 1]: the share of the steps run from the input "
+        f"noised to that level; 1 starts from noise (default: {DEFAULT_STRENGTH} for style transfer, 1 with "
+        "--inpaint or --super-resolution)",
+    )
+    p.add_argument(
+        "--inpaint",
+        action="append",
+        default=[],
+        metavar="START-END",
+        help="with --audio: regenerate these seconds and keep the rest, e.g. 3.5-5.0; repeat the flag or "
+        "separate with commas for several spans (1-2,4-5)",
+    )
+    p.add_argument(
+        "--inpaint-band",
+        action="append",
+        default=[],
+        metavar="LOW-HIGH",
+        help="with --audio: regenerate this frequency band in Hz, e.g. 2000-4000 (within the --inpaint spans "
+        "if given, else over the whole input); repeatable, comma-separated",
+    )
+    p.add_argument(
+        "--super-resolution",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="HZ",
+        help="with --audio: regenerate the missing top band of band-limited audio, above HZ (default: half "
+        "the input file's own sample rate, e.g. 4000 for an 8 kHz recording)",
     )
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like noise")
     p.add_argument("--seed", type=int, default=None, help="random seed (same seed, same audio as diffusers)")
@@ -161,6 +212,65 @@ def write_wav(path: Path, audio, sample_rate: int) -> None:
         if isinstance(e, OSError):
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
+
+
+def parse_ranges(values: list[str], flag: str, unit: str) -> list[tuple[float, float]]:
+    """``["3.5-5.0", "6-7,8-9"]`` -> [(3.5, 5.0), (6.0, 7.0), (8.0, 9.0)]; a clear error for anything else."""
+    out = []
+    for value in values:
+        for part in value.split(","):
+            low, sep, high = part.strip().partition("-")
+            try:
+                if not sep:
+                    raise ValueError
+                out.append((float(low), float(high)))
+            except ValueError:
+                raise ValueError(f"{flag} {part.strip()!r}: give START-END in {unit}, e.g. 3.5-5.0") from None
+    return out
+
+
+def editing_options(args: argparse.Namespace) -> dict:
+    """The pipeline's audio-input arguments from the flags (empty without ``--audio``), checked."""
+    flags = {"--strength": args.strength is not None, "--inpaint": args.inpaint,
+             "--inpaint-band": args.inpaint_band, "--super-resolution": args.super_resolution is not None}  # fmt: skip
+    used = [flag for flag, given in flags.items() if given]
+    if args.audio is None:
+        if used:
+            raise ValueError(f"{', '.join(used)}: only with an input, --audio WAV")
+        return {}
+    spans = parse_ranges(args.inpaint, "--inpaint", "seconds")
+    bands = parse_ranges(args.inpaint_band, "--inpaint-band", "Hz")
+    cutoff = None
+    if args.super_resolution not in (None, "auto"):
+        try:
+            cutoff = float(args.super_resolution)
+        except ValueError:
+            raise ValueError(
+                f"--super-resolution {args.super_resolution!r}: give a cutoff in Hz, e.g. 4000, or nothing"
+            ) from None
+    strength = args.strength
+    if strength is None:
+        strength = 1.0 if spans or bands or args.super_resolution is not None else DEFAULT_STRENGTH
+    return dict(
+        audio=args.audio,
+        strength=strength,
+        inpaint_spans_s=spans or None,
+        inpaint_bands_hz=bands or None,
+        super_resolution=args.super_resolution is not None,
+        cutoff_hz=cutoff,
+    )
+
+
+def _check_audio(args: argparse.Namespace, editing: dict) -> None:
+    """Read the input once before loading a model, so that a bad file fails at once, in one line."""
+    if not editing:
+        return
+    from .audio import load_audio
+    from .editing import start_index
+    from .pipeline import MAX_AUDIO_LENGTH_S
+
+    load_audio(args.audio, max_seconds=MAX_AUDIO_LENGTH_S)
+    start_index(args.steps, editing["strength"])
 
 
 def _check_writable(folder: Path) -> None:
@@ -263,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.device, args.dtype = resolve_device_and_dtype(args.device, args.dtype)
         jobs = _check_args(args)
+        editing = editing_options(args)
+        _check_audio(args, editing)
         pictures = _spectrogram_paths(args, jobs)
         import torch
 
@@ -293,7 +405,10 @@ def main(argv: list[str] | None = None) -> int:
             if not args.quiet:
                 from tqdm import tqdm
 
-                bar = tqdm(total=args.steps, desc=path.name, unit="step", file=sys.stderr)
+                from .editing import start_index
+
+                runs = args.steps - start_index(args.steps, editing["strength"]) if editing else args.steps
+                bar = tqdm(total=runs, desc=path.name, unit="step", file=sys.stderr)
             try:
                 out = pipe(
                     text,
@@ -309,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                     max_new_tokens=args.max_new_tokens,
                     transcription=args.transcription,
                     transcription_is_phonemes=args.phonemes,
+                    **editing,
                 )
             finally:
                 if bar is not None:

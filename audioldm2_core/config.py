@@ -440,11 +440,12 @@ def unet_config(d: dict[str, Any]) -> UNetConfig:
 @dataclass(frozen=True)
 class VAEConfig:
     latent_channels: int  # 8
-    out_channels: int  # 1: a mel spectrogram is a one-channel image
+    in_channels: int  # 1: the encoder's input, a log-mel spectrogram as a one-channel image
+    out_channels: int  # 1: the decoder's output, the same
     block_out_channels: tuple[int, ...]  # (128, 256, 512); the decoder walks it in reverse
-    layers_per_block: int  # 2 (the decoder's up blocks have one more)
+    layers_per_block: int  # 2 resnets per encoder block (the decoder's up blocks have one more)
     norm_num_groups: int  # 32
-    scaling_factor: float  # latents are divided by it before decoding
+    scaling_factor: float  # latents are divided by it before decoding, multiplied after encoding
     mid_block_add_attention: bool  # True
 
     @property
@@ -454,9 +455,10 @@ class VAEConfig:
 
 
 def vae_config(d: dict[str, Any]) -> VAEConfig:
-    """Translate ``vae/config.json`` (diffusers ``AutoencoderKL``). Only the decoder is built."""
+    """Translate ``vae/config.json`` (diffusers ``AutoencoderKL``): the decoder, and the encoder for audio input."""
     c = "vae (AutoencoderKL)"
     _require(d, c, "act_fn", "silu", "silu")
+    _require(d, c, "use_quant_conv", True, True)
     _require(d, c, "use_post_quant_conv", True, True)
     _require(d, c, "shift_factor", None)
     _require(d, c, "latents_mean", None)
@@ -464,8 +466,12 @@ def vae_config(d: dict[str, Any]) -> VAEConfig:
     up = list(d.get("up_block_types", ("UpDecoderBlock2D",)))
     if up != ["UpDecoderBlock2D"] * len(blocks):
         raise UnsupportedConfigError(f"{c}: up_block_types={up!r} is not supported")
+    down = list(d.get("down_block_types", ("DownEncoderBlock2D",)))
+    if down != ["DownEncoderBlock2D"] * len(blocks):
+        raise UnsupportedConfigError(f"{c}: down_block_types={down!r} is not supported")
     return VAEConfig(
         latent_channels=d.get("latent_channels", 4),
+        in_channels=d.get("in_channels", 3),
         out_channels=d.get("out_channels", 3),
         block_out_channels=blocks,
         layers_per_block=d.get("layers_per_block", 1),

@@ -16,8 +16,11 @@ concurrent users wait their turn instead of running the model at once.
 loaded pipeline; ``main`` is the command. Failures reach the browser as one line (``errors.explain``), and at
 start, as the CLI's, one line and a non-zero exit (``--debug`` adds the traceback).
 
-The audio-input tab (style transfer, inpainting: an audio file beside the prompt) is not here yet: it goes
-in ``build_app`` as a second ``gr.Tab`` once the pipeline takes audio input (see the comment there).
+The "Audio to audio" tab: an uploaded or recorded input, a prompt and a mode (style transfer, inpainting of
+time spans, super-resolution) with its strength, and the same controls and players; its endpoint is
+``/transform`` (``predict(audio_file, prompt, mode, strength, spans, negative, steps, sampler, guidance, seed,
+candidates, api_name="/transform")``, the audio as ``gradio_client.handle_file(path)``), its handler without
+Gradio ``transform``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import numpy as np
 
 from .samplers import SAMPLERS
 
-__all__ = ["Candidate", "generate", "build_app", "main", "MAX_CANDIDATES"]
+__all__ = ["Candidate", "generate", "transform", "build_app", "main", "MAX_CANDIDATES", "MODES"]
 
 MAX_CANDIDATES = 4  # the page has this many players; the API refuses more
 MAX_LENGTH_S = 30.0
@@ -86,9 +89,6 @@ def generate(
     is called after each denoising step. Bad input raises ValueError with a message for the user."""
     import torch
 
-    from .cli import write_wav
-    from .spectrogram import save_spectrogram
-
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("the prompt is empty")
     steps = _whole(steps, "steps", 1, MAX_STEPS)
@@ -110,6 +110,80 @@ def generate(
         rerank=True,  # the score is shown even for one candidate
         callback=(lambda i, t, x: progress(i + 1, steps)) if progress is not None else None,
     )
+    return _write_candidates(out, out_dir)
+
+
+MODES = {  # the audio tab's modes -> what they regenerate
+    "Style transfer": "the whole input, from its noised latents (SDEdit)",
+    "Inpaint spans": "the given time spans; the rest is kept",
+    "Super-resolution": "the band above half the input's own sample rate; the rest is kept",
+}
+
+
+def transform(
+    pipe,
+    audio: str | Path | None,
+    prompt: str,
+    mode: str = "Style transfer",
+    strength: float = 0.6,
+    spans: str = "",
+    negative_prompt: str | None = None,
+    steps: int = 200,
+    sampler: str = "ddim",
+    guidance: float = 3.5,
+    seed: int = 0,
+    candidates: int = 1,
+    *,
+    out_dir: str | Path,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Candidate]:
+    """The audio tab's handler: edit the audio file ``audio`` toward ``prompt`` in ``mode`` (a key of ``MODES``)
+    and write the candidates as ``generate`` does. ``spans``: for "Inpaint spans", seconds as ``1-2, 3.5-5``.
+    ``strength`` in (0, 1] (inpainting and super-resolution are best at 1: from noise where regenerated)."""
+    import torch
+
+    from .cli import parse_ranges
+
+    if audio is None or (isinstance(audio, str) and not audio):
+        raise ValueError("upload or record the input audio first")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("the prompt is empty")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    steps = _whole(steps, "steps", 1, MAX_STEPS)
+    seed = _whole(seed, "seed", 0, 2**63 - 1)
+    candidates = _whole(candidates, "candidates", 1, MAX_CANDIDATES)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if mode == "Inpaint spans" and not (spans or "").strip():
+        raise ValueError("give the spans to regenerate, in seconds: 1-2, 3.5-5")
+    spans_s = parse_ranges([spans], "spans", "seconds") if mode == "Inpaint spans" else None
+    from .editing import start_index
+
+    done = start_index(steps, float(strength))  # the steps before the first one run
+    out = pipe(
+        prompt.strip(),
+        audio=str(audio),
+        strength=float(strength),
+        inpaint_spans_s=spans_s,
+        super_resolution=mode == "Super-resolution",
+        negative_prompt=(negative_prompt or "").strip() or None,
+        num_inference_steps=steps,
+        sampler=sampler,
+        guidance_scale=float(guidance),
+        num_waveforms_per_prompt=candidates,
+        generator=torch.Generator().manual_seed(seed),
+        rerank=True,
+        callback=(lambda i, t, x: progress(i + 1 - done, steps - done)) if progress is not None else None,
+    )
+    return _write_candidates(out, out_dir)
+
+
+def _write_candidates(out, out_dir: str | Path) -> list[Candidate]:
+    """Each waveform of a pipeline output as a WAV and a spectrogram PNG in ``out_dir``, best first."""
+    from .cli import write_wav
+    from .spectrogram import save_spectrogram
+
     out_dir = Path(out_dir)
     scores = out.scores[0].tolist() if out.scores is not None else [None] * len(out.audios)
     result = []
@@ -162,19 +236,29 @@ def build_app(pipe, title: str = "AudioLDM 2", *, steps: int = 200, candidates: 
 
     initial_steps, initial_candidates = steps, candidates
 
-    def run(prompt, negative, length, steps, sampler, guidance, seed, candidates, progress=gr.Progress()):  # noqa: B008
-        progress(0, desc="encoding the prompt")
+    def answer(handler, *args, progress):
+        """Run a handler; one line in the browser on failure (a bug's traceback in the server's log too)."""
         try:
-            found = generate(
-                pipe, prompt, negative, length, steps, sampler, guidance, seed, candidates,
-                out_dir=outputs.new(),
+            found = handler(
+                pipe, *args, out_dir=outputs.new(),
                 progress=lambda i, n: progress((i, n), desc="denoising", unit="steps"),
             )  # fmt: skip
-        except Exception as e:  # one line in the browser; a bug's traceback in the server's log too
+        except Exception as e:
             if explain(e) is None:
                 traceback.print_exc()
             raise gr.Error(error_line(e)) from e
         return [str(c.audio) for c in found], [str(c.spectrogram) for c in found], [c.score for c in found]
+
+    def run(prompt, negative, length, steps, sampler, guidance, seed, candidates, progress=gr.Progress()):  # noqa: B008
+        progress(0, desc="encoding the prompt")
+        return answer(generate, prompt, negative, length, steps, sampler, guidance, seed, candidates,
+                      progress=progress)  # fmt: skip
+
+    def run_audio(audio, prompt, mode, strength, spans, negative, steps, sampler, guidance, seed, candidates,
+                  progress=gr.Progress()):  # noqa: B008  # fmt: skip
+        progress(0, desc="encoding the prompt and the audio")
+        return answer(transform, audio, prompt, mode, strength, spans, negative, steps, sampler, guidance,
+                      seed, candidates, progress=progress)  # fmt: skip
 
     def lay_out(audios, images, scores):
         """The endpoint's result -> the players: one group per candidate, the others hidden."""
@@ -190,9 +274,36 @@ def build_app(pipe, title: str = "AudioLDM 2", *, steps: int = 200, candidates: 
             pictures.append(gr.update(value=images[i] if shown else None))
         return *groups, *players, *pictures
 
+    def results():
+        """One tab's output column: a player and a spectrogram per candidate, and the endpoint's hidden
+        outputs (read by lay_out and returned to API clients)."""
+        groups, players, pictures = [], [], []
+        for i in range(MAX_CANDIDATES):
+            with gr.Group(visible=i == 0) as group:
+                players.append(gr.Audio(label=f"#{i + 1}", type="filepath", interactive=False))
+                pictures.append(gr.Image(label="log-mel spectrogram", type="filepath", interactive=False))
+            groups.append(group)
+        hidden = [
+            gr.File(file_count="multiple", visible=False, label="audio"),
+            gr.File(file_count="multiple", visible=False, label="spectrograms"),
+            gr.JSON(visible=False, label="scores"),
+        ]
+        return [*groups, *players, *pictures], hidden
+
+    def controls():
+        """The generation controls both tabs share: negative prompt, steps, sampler, guidance, seed, candidates."""
+        return [
+            gr.Textbox(label="Negative prompt", value="Low quality."),
+            gr.Slider(1, MAX_STEPS, value=initial_steps, step=1, label="Denoising steps"),
+            gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler"),
+            gr.Slider(1.0, 10.0, value=3.5, step=0.1, label="Guidance scale"),
+            gr.Number(value=0, precision=0, minimum=0, label="Seed"),
+            gr.Slider(1, MAX_CANDIDATES, value=initial_candidates, step=1, label="Candidates"),
+        ]
+
     with gr.Blocks(title=title, delete_cache=(3600, 3600)) as app:
         gr.Markdown(
-            f"# {title}\nText to audio with [AudioLDM 2](https://arxiv.org/abs/2308.05734) "
+            f"# {title}\nText to audio and audio editing with [AudioLDM 2](https://arxiv.org/abs/2308.05734) "
             f"(`{pipe.ckpt.source}` on {pipe.device}, {str(pipe.dtype).removeprefix('torch.')}). "
             "Several candidates are ranked by their CLAP score, best first."
         )
@@ -201,52 +312,50 @@ def build_app(pipe, title: str = "AudioLDM 2", *, steps: int = 200, candidates: 
                 with gr.Row():
                     with gr.Column():
                         prompt = gr.Textbox(label="Prompt", lines=2, placeholder="A dog barking in the rain")
-                        negative = gr.Textbox(label="Negative prompt", value="Low quality.")
                         length = gr.Slider(
                             1.0, MAX_LENGTH_S, value=default_length, step=0.01, label="Length (s)"
                         )
-                        steps = gr.Slider(1, MAX_STEPS, value=initial_steps, step=1, label="Denoising steps")
-                        sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler")
-                        guidance = gr.Slider(1.0, 10.0, value=3.5, step=0.1, label="Guidance scale")
-                        seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
-                        candidates = gr.Slider(
-                            1, MAX_CANDIDATES, value=initial_candidates, step=1, label="Candidates"
-                        )
+                        negative, *rest = controls()
                         button = gr.Button("Generate", variant="primary")
                     with gr.Column():
-                        groups, players, pictures = [], [], []
-                        for i in range(MAX_CANDIDATES):
-                            with gr.Group(visible=i == 0) as group:
-                                players.append(
-                                    gr.Audio(label=f"#{i + 1}", type="filepath", interactive=False)
-                                )
-                                pictures.append(
-                                    gr.Image(label="log-mel spectrogram", type="filepath", interactive=False)
-                                )
-                            groups.append(group)
-                        # The endpoint's outputs: hidden, read by lay_out and returned to API clients.
-                        audio_files = gr.File(file_count="multiple", visible=False, label="audio")
-                        image_files = gr.File(file_count="multiple", visible=False, label="spectrograms")
-                        scores = gr.JSON(visible=False, label="scores")
-                inputs = [prompt, negative, length, steps, sampler, guidance, seed, candidates]
+                        shown, hidden = results()
+                inputs = [prompt, negative, length, *rest]
                 gr.Examples([[p, n] for p, n in EXAMPLES], inputs=[prompt, negative])
-            # The audio-to-audio tab (style transfer, inpainting) goes here as its own gr.Tab, once the
-            # pipeline takes audio input: a gr.Audio input beside the same controls, its own endpoint.
-        event = gr.on(
-            [button.click, prompt.submit],
-            run,
-            inputs,
-            [audio_files, image_files, scores],
-            api_name="generate",
-            concurrency_limit=1,
-            concurrency_id="model",
-        )
-        event.success(  # after a failed run the players keep what they showed
-            lay_out,
-            [audio_files, image_files, scores],
-            [*groups, *players, *pictures],
-            api_visibility="private",
-        )
+            with gr.Tab("Audio to audio"):
+                with gr.Row():
+                    with gr.Column():
+                        source = gr.Audio(
+                            label="Input audio", sources=["upload", "microphone"], type="filepath"
+                        )
+                        audio_prompt = gr.Textbox(
+                            label="Target prompt", lines=2, placeholder="A jazz version"
+                        )
+                        mode = gr.Radio(list(MODES), value="Style transfer", label="Mode",
+                                        info="; ".join(f"{k}: {v}" for k, v in MODES.items()))  # fmt: skip
+                        strength = gr.Slider(
+                            0.05,
+                            1.0,
+                            value=0.6,
+                            step=0.05,
+                            label="Strength (1: from noise; 1 suits inpainting and super-resolution)",
+                        )
+                        spans = gr.Textbox(
+                            label="Spans to regenerate (s), for inpainting", placeholder="1-2, 3.5-5"
+                        )
+                        audio_controls = controls()
+                        audio_button = gr.Button("Transform", variant="primary")
+                    with gr.Column():
+                        audio_shown, audio_hidden = results()
+                audio_inputs = [source, audio_prompt, mode, strength, spans, *audio_controls]
+        for trigger, handler, ins, outs, name in [
+            ([button.click, prompt.submit], run, inputs, (shown, hidden), "generate"),
+            ([audio_button.click], run_audio, audio_inputs, (audio_shown, audio_hidden), "transform"),
+        ]:
+            event = gr.on(trigger, handler, ins, outs[1], api_name=name, concurrency_limit=1,
+                          concurrency_id="model")  # fmt: skip
+            event.success(
+                lay_out, outs[1], outs[0], api_visibility="private"
+            )  # a failed run keeps the players
     return app.queue(default_concurrency_limit=1)
 
 

@@ -3,6 +3,8 @@
     prompt --encode_prompt--> T5 states (B, L, 1024) + mask, GPT-2 states (B, 8, 768)
            --denoise-------> latents (B, 8, T/4, 16)        [UNet + classifier-free guidance + a sampler]
            --decode--------> mel (B, 1, T, 64) -> waveform (B, 160 T) -> trimmed to the asked length
+    audio  --encode_audio--> latents (1, 8, T/4, 16)         [audio in: audio.log_mel + the VAE's encoder]
+           --denoise from step ``start`` (``audio=``, ``strength=``), masked for inpainting (editing.py)
 
 ``AudioLDM2.from_pretrained(...)`` loads the components strictly from an official checkpoint (a folder or a
 hub repo id); calling it mirrors ``diffusers.AudioLDM2Pipeline.__call__`` argument by argument where the
@@ -42,7 +44,7 @@ import ctypes
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +53,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import conditioning
+from . import audio as audio_front_end
+from . import conditioning, editing
 from . import fast as fast_layer
 from .audio import clap_features, resample
 from .clap_audio import load_clap_audio
@@ -61,11 +64,11 @@ from .gpt2 import load_gpt2
 from .loading import Checkpoint, open_checkpoint
 from .projection import load_projection
 from .rerank import rank_within_prompts, score
-from .samplers import SamplerFn, check_sampler, init_noise_sigma, randn, sample, schedule
+from .samplers import SamplerFn, add_noise, check_sampler, init_noise_sigma, randn, sample, schedule
 from .t5 import load_t5
 from .tokenization import load_tokenizer
 from .unet import load_unet
-from .vae import load_vae
+from .vae import load_vae, load_vae_encoder
 from .vits import load_vits
 from .vocoder import load_vocoder
 
@@ -74,6 +77,19 @@ logger = logging.getLogger("audioldm2_core")
 __all__ = ["AudioLDM2", "AudioOutput", "CudaGraphDenoiser", "audio_shape", "resolve_device"]
 
 MAX_AUDIO_LENGTH_S = 600.0  # a bound on the request, not on the model: 10 minutes of audio in one latent
+DEFAULT_STRENGTH = (
+    0.6  # style transfer's: enough steps to follow the prompt, few enough to keep the input's form
+)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """The input audio of an editing call, read and fitted to the output's length."""
+
+    wave: Tensor  # (T,) float32 16 kHz mono, at most ``keep`` samples
+    frames: int  # mel frames to encode and generate, a multiple of the VAE's scale
+    keep: int  # output samples
+    rate: int  # the input's own sample rate (super-resolution's default cutoff is half of it)
 
 
 @dataclass
@@ -242,6 +258,7 @@ class AudioLDM2:
     language_model = _Component()  # GPT-2
     unet = _Component()
     vae = _Component()  # the VAE's decoder
+    vae_encoder = _Component()  # the VAE's encoder, for audio input
     vocoder = _Component()
     clap_audio = _Component()  # CLAP's audio branch, for re-ranking
 
@@ -337,10 +354,11 @@ class AudioLDM2:
         "unet": lambda p: load_unet(p.ckpt, p.dtype, p.device),
         "vae": lambda p: load_vae(p.ckpt, p._decoder_dtype, p.device),
         "vocoder": lambda p: load_vocoder(p.ckpt, p._decoder_dtype, p.device),
-        # Only for re-ranking: never loaded up front, never read for plain generation.
+        # Only for re-ranking, and only for audio input: never loaded up front, never read for text-to-audio.
         "clap_audio": lambda p: load_clap_audio(p.ckpt, p.dtype, p.device),
+        "vae_encoder": lambda p: load_vae_encoder(p.ckpt, p._decoder_dtype, p.device),
     }
-    _GENERATION = tuple(n for n in _LOADERS if n != "clap_audio")
+    _GENERATION = tuple(n for n in _LOADERS if n not in ("clap_audio", "vae_encoder"))
 
     def _get(self, name: str):
         if name not in self._modules:
@@ -471,6 +489,51 @@ class AudioLDM2:
         self._release("unet")
         return x
 
+    def encode_audio(
+        self,
+        audio: str | Path | np.ndarray | Tensor,
+        sample_rate: int | None = None,
+        *,
+        sample: bool = False,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> Tensor:
+        """Audio (a file path, or a waveform with its ``sample_rate``) -> latents (1, 8, t, 16), UNet scale.
+
+        The input is read and checked by ``audio.load_audio`` (at most ``MAX_AUDIO_LENGTH_S``; any rate, mono
+        or stereo), turned into the log-mel the model was trained on (``audio.log_mel``: 4 t mel frames, the
+        input's length rounded up to a whole latent frame of 40 ms) and encoded by the VAE encoder, loaded on
+        first use (text-to-audio never reads it): ``scaling_factor * mean`` of the posterior, or with
+        ``sample=True`` a draw from it (diffusers' ``latent_dist.sample(generator)``). Returns the latents in
+        the VAE's dtype on the pipeline's device; ``audio.load_audio(...).shape[0]`` is the input's length in
+        samples at 16 kHz.
+        """
+        self._check_audio_model()
+        wave = audio_front_end.load_audio(audio, sample_rate, max_seconds=MAX_AUDIO_LENGTH_S)
+        frames = audio_front_end.mel_frames(wave.shape[0], self.vae_config.scale_factor)
+        return self._encode_wave(wave, frames, sample=sample, generator=generator)
+
+    def _check_audio_model(self) -> None:
+        v, s = self.vocoder_config, self.vae_config
+        if (v.sampling_rate, v.hop_length, v.model_in_dim, s.in_channels) != (
+            audio_front_end.SAMPLE_RATE, audio_front_end.HOP_LENGTH, audio_front_end.N_MELS, 1,
+        ):  # fmt: skip
+            raise ValueError(
+                f"audio input needs a 16 kHz model with 64 mel bins and a hop of 160 samples; this checkpoint "
+                f"has {v.sampling_rate} Hz, {v.model_in_dim} bins, a hop of {v.hop_length}"
+            )
+
+    def _encode_wave(
+        self, wave: Tensor, frames: int, *, sample: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """A 16 kHz mono waveform -> latents (1, 8, frames / 4, 16) of its log-mel cut or padded to ``frames``."""
+        mel = audio_front_end.log_mel(wave, frames)
+        encoder = self.vae_encoder
+        latents = encoder.encode(
+            mel[None, None].to(self.device, self._decoder_dtype), sample=sample, generator=generator
+        )  # (1, 8, frames / 4, 16)
+        self._release("vae_encoder")
+        return latents
+
     def decode(self, latents: Tensor) -> Tensor:
         """Latents (B, 8, t, 16) -> float32 waveforms (B, samples) at the vocoder's rate, untrimmed."""
         vae = self.vae
@@ -538,6 +601,13 @@ class AudioLDM2:
         rerank: bool | None = None,
         transcription: str | list[str] | None = None,
         transcription_is_phonemes: bool = False,
+        audio: str | Path | np.ndarray | Tensor | None = None,
+        audio_sample_rate: int | None = None,
+        strength: float | None = None,
+        inpaint_spans_s: Sequence[tuple[float, float]] | None = None,
+        inpaint_bands_hz: Sequence[tuple[float, float]] | None = None,
+        super_resolution: bool = False,
+        cutoff_hz: float | None = None,
     ) -> AudioOutput:
         """Generate audio; arguments as ``diffusers.AudioLDM2Pipeline.__call__``, plus ``sampler``.
 
@@ -552,15 +622,45 @@ class AudioLDM2:
 
         Speech checkpoints: ``transcription`` (str, or a list with one per prompt) is what is said, the prompt
         how it sounds; ``transcription_is_phonemes=True`` passes IPA phonemes as they are (no espeak-ng).
+
+        Audio in (``editing.py``; the README's "Audio in, audio out"): ``audio`` (a file path, or a waveform
+        with its ``audio_sample_rate``; what ``audio.load_audio`` reads) is encoded to latents z0 and the
+        sampler starts from it, noised to the step ``strength`` gives (diffusers img2img's ``get_timesteps``;
+        1: from almost pure noise). Alone it is style transfer (SDEdit; ``strength`` defaults to 0.6).
+        ``inpaint_spans_s`` ((start, end) seconds) and/or ``inpaint_bands_hz`` ((low, high) Hz; with both, the
+        bands within the spans, as ``audio.latent_mask``) regenerate those parts and keep the rest, which ends
+        equal to z0; ``super_resolution=True`` regenerates above ``cutoff_hz`` (default: half the input's own
+        sample rate). With a mask ``strength`` defaults to 1. The output is as long as the input, or
+        ``audio_length_in_s``: a longer input is cut there, a shorter one padded with silence (after the
+        original's peak normalisation, as its ``pad_wav``).
         """
         factor, vae_scale = self._upsample_factor(), self.vae_config.scale_factor
+        source = None
+        if audio is not None:
+            if latents is not None:
+                raise ValueError("give latents or audio, not both: with audio the start is the input, noised")
+            source = self._audio_source(audio, audio_sample_rate, audio_length_in_s)
+            audio_length_in_s = max(source.keep / self.sample_rate, factor * vae_scale)  # for the checks
+        else:
+            given = dict(audio_sample_rate=audio_sample_rate, strength=strength, inpaint_spans_s=inpaint_spans_s,
+                         inpaint_bands_hz=inpaint_bands_hz, super_resolution=super_resolution, cutoff_hz=cutoff_hz)  # fmt: skip
+            extra = [k for k, v in given.items() if v not in (None, False)]
+            if extra:
+                raise ValueError(f"{', '.join(extra)}: only with input audio (pass audio=)")
         if audio_length_in_s is None:
             audio_length_in_s = self.unet_config.sample_size * vae_scale * factor
         self._check_call(
             prompt, audio_length_in_s, num_inference_steps, guidance_scale, num_waveforms_per_prompt,
             output_type, sampler, callback_steps, prompt_embeds, generated_prompt_embeds,
         )  # fmt: skip
-        height, keep = audio_shape(audio_length_in_s, factor, vae_scale, self.sample_rate)
+        if source is None:
+            height, keep = audio_shape(audio_length_in_s, factor, vae_scale, self.sample_rate)
+        else:
+            height, keep = source.frames, source.keep
+            mask = self._edit_mask(source, inpaint_spans_s, inpaint_bands_hz, super_resolution, cutoff_hz)
+            if strength is None:
+                strength = DEFAULT_STRENGTH if mask is None else 1.0
+            start = editing.start_index(num_inference_steps, strength)  # checked before any model runs
         if rerank is None:
             rerank = num_waveforms_per_prompt > 1 and prompt is not None
         elif rerank and prompt is None:
@@ -591,6 +691,27 @@ class AudioLDM2:
             height // vae_scale,
             self.vocoder_config.model_in_dim // vae_scale,
         )
+        step_callback = None
+        if callback is not None:
+            step_callback = lambda i, t, x: callback(i, t, x) if i % callback_steps == 0 else None  # noqa: E731
+        if source is not None:
+            # SDEdit's start (and RePaint's): z0 noised to step ``start``, the noise drawn before any other
+            z0 = self._encode_wave(source.wave, source.frames).to(prompt_embeds.dtype).expand(shape)
+            noise = randn(shape, generator, self.device, prompt_embeds.dtype)
+            latents = add_noise(sampler, self.scheduler_config, num_inference_steps, z0, noise, start)
+            if mask is not None:
+                mask = mask.to(self.device)[None, None]  # (1, 1, t, 16), True = regenerate
+                step_callback = editing.repaint_callback(
+                    sampler, self.scheduler_config, num_inference_steps, z0, mask, generator, step_callback
+                )
+            latents = self.denoise(
+                latents, prompt_embeds, attention_mask, generated_prompt_embeds,
+                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
+                eta=eta, generator=generator, callback=step_callback, start=start,
+            )  # fmt: skip
+            if mask is not None:  # exactly the input where kept, whatever a sampler did with the last step
+                latents = torch.where(mask, latents, z0.to(latents.dtype))
+            return self._finish(latents, keep, output_type, rerank, prompt, num_waveforms_per_prompt)
         if latents is None:
             latents = randn(shape, generator, self.device, prompt_embeds.dtype)
         elif tuple(latents.shape) != shape:
@@ -598,10 +719,6 @@ class AudioLDM2:
         else:
             latents = latents.to(self.device, prompt_embeds.dtype)
         latents = latents * init_noise_sigma(sampler, self.scheduler_config, num_inference_steps)
-
-        step_callback = None
-        if callback is not None:
-            step_callback = lambda i, t, x: callback(i, t, x) if i % callback_steps == 0 else None  # noqa: E731
         latents = self.denoise(
             latents,
             prompt_embeds,
@@ -614,6 +731,10 @@ class AudioLDM2:
             generator=generator,
             callback=step_callback,
         )
+        return self._finish(latents, keep, output_type, rerank, prompt, num_waveforms_per_prompt)
+
+    def _finish(self, latents, keep, output_type, rerank, prompt, num_waveforms_per_prompt) -> AudioOutput:
+        """Final latents -> the output: decoded, trimmed to ``keep`` samples, re-ranked if asked."""
         if output_type == "latent":
             return AudioOutput(audios=latents, sample_rate=self.sample_rate)
         audio = self.decode(latents)[:, :keep]
@@ -625,6 +746,39 @@ class AudioLDM2:
             audios=audio.cpu().numpy() if output_type == "np" else audio,
             sample_rate=self.sample_rate,
             scores=scores,
+        )
+
+    def _audio_source(self, audio, sample_rate, audio_length_in_s) -> _Source:
+        """Read and check the input audio; fit it to ``audio_length_in_s`` (cut, or padded by ``log_mel``)."""
+        self._check_audio_model()
+        wave = audio_front_end.load_audio(audio, sample_rate, max_seconds=MAX_AUDIO_LENGTH_S)
+        keep = wave.shape[0]
+        if audio_length_in_s is not None:
+            if not isinstance(audio_length_in_s, (int, float)) or isinstance(audio_length_in_s, bool):
+                raise TypeError(f"audio_length_in_s must be a number of seconds, got {audio_length_in_s!r}")
+            if not (math.isfinite(audio_length_in_s) and 0 < audio_length_in_s <= MAX_AUDIO_LENGTH_S):
+                raise ValueError(
+                    f"audio_length_in_s must be in (0, {MAX_AUDIO_LENGTH_S}] s, got {audio_length_in_s}"
+                )
+            keep = int(audio_length_in_s * self.sample_rate)
+            wave = wave[:keep]
+        frames = audio_front_end.mel_frames(keep, self.vae_config.scale_factor)
+        rate = editing.source_sample_rate(audio, sample_rate)
+        return _Source(wave, frames, keep, rate)
+
+    def _edit_mask(self, source, spans, bands, super_resolution, cutoff_hz) -> Tensor | None:
+        """The latent mask (t, 16), True = regenerate, of the inpainting spans / bands and super-resolution;
+        None for style transfer."""
+        bands = list(bands or [])
+        if super_resolution:
+            bands.append((editing.super_resolution_cutoff(source.rate, cutoff_hz), audio_front_end.F_MAX))
+        elif cutoff_hz is not None:
+            raise ValueError("cutoff_hz is the super-resolution cutoff: pass super_resolution=True with it")
+        if not spans and not bands:
+            return None
+        frames = source.frames // self.vae_config.scale_factor
+        return audio_front_end.latent_mask(
+            frames, list(spans or []), bands, scale=self.vae_config.scale_factor
         )
 
     def _check_call(

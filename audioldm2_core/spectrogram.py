@@ -10,7 +10,9 @@ into a waveform. Its settings are AudioLDM's (``TacotronSTFT`` in haoheliu/Audio
 magnitude STFT with a Hann window of 1024 and hop 160 (= the vocoder's upsampling, so one frame per
 vocoder frame), 64 Slaney-normalised Slaney-scale mel filters from 0 to 8 kHz, natural log floored at 1e-5.
 So the picture of a waveform and of the model's own mel (``pipe.vae.decode(latents)[i, 0]``, (frames, 64),
-given as ``mel=``) are drawn alike. Frames are centred (reflect padding of 512), as ``torch.stft`` does.
+given as ``mel=``) are drawn alike. It is one implementation: ``audio.mel_spectrogram``, the model's front end
+(``audio.log_mel``) without the peak normalisation it applies to the model's input, which would hide the
+audio's level in the colour bar; other sample rates are resampled to 16 kHz first.
 
 Drawing needs matplotlib, an optional extra (``pip install "audioldm2-core[spectrogram]"``), imported only
 here and only when a picture is drawn. It draws on its own ``Figure`` with the Agg canvas, never through
@@ -28,17 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import _hz_to_mel, mel_filter_bank
-from .config import FeatureExtractorConfig
+from .audio import F_MAX, F_MIN, HOP_LENGTH, SAMPLE_RATE, _hz_to_mel, mel_spectrogram, resample
 
 __all__ = ["log_mel", "spectrogram_png", "save_spectrogram", "require_matplotlib"]
 
-# AudioLDM's 16 kHz mel settings (TacotronSTFT): the representation the VAE and vocoder work in.
-N_FFT = 1024
-HOP_LENGTH = 160  # 10 ms at 16 kHz
-N_MELS = 64
-F_MIN, F_MAX = 0.0, 8000.0
-_LOG_FLOOR = 1e-5  # AudioLDM's dynamic_range_compression clamp
 _DB_PER_NEPER = 20.0 / math.log(10.0)  # natural log of a magnitude -> dB
 
 
@@ -54,44 +49,16 @@ def require_matplotlib():
     return Figure, FigureCanvasAgg
 
 
-def log_mel(
-    audio: np.ndarray | torch.Tensor,
-    sample_rate: int = 16000,
-    *,
-    n_fft: int = N_FFT,
-    hop_length: int = HOP_LENGTH,
-    n_mels: int = N_MELS,
-    f_min: float = F_MIN,
-    f_max: float = F_MAX,
-) -> torch.Tensor:
-    """(T,) waveform -> (frames, n_mels) float32 natural-log mel magnitudes, frames = 1 + T // hop_length."""
+def log_mel(audio: np.ndarray | torch.Tensor, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """(T,) waveform -> (1 + T' // 160, 64) float32 natural-log mel magnitudes at 16 kHz (T' samples, after
+    resampling from ``sample_rate``): the model's own front end, ``audio.mel_spectrogram``, without the peak
+    normalisation of its input (a picture keeps the audio's level)."""
     x = torch.as_tensor(np.asarray(audio) if not torch.is_tensor(audio) else audio).detach().cpu()
     if x.ndim != 1 or x.shape[0] == 0:
         raise ValueError(f"log_mel takes one non-empty waveform (T,), got shape {tuple(x.shape)}")
-    if not 0 <= f_min < f_max <= sample_rate / 2:
-        raise ValueError(f"need 0 <= f_min < f_max <= sample_rate / 2, got {f_min}, {f_max}, {sample_rate}")
-    x = x.to(torch.float64)
-    if x.shape[0] <= n_fft // 2:  # reflect padding needs more samples than it pads
-        x = torch.nn.functional.pad(x, (0, n_fft // 2 + 1 - x.shape[0]))
-    window = torch.hann_window(n_fft, periodic=True, dtype=torch.float64)
-    spec = torch.stft(
-        x, n_fft, hop_length, window=window, center=True, pad_mode="reflect", return_complex=True
-    )
-    bank = mel_filter_bank(  # only these fields are read: the filters for this STFT
-        FeatureExtractorConfig(
-            sampling_rate=sample_rate,
-            feature_size=n_mels,
-            fft_window_size=n_fft,
-            hop_length=hop_length,
-            frequency_min=f_min,
-            frequency_max=f_max,
-            max_length_s=0,
-            padding="pad",
-            truncation="rand_trunc",
-        )
-    )  # (n_fft // 2 + 1, n_mels)
-    mel = spec.abs().T @ bank  # (frames, n_mels)
-    return torch.log(mel.clamp(min=_LOG_FLOOR)).to(torch.float32)
+    if sample_rate != SAMPLE_RATE:
+        x = resample(x.to(torch.float64), sample_rate, SAMPLE_RATE)
+    return mel_spectrogram(x)
 
 
 def spectrogram_png(

@@ -251,3 +251,102 @@ def test_transcription_for_a_sound_checkpoint(tiny_base, tmp_path):
     r = run("a dog", "--model", str(tiny_base), "--steps", "1", "--length", "1.0", "--quiet",
             "--transcription", "woof", "-o", str(tmp_path / "x.wav"))  # fmt: skip
     assert r.returncode == 1 and "`transcription` is for the text-to-speech checkpoints" in r.stderr
+
+
+# ------------------------------------------------------------------------------------ audio input
+
+
+def test_audio_input_examples(tiny_base, tmp_path):
+    """The README's examples on a tiny checkpoint: style transfer keeps the input's length, --inpaint
+    (several spans) keeps the rest, --super-resolution on an 8 kHz file, --length overrides."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    sf.write(tmp_path / "in.wav", (0.2 * rng.standard_normal((15435, 2))).astype(np.float32), 22050)  # 0.7 s
+    sf.write(tmp_path / "phone.wav", (0.2 * rng.standard_normal(4000)).astype(np.float32), 8000)
+    common = ["--model", str(tiny_base), "--steps", "2", "--seed", "0", "--plain"]  # no speed-layer probes
+    r = run("jazz version", "--audio", str(tmp_path / "in.wav"), "--strength", "0.6", "-o",
+            str(tmp_path / "out.wav"), *common)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert sf.read(tmp_path / "out.wav")[0].shape == (11200,)  # 0.7 s at 16 kHz
+    # the other modes in process (the same main(), without a second interpreter's start-up)
+    from audioldm2_core.cli import main
+
+    fill = [
+        "a bell",
+        "--audio",
+        str(tmp_path / "in.wav"),
+        "--inpaint",
+        "0.1-0.2,0.3-0.35",
+        "--inpaint",
+        "0.5-0.6",
+    ]
+    assert main([*fill, "--length", "1.0", "-o", str(tmp_path / "fill.wav"), "--quiet", *common]) == 0
+    assert sf.read(tmp_path / "fill.wav")[0].shape == (16000,)
+    wide = [
+        "speech",
+        "--audio",
+        str(tmp_path / "phone.wav"),
+        "--super-resolution",
+        "-o",
+        str(tmp_path / "w.wav"),
+    ]
+    assert main([*wide, "--quiet", *common]) == 0
+    assert sf.read(tmp_path / "w.wav")[0].shape == (8000,)
+
+
+def test_audio_flags_to_pipeline_arguments(tmp_path):
+    from audioldm2_core.cli import editing_options, parse_args
+
+    def options(*flags):
+        return editing_options(parse_args(["x", "-o", str(tmp_path / "x.wav"), *flags]))
+
+    wav = str(tmp_path / "in.wav")
+    assert options() == {}
+    assert options("--audio", wav) == dict(audio=Path(wav), strength=0.6, inpaint_spans_s=None,
+                                           inpaint_bands_hz=None, super_resolution=False, cutoff_hz=None)  # fmt: skip
+    got = options("--audio", wav, "--inpaint", "3.5-5.0", "--inpaint", "1-2,6-7", "--inpaint-band", "0-500")
+    assert got["inpaint_spans_s"] == [(3.5, 5.0), (1.0, 2.0), (6.0, 7.0)] and got["strength"] == 1.0
+    assert got["inpaint_bands_hz"] == [(0.0, 500.0)]
+    got = options("--audio", wav, "--super-resolution", "3000", "--strength", "0.8")
+    assert got["super_resolution"] and got["cutoff_hz"] == 3000 and got["strength"] == 0.8
+    assert options("--audio", wav, "--super-resolution")["cutoff_hz"] is None
+
+
+def _wav(samples, rate=16000, subtype="FLOAT"):
+    import numpy as np
+
+    return lambda p: sf.write(p, np.asarray(samples, dtype=np.float64), rate, subtype=subtype)
+
+
+@pytest.mark.parametrize(
+    "make, flags, message",
+    [
+        (None, [], "missing.wav does not exist"),
+        (lambda p: p.write_text("not audio"), [], "cannot read audio file"),  # a text file named .wav
+        (_wav([]), [], "is empty (0 samples)"),
+        (_wav([0.0, float("nan")]), [], "contains NaN or infinite samples"),
+        (_wav([0.0] * 60200, rate=100), [], "s long; at most 600"),
+        (lambda p: p.mkdir(), [], "does not exist (a folder)"),
+        (_wav([0.0] * 800), ["--strength", "0.1", "--steps", "4"], "runs no step"),
+        (_wav([0.0] * 800), ["--inpaint", "3"], "--inpaint '3': give START-END in seconds"),
+        (_wav([0.0] * 800), ["--super-resolution", "high"], "give a cutoff in Hz"),
+    ],
+)
+def test_bad_audio_input_is_one_line(make, flags, message, tmp_path, capsys):
+    """Checked before any model loads (in process: the same main() the command runs)."""
+    from audioldm2_core.cli import main
+
+    path = tmp_path / ("missing.wav" if make is None else "in.wav")
+    if make is not None:
+        make(path)
+    code = main(["x", "--audio", str(path), "-o", str(tmp_path / "o.wav"), "--model", "/no/model", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+
+
+def test_audio_flags_need_audio(capsys, tmp_path):
+    from audioldm2_core.cli import main
+
+    assert main(["x", "-o", str(tmp_path / "o.wav"), "--inpaint", "1-2", "--strength", "0.5"]) == 2
+    assert "--strength, --inpaint: only with an input, --audio WAV" in capsys.readouterr().err

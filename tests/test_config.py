@@ -73,7 +73,7 @@ def test_base_values_and_misnomers():
     gpt = C.gpt2_config(load("cvssp__audioldm2", "language_model"))
     assert (gpt.n_embd, gpt.n_layer, gpt.n_inner, gpt.max_new_tokens) == (768, 12, 3072, 8)
     vae = C.vae_config(load("cvssp__audioldm2", "vae"))
-    assert vae.scale_factor == 4 and vae.latent_channels == 8
+    assert vae.scale_factor == 4 and vae.latent_channels == 8 and vae.in_channels == 1
     voc = C.vocoder_config(load("cvssp__audioldm2", "vocoder"))
     assert voc.hop_length == 160 and voc.normalize_before is False
     sch = C.scheduler_config(load("cvssp__audioldm2", "scheduler"))
@@ -104,6 +104,8 @@ def test_large_and_speech_unet_shapes():
         ("unet", {"cross_attention_dim": [[None, 768]] * 3 + [[None, 1024]]}, r"differs between blocks"),
         ("vae", {"up_block_types": ["UpDecoderBlock2D"]}, r"up_block_types="),
         ("vae", {"shift_factor": 0.5}, r"shift_factor=0.5"),
+        ("vae", {"down_block_types": ["DownEncoderBlock2D"] * 2}, r"down_block_types="),
+        ("vae", {"use_quant_conv": False}, r"use_quant_conv=False"),
         ("scheduler", {"thresholding": True}, r"thresholding=True"),
         ("scheduler", {"timestep_spacing": "karras"}, r"timestep_spacing='karras'"),
         ("scheduler", {"prediction_type": "sample"}, r"prediction_type='sample'"),

@@ -58,7 +58,7 @@ def test_handler(pipe, tmp_path):
         (("  ",), "the prompt is empty"),
         (("rain", None, 1.0, 0), "steps must be a whole number from 1 to 500, got 0"),
         (("rain", None, 1.0, 2.5), "steps must be a whole number from 1 to 500, got 2.5"),
-        (("rain", None, 1.0, 2, "euler"), "unknown sampler 'euler'"),
+        (("rain", None, 1.0, 2, "eulerx"), "unknown sampler 'eulerx'"),  # (euler is a name now)
         (("rain", None, 1.0, 2, "ddim", 3.5, 0, 5), "candidates must be a whole number from 1 to 4, got 5"),
         (("rain", None, 99.0), "length must be from 0"),
     ],
@@ -66,6 +66,60 @@ def test_handler(pipe, tmp_path):
 def test_handler_refuses_bad_input(pipe, tmp_path, args, message):
     with pytest.raises(ValueError, match=message):
         demo.generate(pipe, *args, out_dir=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def input_wav(tmp_path_factory):
+    path = tmp_path_factory.mktemp("demo") / "in.wav"
+    sf.write(path, (0.2 * np.random.default_rng(0).standard_normal((2, 13230))).T.astype(np.float32), 22050)
+    return path  # 0.6 s, stereo, 22.05 kHz
+
+
+def test_audio_handler(pipe, input_wav, tmp_path):
+    """Each mode through the audio tab's handler: the input's length, progress over the steps run, and the
+    same best candidate as the pipeline called directly."""
+    import torch
+
+    seen = []
+    found = demo.transform(
+        pipe, str(input_wav), "a jazz version", "Style transfer", 0.5, "", "low quality", 4, "euler", 3.5, 7, 2,
+        out_dir=tmp_path, progress=lambda i, n: seen.append((i, n)),
+    )  # fmt: skip
+    assert seen == [(1, 2), (2, 2)] and len(found) == 2 and found[0].score >= found[1].score
+    _check_files([c.audio for c in found], [c.spectrogram for c in found], 0.6)
+    out = pipe("a jazz version", audio=str(input_wav), strength=0.5, negative_prompt="low quality",
+               num_inference_steps=4, sampler="euler", num_waveforms_per_prompt=2,
+               generator=torch.Generator().manual_seed(7))  # fmt: skip
+    assert np.abs(sf.read(found[0].audio, dtype="float32")[0] - out.audios[0]).max() == 0
+    phone = tmp_path / "phone.wav"
+    sf.write(phone, (0.2 * np.random.default_rng(1).standard_normal(4800)).astype(np.float32), 8000)  # 0.6 s
+    for mode, spans, source in [
+        ("Inpaint spans", "0.1-0.2, 0.4-0.5", input_wav),
+        ("Super-resolution", "", phone),
+    ]:
+        sub = tmp_path / mode.split()[0]
+        sub.mkdir()
+        found = demo.transform(pipe, str(source), "rain", mode, 1.0, spans, None, 2, out_dir=sub)
+        _check_files([found[0].audio], [found[0].spectrogram], 0.6)
+    with pytest.raises(ValueError, match="sample rate is 22050 Hz"):  # nothing missing below 8 kHz
+        demo.transform(pipe, str(input_wav), "rain", "Super-resolution", 1.0, "", None, 2, out_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((None, "rain"), "upload or record the input audio first"),
+        (("IN", " "), "the prompt is empty"),
+        (("IN", "rain", "Remix"), "unknown mode 'Remix'"),
+        (("IN", "rain", "Inpaint spans", 1.0, " "), "give the spans to regenerate"),
+        (("IN", "rain", "Inpaint spans", 1.0, "1 to 2"), "spans '1 to 2': give START-END in seconds"),
+        (("IN", "rain", "Style transfer", 0.1, "", None, 4), "runs no step"),
+    ],
+)
+def test_audio_handler_refuses_bad_input(pipe, input_wav, tmp_path, args, message):
+    args = tuple(str(input_wav) if a == "IN" else a for a in args)
+    with pytest.raises(ValueError, match=message):
+        demo.transform(pipe, *args, out_dir=tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +139,8 @@ def test_api_through_gradio_client(served, tmp_path):
     from gradio_client import Client
 
     client = Client(served, verbose=False, download_files=str(tmp_path))
-    assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/generate"]
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert list(endpoints) == ["/generate", "/transform"]
     audios, images, scores = client.predict(
         "rain on a tin roof", "low quality", 1.0, 2, "ddim", 3.5, 3, 3, api_name="/generate"
     )
@@ -93,6 +148,14 @@ def test_api_through_gradio_client(served, tmp_path):
     _check_files(audios, images, 1.0)
     with pytest.raises(Exception, match="the prompt is empty"):  # the user's line, not a traceback
         client.predict("", "", 1.0, 2, "ddim", 3.5, 0, 1, api_name="/generate")
+    from gradio_client import handle_file
+
+    sf.write(tmp_path / "in.wav", np.full(12000, 0.1, dtype=np.float32), 16000)
+    audios, images, scores = client.predict(
+        handle_file(str(tmp_path / "in.wav")), "jazz", "Inpaint spans", 1.0, "0.2-0.4", "", 2, "ddim", 3.5, 0, 1,
+        api_name="/transform",
+    )  # fmt: skip
+    _check_files(audios, images, 0.75)
 
 
 def _chromium() -> str | None:

@@ -331,3 +331,70 @@ def test_readme_speech_example(tiny_ljspeech):
         tiny_ljspeech, "A female reporter is speaking", transcription="Wish you have a good day", **kw
     )
     assert rel_err(scope["speech"], want[0]) <= WAVE_TOL
+
+
+# ------------------------------------------------------------------------------------------ audio input
+
+
+def reference_latent_dist(root, mel: torch.Tensor):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(f"{root}/vae").eval()
+    with torch.no_grad():
+        return vae.encode(mel).latent_dist, vae.config.scaling_factor
+
+
+def test_encode_audio_matches_reference_encoder(pipe, tiny_base, tmp_path):
+    """A 22.05 kHz stereo waveform -> the front end's log-mel -> diffusers' encoder, at the UNet's scale."""
+    import soundfile as sf
+
+    from audioldm2_core.audio import load_audio, log_mel, mel_frames
+
+    stereo = (0.2 * np.random.default_rng(0).standard_normal((2, 27000))).astype(np.float32)  # 1.22 s
+    wave = load_audio(stereo, 22050)
+    frames = mel_frames(wave.shape[0], 4)  # the input rounded up to whole latent frames
+    dist, scale = reference_latent_dist(tiny_base, log_mel(wave, frames)[None, None])
+    got = pipe.encode_audio(stereo, 22050)
+    assert got.shape == (1, 8, frames // 4, 16) and frames * 160 >= wave.shape[0] > (frames - 4) * 160
+    assert rel_err(got, scale * dist.mean) <= 1e-5
+    sf.write(tmp_path / "in.wav", stereo.T, 22050, subtype="FLOAT")
+    assert torch.equal(pipe.encode_audio(tmp_path / "in.wav"), got)  # a file reads as its array
+    drawn = pipe.encode_audio(stereo, 22050, sample=True, generator=torch.Generator().manual_seed(3))
+    assert rel_err(drawn, scale * dist.sample(torch.Generator().manual_seed(3))) <= 1e-5
+
+
+def test_text_to_audio_never_reads_the_encoder(tiny_base, monkeypatch):
+    """Text-to-audio keeps today's memory: the VAE file's encoder tensors are read only when audio comes in,
+    and with low_memory the encoder is released after encoding."""
+    from audioldm2_core import vae
+
+    halves = []
+    real = vae._vae_keys
+    monkeypatch.setattr(vae, "_vae_keys", lambda ckpt, half: halves.append(half) or real(ckpt, half))
+    full = AudioLDM2.from_pretrained(tiny_base)  # loads every component text-to-audio uses
+    assert halves == ["decoder"] and "vae_encoder" not in full._modules
+    full.encode_audio(np.zeros(16000, dtype=np.float32), 16000)
+    assert halves == ["decoder", "encoder"] and "vae_encoder" in full._modules
+    lean = AudioLDM2.from_pretrained(tiny_base, low_memory=True)
+    lean.encode_audio(np.ones(8000, dtype=np.float32), 16000)
+    assert lean._modules == {}
+
+
+@pytest.mark.parametrize(
+    "audio, sample_rate, error, message",
+    [
+        (
+            np.zeros(601 * 100, dtype=np.float32),
+            100,
+            ValueError,
+            r"601\.0 s long; at most 600",
+        ),  # 601 s at 100 Hz
+        ("missing.wav", None, ValueError, r"missing\.wav does not exist"),
+        (np.array([0.0, np.nan]), 16000, ValueError, "NaN"),
+        (np.zeros(0, dtype=np.float32), 16000, ValueError, "empty"),
+        (b"RIFF", None, TypeError, "file path, a numpy array or a torch tensor"),
+    ],
+)
+def test_encode_audio_bad_input(pipe, audio, sample_rate, error, message):
+    with pytest.raises(error, match=message):
+        pipe.encode_audio(audio, sample_rate)

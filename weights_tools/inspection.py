@@ -6,7 +6,7 @@ buffers the reference saves) and dtypes, read from the file headers; then what *
 the components are loaded with the runtime loaders (strictly, in the file's dtype) and their tensor and
 value counts reported, or the loader's error, which names the offending keys.
 
-Our modules may use a subset of a file, on purpose: the VAE decoder only (no encoder), GPT-2 without its
+Our modules may use a subset of a file, on purpose: GPT-2 without its
 token embedding, CLAP's text tower (``ClapTextEncoder``) and audio tower (``ClapAudio``, re-ranking) without
 ``logit_scale_a`` and two index tables. So "file" and "ours" counts differ there; both are shown.
 
@@ -34,7 +34,7 @@ from audioldm2_core.projection import load_projection
 from audioldm2_core.t5 import load_t5
 from audioldm2_core.tokenization import load_tokenizer
 from audioldm2_core.unet import load_unet
-from audioldm2_core.vae import load_vae
+from audioldm2_core.vae import load_vae, load_vae_encoder
 from audioldm2_core.vits import load_vits
 from audioldm2_core.vocoder import load_vocoder
 
@@ -99,14 +99,15 @@ def _load_text_encoder_2(ckpt: Checkpoint, dtype: torch.dtype) -> torch.nn.Modul
     return (load_vits if ckpt.is_speech else load_t5)(ckpt, dtype)
 
 
-# Our modules per model component: a file may fill more than one (CLAP: text and audio towers).
+# Our modules per model component: a file may fill more than one (CLAP: text and audio towers; the VAE:
+# decoder and encoder).
 LOADERS: dict[str, tuple[Callable[..., torch.nn.Module], ...]] = {
     "text_encoder": (load_clap_text, load_clap_audio),
     "text_encoder_2": (_load_text_encoder_2,),
     "projection_model": (load_projection,),
     "language_model": (load_gpt2,),
     "unet": (load_unet,),
-    "vae": (load_vae,),
+    "vae": (load_vae, load_vae_encoder),
     "vocoder": (load_vocoder,),
 }
 # Components without weights: what reading them means to us.
