@@ -10,9 +10,10 @@ on AVX-512 CPUs and with relative errors no larger than PyTorch's (see the file'
 
 It is C++, compiled with ``torch.utils.cpp_extension`` on first use (~15 s; the library is kept under
 ``~/.cache/audioldm2_core/`` (``$XDG_CACHE_HOME``) and later processes load it in ~1 ms), so it needs a C++
-compiler and ninja, and it is written for AVX-512 (other CPUs are refused with a clear error). Hence opt-in: ``enable()``, the environment variable ``AUDIOLDM2_CPU_ATTENTION=1``, or
-the CLI's ``--cpu-attention``. Where it does not apply (CUDA, autograd, masks, fewer keys than ``min_keys``,
-head widths that are not a multiple of 16 up to 128), PyTorch's ``scaled_dot_product_attention`` runs.
+compiler and ninja, and it is built for the CPU's vector ISA, AVX-512 or AVX2 (other CPUs are refused with a
+clear error). Hence opt-in: ``enable()``, the environment variable ``AUDIOLDM2_CPU_ATTENTION=1``, or the CLI's
+``--cpu-attention``. Where it does not apply (CUDA, autograd, masks, fewer keys than ``min_keys``, head widths
+that are not a multiple of 16 up to 128 (AVX2: 64)), PyTorch's ``scaled_dot_product_attention`` runs.
 """
 
 from __future__ import annotations
@@ -38,12 +39,15 @@ SOURCE = Path(__file__).with_name("csrc") / "attention.cpp"
 MIN_KEYS = 128
 MIN_KEYS_BF16_DOT = 64
 MIN_KEYS_BF16_WIDENED = 512
-# The kernel is written for 16-float (AVX-512) vectors and register blocks sized for AVX-512's 32 registers.
-# Built for AVX2, the same code ran 30x slower than PyTorch's kernel (644 against 20 ms at the first level,
-# float32), so other CPUs are refused (PyTorch's kernel runs there). Explicit flags, not -march=native: the
-# build folder, named after them, may be shared by machines with different CPUs.
-_ISA = "AVX512"
-_CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"]
+# One build per vector ISA PyTorch reports, each with the vector width and register blocks of that ISA (see
+# the kernel's header: the AVX-512 blocks compiled for AVX2 spilled and ran 30x slower than PyTorch's kernel).
+# Explicit flags, not -march=native: the build folder, named after them, may be shared by machines with
+# different CPUs. Other CPUs (ARM, older x86) are refused: PyTorch's kernel runs there.
+_CFLAGS = {
+    "AVX512": ["-O3", "-fopenmp", "-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"],
+    "AVX2": ["-O3", "-fopenmp", "-mavx2", "-mfma"],
+}
+_MAX_WIDTH = {"AVX512": 128, "AVX2": 64}  # 8 vectors per head: 8 x 16 floats, 8 x 8 floats
 
 
 _enabled: bool | None = None  # None: not decided yet, the environment variable decides on first use
@@ -69,17 +73,23 @@ def enabled() -> bool:
     return bool(_enabled)
 
 
+def isa() -> str:
+    """The vector ISA PyTorch's own kernels use on this CPU (``AVX512``, ``AVX2``, ``DEFAULT``, ...):
+    the kernel is built for the same."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def supported() -> bool:
-    """Whether this CPU is one the kernel is written for (AVX-512, as PyTorch reports it)."""
-    return torch.backends.cpu.get_cpu_capability() == _ISA
+    """Whether this CPU is one the kernel is written for (AVX-512 or AVX2, as PyTorch reports it)."""
+    return isa() in _CFLAGS
 
 
 def build_directory() -> Path:
-    """Where the kernel is built: a folder per source, flags, torch and Python version, so that a cached
+    """Where the kernel is built: a folder per source, ISA, flags, torch and Python version, so that a cached
     build is loaded directly (~1 ms) and never a stale or foreign one."""
-    parts = [SOURCE.read_text(), *_CFLAGS, torch.__version__, platform.python_version()]
+    parts = [SOURCE.read_text(), *_CFLAGS[isa()], torch.__version__, platform.python_version()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
-    return cache_root() / f"{NAME}-{_ISA.lower()}-{key}"
+    return cache_root() / f"{NAME}-{isa().lower()}-{key}"
 
 
 def cache_root() -> Path:
@@ -94,8 +104,7 @@ def _build() -> None:
         return
     if not supported():
         raise RuntimeError(
-            f"the CPU attention kernel needs AVX-512 (PyTorch reports {torch.backends.cpu.get_cpu_capability()} "
-            f"for this CPU); without {ENV}=1 "
+            f"the CPU attention kernel needs AVX-512 or AVX2 (PyTorch reports {isa()} for this CPU); without {ENV}=1 "
             "or --cpu-attention, PyTorch's attention kernel is used"
         )
     folder = build_directory()
@@ -111,7 +120,7 @@ def _build() -> None:
             load(
                 name=library.stem,
                 sources=[str(SOURCE)],
-                extra_cflags=_CFLAGS,
+                extra_cflags=_CFLAGS[isa()],
                 build_directory=str(work),
                 is_python_module=False,
                 verbose=False,
@@ -155,7 +164,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
         or not (q.dtype == k.dtype == v.dtype)
         or k.shape[2] < min_keys(q.dtype)
         or d % 16
-        or d > 128
+        or d > _MAX_WIDTH[isa()]
         or q.stride(-1) != 1
         or k.stride(-1) != 1
         or v.stride(-1) != 1

@@ -661,8 +661,8 @@ def _probe(name: str, dtype: torch.dtype, timed: bool) -> Decision:
     rewrite = REWRITES[name]
     if name == "cpu-attention":  # a capability; built and used only when opted in (see cpu_attention)
         if cpu_attention.supported():
-            return Decision(True, None, "AVX-512 CPU: used where cpu_attention is enabled")
-        return Decision(False, None, f"needs AVX-512 (this CPU: {torch.backends.cpu.get_cpu_capability()})")
+            return Decision(True, None, f"{cpu_attention.isa()} build: used where cpu_attention is enabled")
+        return Decision(False, None, f"needs AVX-512 or AVX2 (this CPU: {cpu_attention.isa()})")
     if name == "folded-attention" and dtype not in (torch.float32, torch.float64):
         return Decision(
             False, None, "full precision only (16-bit scores would be rounded before the softmax)"

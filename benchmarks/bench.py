@@ -149,6 +149,16 @@ def cpu_description() -> str:
         lacks = [f for f in CPU_FLAGS if f not in flags]
         text += f"; with {' '.join(has) or 'none of ' + ' '.join(CPU_FLAGS)}"
         text += f"; without {' '.join(lacks)}" if has and lacks else ""
+    # What the kernels actually use: PyTorch's vector ISA, and oneDNN's where it is held below the CPU's (how
+    # an AVX2-only CPU is emulated here: ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2).
+    try:
+        import torch
+
+        text += f"; PyTorch kernels {torch.backends.cpu.get_cpu_capability()}"
+    except ImportError:
+        pass
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        text += f", oneDNN held to {os.environ['ONEDNN_MAX_CPU_ISA']} (ONEDNN_MAX_CPU_ISA)"
     return text
 
 
@@ -187,6 +197,7 @@ def run_spec(args: argparse.Namespace, ckpt: Path) -> dict:
         length=args.length,
         guidance=args.guidance,
         device=args.device,
+        waveforms=getattr(args, "waveforms", 1),
     )
 
 
@@ -298,6 +309,7 @@ def _call_kwargs(spec: dict, torch, **overrides) -> dict:
         num_inference_steps=spec["steps"],
         guidance_scale=spec["guidance"],
         audio_length_in_s=spec["length"],
+        num_waveforms_per_prompt=spec.get("waveforms", 1),
         generator=torch.Generator().manual_seed(SEED),
         output_type="np",
     )
@@ -478,6 +490,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--length", type=float, default=10.24, help="audio length in seconds (default 10.24)")
     p.add_argument("--guidance", type=float, default=3.5, help="guidance scale (default 3.5)")
     p.add_argument(
+        "--waveforms",
+        type=int,
+        default=1,
+        help="waveforms per prompt, re-ranked by CLAP on both sides when > 1 (default 1)",
+    )
+    p.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype"
     )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
@@ -573,7 +591,7 @@ def main(argv: list[str] | None = None) -> None:
     load = os.getloadavg()
     header = (
         f"{weights_description(args, ckpt)}, "
-        f"{args.length} s, {args.steps} x {args.sampler}, guidance {args.guidance}, {args.dtype}, "
+        f"{args.waveforms} x {args.length} s, {args.steps} x {args.sampler}, guidance {args.guidance}, {args.dtype}, "
         f"{args.threads} threads, {'plain model (ours, fast=False), ' if args.plain else ''}"
         f"{'low-memory (ours), ' if args.low_memory else ''}"
         f"{f'device {args.device}, ' if args.device != 'cpu' else ''}{'CUDA graphs (ours), ' if args.cuda_graphs else ''}"

@@ -3,6 +3,7 @@ OpenVINO, and ours, called in rotation in one process on the same weights.
 
     pip install openvino                                   # optional: never needed by the package or its tests
     python benchmarks/openvino_ab.py                       # the issue's workload (10.24 s, 20 DPM++ steps), 3 rounds
+    python benchmarks/openvino_ab.py --cpu-attention       # + ours with audioldm2_core.cpu_attention
     python benchmarks/openvino_ab.py --tiny --rounds 1     # smoke run on a tiny random checkpoint
 
 The conversion is the one OpenVINO's AudioLDM 2 notebook (openvino_notebooks, "270-sound-generation") does:
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tiny", action="store_true", help="tiny random checkpoint (smoke run)")
     p.add_argument("--checkpoint", help="a pipeline folder instead of the built random checkpoint")
     p.add_argument("--cache-dir", help="where bench.py builds its checkpoint")
+    p.add_argument("--cpu-attention", action="store_true", help="+ ours with audioldm2_core.cpu_attention")
     args = p.parse_args(argv)
     args.device, args.dtype = "cpu", "float32"
     if args.rounds < 1 or args.steps < 1:
@@ -168,6 +170,10 @@ def main(argv: list[str] | None = None) -> None:
     spec = bench.run_spec(args, ckpt) | dict(compile=False, low_memory=False)
     diffusers_pipe, diffusers = bench._diffusers(spec, torch.float32, _NoStageTimes())
     ours_pipe, ours = bench._ours(spec, torch.float32, _NoStageTimes())
+    from audioldm2_core import cpu_attention
+
+    if args.cpu_attention:
+        cpu_attention.enable()  # built here if it is not yet, before anything is timed
     torch_parts = (diffusers_pipe.unet, diffusers_pipe.vae, diffusers_pipe.vocoder)
     ov_parts = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -183,10 +189,11 @@ def main(argv: list[str] | None = None) -> None:
         # diffusers' pipeline keeps its modules in its config-registered attributes; set them directly
         for attr, module in zip(("unet", "vae", "vocoder"), parts, strict=True):
             diffusers_pipe.__dict__[attr] = module
-        call = ours if name == "ours" else diffusers
+        cpu_attention.enable(name == "ours, cpu_attention")  # off around every other call
+        call = ours if name.startswith("ours") else diffusers
         return np.asarray(call(**overrides), dtype=np.float64)
 
-    names = ["diffusers", *ov_parts, "ours"]
+    names = ["diffusers", *ov_parts, "ours", *(["ours, cpu_attention"] if args.cpu_attention else [])]
     for name in names:
         generate(name, num_inference_steps=1)
     times: dict[str, list[float]] = {name: [] for name in names}

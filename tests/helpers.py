@@ -18,6 +18,6 @@ def rel_err(ours, ref) -> float:
     return diff / denom if denom > 0 else diff
 
 
-# audioldm2_core.cpu_attention is built for AVX-512 and refuses other CPUs with a clear error; the tests that
-# run the kernel need such a CPU (this workplace's have one), those of the refusal run everywhere.
-AVX512 = cpu_attention.supported()
+# audioldm2_core.cpu_attention is built for AVX-512 or AVX2 and refuses other CPUs with a clear error; the tests
+# that run the kernel need such a CPU (this workplace's have one), those of the refusal run everywhere.
+CPU_KERNEL = cpu_attention.supported()

@@ -8,10 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import AVX512
+from tests.helpers import CPU_KERNEL
 
 BENCH = Path(__file__).parents[1] / "benchmarks" / "bench.py"
-KERNEL = ["--cpu-attention"] if AVX512 else []
+KERNEL = ["--cpu-attention"] if CPU_KERNEL else []
 
 
 def _run(script: str, *args: str) -> str:
@@ -68,7 +68,7 @@ def test_unet_ab_runs(tiny_base):
     )  # fmt: skip
     names = "diffusers|baseline|plain|fast|fast, cpu_attention"
     rows = dict(re.findall(rf"^\| ({names}) \| .* \| (\S+) \|$", out, re.M))
-    expected = {"diffusers", "baseline", "plain", "fast"} | ({"fast, cpu_attention"} if AVX512 else set())
+    expected = {"diffusers", "baseline", "plain", "fast"} | ({"fast, cpu_attention"} if CPU_KERNEL else set())
     assert set(rows) == expected
     assert all(float(err) < 1e-5 for err in rows.values())  # the same noise prediction, to float32 rounding
     assert re.search(r"^CPU: .+ logical CPUs", out, re.M)
@@ -86,7 +86,7 @@ def test_pipeline_ab_runs(tiny_base):
     rows = re.findall(
         rf"^\| ({names}) \| [\d.]+ s \| [\d.]+ s \| ([\d.]+)x \| ([\d., ]+) \| (\S+) \|$", out, re.M
     )
-    expected = {"diffusers", "ours, plain", "ours"} | ({"ours, cpu_attention"} if AVX512 else set())
+    expected = {"diffusers", "ours, plain", "ours"} | ({"ours, cpu_attention"} if CPU_KERNEL else set())
     assert {r[0] for r in rows} == expected
     assert all(len(r[2].split(", ")) == 2 for r in rows)  # one ratio per round
     assert all(float(r[3]) < 1e-5 for r in rows)  # the same waveform as diffusers, to float32 rounding

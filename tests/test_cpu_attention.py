@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,9 +27,10 @@ def _qkv(batch, heads, n, length, d, dtype, layout, seed=0):
 
 
 # Head widths 16-128; keys below, at and above a 32-key panel, not multiples of it; query counts that are
-# not multiples of the 8-query tile or of a task's 256; both memory layouts.
+# not multiples of the query tile (8; AVX2 build: 6) or of a task's 256 (252); both memory layouts.
 SHAPES = [
     (2, 8, 1024, 1024, 32, "tokens"),  # the UNet's first attention level
+    (2, 8, 1024, 1024, 16, "tokens"),  # (AVX2 build: 4 rows per pass of 6-row tiles once read past its scores)
     (1, 2, 17, 5, 16, "heads"),
     (2, 3, 37, 45, 128, "tokens"),
     (1, 8, 300, 299, 48, "heads"),
@@ -43,6 +49,13 @@ def test_kernel_matches_reference(cpu_attention_on, batch, heads, n, length, d, 
     bf16_dot = dtype != "bfloat16 widened"
     dtype = torch.bfloat16 if isinstance(dtype, str) else dtype
     q, k, v = _qkv(batch, heads, n, length, d, dtype, layout)
+    if d > cpu_attention._MAX_WIDTH[cpu_attention.isa()]:  # the AVX2 build: 8 vectors of 8 floats per head
+        with pytest.raises(
+            RuntimeError, match=f"head width must be a multiple of 8 up to 64 in this build, got {d}"
+        ):
+            torch.ops.audioldm2.attention(q, k, v, bf16_dot)
+        assert cpu_attention.attention(q, k, v) is None  # the wrapper leaves it to PyTorch's kernel
+        return
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).transpose(1, 2)
     torch_err = rel_err(F.scaled_dot_product_attention(q, k, v).transpose(1, 2), exact)
     got = torch.ops.audioldm2.attention(q, k, v, bf16_dot)
@@ -132,11 +145,37 @@ def test_build_is_cached_and_renamed_into_place(cpu_attention_on):
     assert not list(folder.glob("build-*"))
 
 
-def test_refused_without_avx512(monkeypatch):
-    """Built for AVX2 the kernel was 30x slower than PyTorch's: other CPUs get a clear error, not a slow path."""
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+def test_refused_without_avx2(monkeypatch):
+    """CPUs without AVX2 (older x86, ARM: PyTorch reports DEFAULT) get a clear error, not a slow path."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     monkeypatch.setattr(cpu_attention, "_built", False)
     monkeypatch.setattr(cpu_attention, "_enabled", None)
-    with pytest.raises(RuntimeError, match=r"needs AVX-512 \(PyTorch reports AVX2 for this CPU\)"):
+    with pytest.raises(RuntimeError, match=r"needs AVX-512 or AVX2 \(PyTorch reports DEFAULT for this CPU\)"):
         cpu_attention.enable()
     assert cpu_attention._enabled is None
+
+
+def test_avx2_build(tmp_path):
+    """The AVX2 build (8-float vectors, register blocks for 16 registers), on any CPU with AVX2: this file's
+    checks in a process whose PyTorch kernels are held to AVX2 (as on a Zen 3), so that it builds and loads
+    that library (one process holds one build: both register the same operator). The AVX2 timings:
+    benchmarks/RESULTS.md."""
+    if cpu_attention.isa() not in ("AVX2", "AVX512"):  # no AVX2: the refusal (test_refused_without_avx2)
+        assert not cpu_attention.supported()
+        return
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+         "-k", "matches_reference or large_scores or wrapper or isa"],
+        env=env, capture_output=True, text=True, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-500:]
+
+
+def test_isa_is_pytorchs(cpu_attention_on):
+    """The library in use is the one built for the ISA PyTorch's kernels use."""
+    assert cpu_attention.isa() in ("AVX512", "AVX2")
+    assert cpu_attention.build_directory().name.startswith(
+        f"audioldm2_attention-{cpu_attention.isa().lower()}-"
+    )

@@ -4,11 +4,11 @@
 // 32, batch 2 x 8 heads) at ~125 GFLOP/s, in float32 and in bfloat16 alike: it multiplies small blocks through
 // a general GEMM and passes over each block of scores several times. Here one task takes a (batch, head) pair
 // and a chunk of queries, copies that head's keys (transposed, in 32-key panels) and values once into
-// contiguous buffers, then for each tile of 8 queries:
-//   1. scores: the whole row of scores (all L keys, L * 4 bytes) in 8 x 32 register blocks, with the row max;
+// contiguous buffers, then for each tile of R queries:
+//   1. scores: the whole row of scores (all L keys, L * 4 bytes) in R x 2W register blocks, with the row max;
 //   2. softmax numerators exp(s - max) in place and their sum (an exact two-pass softmax: the rows fit in L1);
 //   3. out = P V / sum, accumulated in registers (blocked sums of 128 keys, then added up).
-// float32: everything in float32 (GCC vector extensions: AVX-512 with -mavx512f, two AVX2 halves with -mavx2).
+// float32: everything in float32 (GCC vector extensions: 16 floats built for AVX-512, 8 for AVX2; see W).
 // bfloat16 on CPUs with AVX512-BF16: both products by vdpbf16ps (see tile_dp), the rest in float32, the
 // probabilities rounded to bfloat16 for P V as PyTorch's kernel does; elsewhere bfloat16 is widened to float32
 // when copied. Head widths that are multiples of 16 up to 128. 2 threads, Zen 4, the shape above: float32
@@ -33,15 +33,37 @@
 
 namespace {
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int vi __attribute__((vector_size(64)));
-typedef unsigned vu __attribute__((vector_size(64)));
-typedef float vf_unaligned __attribute__((vector_size(64), aligned(4)));
-typedef uint16_t vh_unaligned __attribute__((vector_size(32), aligned(2)));  // 16 bfloat16
-constexpr int W = 16;        // floats per vector
-constexpr int R = 8;         // queries per tile
+// The vector width is the ISA's, and the register blocks are sized for its register file: built for AVX-512
+// (-mavx512f), 16-float vectors and tiles of 8 queries (8 x 2 score accumulators of AVX-512's 32 registers);
+// built for AVX2 (-mavx2 -mfma), 8-float vectors and tiles of 6 queries (6 x 2 accumulators, 2 keys and a
+// query of AVX2's 16). (16-float vectors compiled for AVX2 are pairs of registers, and the AVX-512 blocks then
+// need 32 of 16 registers: the spills made that build 30x slower than PyTorch's kernel.)
+#if defined(__AVX512F__)
+#define VBYTES 64
+constexpr int W = 16;  // floats per vector
+constexpr int R = 8;   // queries per tile
+constexpr int NREG = 32;
+#else
+#define VBYTES 32
+constexpr int W = 8;
+constexpr int R = 6;
+constexpr int NREG = 16;
+#endif
+typedef float vf __attribute__((vector_size(VBYTES)));
+typedef int vi __attribute__((vector_size(VBYTES)));
+typedef unsigned vu __attribute__((vector_size(VBYTES)));
+typedef float vf_unaligned __attribute__((vector_size(VBYTES), aligned(4)));
+typedef uint16_t vh_unaligned __attribute__((vector_size(VBYTES / 2), aligned(2)));  // W bfloat16
+// Rows per pass of step 3 (out = P V): G * ND accumulators, ND values and a probability in the registers, and
+// G divides the tile's R rows (the score buffer holds R rows).
+template <int ND>
+constexpr int rows_per_pass() {
+  int g = std::max(1, (NREG / 2) / (ND <= 2 ? 2 : ND <= 4 ? 4 : 8));
+  while (R % g) g--;
+  return g;
+}
 constexpr int KW = 2 * W;    // keys per score block (and per panel of the transposed keys)
-constexpr int64_t QCHUNK = 256;  // queries per task
+constexpr int64_t QCHUNK = 256 / R * R;  // queries per task: whole tiles, so that no two tasks share a row
 
 inline vf load(const float* p) { return *(const vf_unaligned*)p; }
 inline void store(float* p, vf v) { *(vf_unaligned*)p = v; }
@@ -114,12 +136,12 @@ template <int ND, typename T>
 void tile(const T* q, int64_t sq, int rows, const float* kt, const float* vp, int L, int Lp, float* s, int ss,
           T* o, int64_t so, float scale) {
   constexpr int D = ND * W;
-  constexpr int G = ND <= 2 ? 8 : ND <= 4 ? 4 : ND <= 8 ? 2 : 1;  // rows per pass of step 3: G * ND registers
+  constexpr int G = rows_per_pass<ND>();
   float qs[R][D];
   for (int r = 0; r < R; r++)
     for (int d = 0; d < D; d++) qs[r][d] = r < rows ? to_float(q[r * sq + d]) * scale : 0.f;
 
-  // 1. scores, 8 rows x 32 keys at a time, and each row's running max
+  // 1. scores, R rows x 2W keys at a time, and each row's running max
   vf mx[R];
   for (int r = 0; r < R; r++) mx[r] = splat(-INFINITY);
   for (int j = 0; j < Lp; j += KW) {
@@ -217,7 +239,7 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 }
 
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__AVX512F__)
 // bfloat16 inputs on CPUs with AVX512-BF16 (Zen 4, Sapphire Rapids): both products as vdpbf16ps, which
 // multiplies pairs of bfloat16 exactly and adds them into float32 lanes, twice the multiply-adds of an FMA.
 // Keys are packed in panels [L/KW][d/2][KW][2] and values as [L/2][d][2] (the pair axis innermost, as the
@@ -261,7 +283,7 @@ BF16_TARGET void tile_dp(const bf16* q, int64_t sq, int rows, const uint16_t* kt
   float inv[R];
   numerators<true>(s, pb, ss, Lp, mx, inv);
 
-  constexpr int G = ND <= 2 ? 8 : ND <= 4 ? 4 : ND <= 8 ? 2 : 1;
+  constexpr int G = rows_per_pass<ND>();
   const int pairs = (L + 1) / 2;
   for (int r0 = 0; r0 < rows; r0 += G) {
     vf total[G][ND];
@@ -348,7 +370,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                   (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
               "attention: q, k, v must all be float32 or all bfloat16");
   const int64_t d = q.size(3);
-  TORCH_CHECK(d % W == 0 && d > 0 && d <= 8 * W, "attention: head width must be a multiple of 16 up to 128, got ", d);
+  TORCH_CHECK(d % W == 0 && d > 0 && d <= 8 * W, "attention: head width must be a multiple of ", W, " up to ", 8 * W,
+              " in this build, got ", d);
   TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(1) == q.size(1) && v.size(1) == q.size(1) &&
                   k.size(3) == d && v.size(3) == d && v.size(2) == k.size(2) && k.size(2) > 0,
               "attention: shapes do not match: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
