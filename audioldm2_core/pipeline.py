@@ -535,12 +535,19 @@ class AudioLDM2:
         return latents
 
     def decode(self, latents: Tensor) -> Tensor:
-        """Latents (B, 8, t, 16) -> float32 waveforms (B, samples) at the vocoder's rate, untrimmed."""
+        """Latents (B, 8, t, 16) -> float32 waveforms (B, samples) at the vocoder's rate, untrimmed.
+
+        On the CPU one waveform at a time: each waveform's decoding does not depend on the others', batching
+        gains nothing there, and the activations at the peak are one waveform's instead of B's (the VAE's
+        widest, 128 channels x frames x 64 in float32, is ~100 MB per 30 s of audio, several alive at once).
+        """
+        split = self.device.type == "cpu" and len(latents) > 1
         vae = self.vae
-        mel = vae.decode(latents.to(self._decoder_dtype))  # (B, 1, T, 64)
+        latents = latents.to(self._decoder_dtype)
+        mels = [vae.decode(x) for x in latents.split(1)] if split else [vae.decode(latents)]  # (b, 1, T, 64)
         self._release("vae")
         vocoder = self.vocoder
-        audio = vocoder(mel.squeeze(1))  # (B, samples)
+        audio = torch.cat([vocoder(mel.squeeze(1)) for mel in mels])  # (B, samples)
         self._release("vocoder")
         return audio.float()
 

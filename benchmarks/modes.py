@@ -102,20 +102,20 @@ def main(argv: list[str] | None = None) -> None:
     if any("kernel" in m for m in modes):
         cpu_attention.enable()  # built here if it is not yet, before anything is timed
 
-    def generate(mode: str, prompt: str):
+    def generate(mode: str, prompt: str, steps: int = args.steps):
         cpu_attention.enable("kernel" in mode)
         pipe = pipes["bfloat16" if "bfloat16" in mode else "float32"]
         return pipe(
             prompt,
             negative_prompt=bench.NEGATIVE,
-            num_inference_steps=args.steps,
+            num_inference_steps=steps,
             guidance_scale=args.guidance,
             audio_length_in_s=args.length,
             generator=torch.Generator().manual_seed(bench.SEED),
         ).audios[0]
 
     for m in modes:  # warm-up: page faults of the mapped weights, kernel set-up
-        generate(m, prompts[0])
+        generate(m, prompts[0], steps=1)
     waves: dict[str, list] = {m: [] for m in modes}
     times: dict[str, list[float]] = {m: [] for m in modes}
     for i, prompt in enumerate(prompts):
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"| {m} | {statistics.mean(times[m]):.2f} s | {ref_t / statistics.mean(times[m]):.2f}x | "
             f"{statistics.mean(errs):.2e} / {max(errs):.2e} | {statistics.mean(scores[m]):.3f} | "
-            f"{statistics.mean(delta):+.4f} / {statistics.mean(abs(d) for d in delta):.4f} |"
+            f"{statistics.mean(delta):+.2e} / {statistics.mean(abs(d) for d in delta):.2e} |"
         )
 
 

@@ -4,6 +4,7 @@ OpenVINO, and ours, called in rotation in one process on the same weights.
     pip install openvino                                   # optional: never needed by the package or its tests
     python benchmarks/openvino_ab.py                       # the issue's workload (10.24 s, 20 DPM++ steps), 3 rounds
     python benchmarks/openvino_ab.py --cpu-attention       # + ours with audioldm2_core.cpu_attention
+    python benchmarks/openvino_ab.py --dtype bfloat16 --cpu-attention   # the bfloat16 routes (see below)
     python benchmarks/openvino_ab.py --tiny --rounds 1     # smoke run on a tiny random checkpoint
 
 The conversion is the one OpenVINO's AudioLDM 2 notebook (openvino_notebooks, "270-sound-generation") does:
@@ -18,8 +19,13 @@ GPT-2 stay in PyTorch, as in the notebook. Two variants:
 - "openvino, f32": the IR kept in float32 and compiled with ``INFERENCE_PRECISION_HINT=f32``: the exact
   route, the fair peer of a float32 PyTorch run.
 
-Both use ``INFERENCE_NUM_THREADS`` = ``--threads``, the torch thread count of the others. The int8 (nncf)
-variant of the notebook is left out: it needs nncf and a calibration set, and loses accuracy.
+Both use ``INFERENCE_NUM_THREADS`` = ``--threads``, the torch thread count of the others. ``--dtype bfloat16``
+compares the reduced-precision routes instead: diffusers and ours in bfloat16 beside the notebook's variant
+(bfloat16 inference where the CPU has it natively), each waveform's error measured against diffusers' float32
+one. Held to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``, which OpenVINO's oneDNN obeys), the notebook variant is given
+``INFERENCE_PRECISION_HINT=f32``: OpenVINO reads the CPU's own bfloat16 flags, and the bfloat16 it would pick
+cannot compile under the hold (on a real AVX2 CPU it picks f32 itself). The int8 (nncf) variant of the notebook
+is left out: it needs nncf and a calibration set, and loses accuracy.
 Reported: each implementation's median generation time, its per-round ratio to diffusers, and its waveform's
 relative L2 error against diffusers'. Conversion time and memory are printed but are not part of the rounds.
 """
@@ -27,6 +33,7 @@ relative L2 error against diffusers'. Conversion time and memory are printed but
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -51,7 +58,11 @@ def _openvino_parts(pipe, spec: dict, out_dir: Path, threads: int, f32: bool):
 
     core = ov.Core()
     config = {"INFERENCE_NUM_THREADS": threads}
-    if f32:
+    held = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if f32 or (held and "AVX512" not in held and "AMX" not in held):
+        # f32 variant; or oneDNN held below AVX-512 (how an AVX2-only CPU is emulated here): OpenVINO reads the
+        # CPU's own bfloat16 flags and picks bfloat16, whose primitives the hold removes (compiling fails), so it
+        # is given the f32 it picks itself on a CPU without native bfloat16
         config["INFERENCE_PRECISION_HINT"] = "f32"
 
     # Example inputs of the run's shapes: under guidance the UNet sees a batch of 2.
@@ -149,8 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", help="a pipeline folder instead of the built random checkpoint")
     p.add_argument("--cache-dir", help="where bench.py builds its checkpoint")
     p.add_argument("--cpu-attention", action="store_true", help="+ ours with audioldm2_core.cpu_attention")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="diffusers' and ours")
     args = p.parse_args(argv)
-    args.device, args.dtype = "cpu", "float32"
+    args.device = "cpu"
     if args.rounds < 1 or args.steps < 1:
         p.error("--rounds and --steps must be at least 1")
     try:
@@ -168,8 +180,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     ckpt = bench.resolve_checkpoint(args)
     spec = bench.run_spec(args, ckpt) | dict(compile=False, low_memory=False)
-    diffusers_pipe, diffusers = bench._diffusers(spec, torch.float32, _NoStageTimes())
-    ours_pipe, ours = bench._ours(spec, torch.float32, _NoStageTimes())
+    dtype = getattr(torch, args.dtype)
+    diffusers_pipe, diffusers = bench._diffusers(spec, torch.float32, _NoStageTimes())  # OpenVINO's source
+    diffusers_own = diffusers
+    if dtype != torch.float32:  # diffusers itself in bfloat16, beside the float32 pipeline the IR comes from
+        _, diffusers_own = bench._diffusers(spec, dtype, _NoStageTimes())
+    ours_pipe, ours = bench._ours(spec, dtype, _NoStageTimes())
     from audioldm2_core import cpu_attention
 
     if args.cpu_attention:
@@ -177,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     torch_parts = (diffusers_pipe.unet, diffusers_pipe.vae, diffusers_pipe.vocoder)
     ov_parts = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, f32 in (("openvino, notebook", False), ("openvino, f32", True)):
+        variants = (("openvino, notebook", False), ("openvino, f32", True))
+        for name, f32 in variants if dtype == torch.float32 else variants[:1]:
             print(f"{name}:", file=sys.stderr)
             folder = Path(tmp) / name.replace(", ", "-")
             folder.mkdir()
@@ -190,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         for attr, module in zip(("unet", "vae", "vocoder"), parts, strict=True):
             diffusers_pipe.__dict__[attr] = module
         cpu_attention.enable(name == "ours, cpu_attention")  # off around every other call
-        call = ours if name.startswith("ours") else diffusers
+        call = ours if name.startswith("ours") else diffusers_own if name == "diffusers" else diffusers
         return np.asarray(call(**overrides), dtype=np.float64)
 
     names = ["diffusers", *ov_parts, "ours", *(["ours, cpu_attention"] if args.cpu_attention else [])]
@@ -206,15 +223,20 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{r + 1}/{args.rounds}] {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
 
     ref = waves["diffusers"]
+    if dtype != torch.float32:  # the errors against float32: diffusers' float32 pipeline, once, untimed
+        for attr, module in zip(("unet", "vae", "vocoder"), torch_parts, strict=True):
+            diffusers_pipe.__dict__[attr] = module
+        ref = np.asarray(diffusers(), dtype=np.float64)
     print(
         f"{bench.weights_description(args, ckpt)}, {args.length} s, {args.steps} x {args.sampler}, "
-        f"guidance {args.guidance}, float32, {args.threads} threads, one process, {args.rounds} rounds, "
+        f"guidance {args.guidance}, {args.dtype}, {args.threads} threads, one process, {args.rounds} rounds, "
         f"OpenVINO {openvino.__version__}, torch {torch.__version__}"
     )
     print(f"CPU: {bench.cpu_description()}")
     print()
     print(
-        "| implementation | median | min | diffusers / it (median of rounds) | per round | rel. error vs diffusers |"
+        "| implementation | median | min | diffusers / it (median of rounds) | per round | "
+        "rel. error vs diffusers float32 |"
     )
     print("|---|---:|---:|---:|---|---:|")
     for name, ts in times.items():

@@ -109,3 +109,32 @@ def test_gpt2_ab_runs(tiny_gigaspeech):
     assert set(rows) == {"diffusers", "ours, plain", "ours"}
     assert all(float(err) < 1e-5 for err in rows.values())  # the same states, to float32 rounding
     assert "12 states for a guidance batch of 2 from 315 inputs" in out
+
+
+def test_profile_ops_runs(tiny_base):
+    """benchmarks/profile_ops.py: per operator class, each component's time adds up, with GFLOP/s for the
+    GEMM and convolution classes against the measured peaks."""
+    out = _run("profile_ops.py", "--checkpoint", str(tiny_base), "--calls", "1", "--length", "0.64", *KERNEL)
+    assert re.search(r"^Measured float32 peaks .*GEMM, MKL \d+.*convolution, NCHW \d+", out, re.M)
+    for component in ("UNet", "VAE decoder", "vocoder"):
+        assert f"#### {component}: time per operator class, per call" in out
+    rows = re.findall(
+        r"^\| (GEMM|convolution|attention|norm|layout|elementwise) \| ([\d.]+) ms \|", out, re.M
+    )
+    assert len(rows) == 18 and sum(float(ms) for cls, ms in rows if cls == "convolution") > 0
+    assert re.search(r"^\| convolution \| [\d.]+ ms \| \d+% \| \d+ \(\d+%\) \|", out, re.M)  # a rate
+    assert _decisions(out)
+
+
+def test_modes_runs(tiny_base):
+    """benchmarks/modes.py: every mode offered here against float32, with the waveform error and CLAP change."""
+    out = _run(
+        "modes.py", "--checkpoint", str(tiny_base), "--prompts", "2", "--steps", "1", "--length", "0.64"
+    )
+    rows = dict(re.findall(r"^\| ([a-z0-9+]+) \| [\d.]+ s \| [\d.]+x \| (\S+) / \S+ \| ", out, re.M))
+    assert rows["float32"] == "0.00e+00"
+    if CPU_KERNEL:
+        assert float(rows["float32+kernel"]) < 1e-5  # exact: float32 rounding
+    for mode, err in rows.items():
+        if mode.startswith("bfloat16"):
+            assert 0 < float(err) < 0.5

@@ -30,7 +30,14 @@ def _qkv(batch, heads, n, length, d, dtype, layout, seed=0):
 # not multiples of the query tile (8; AVX2 build: 6) or of a task's 256 (252); both memory layouts.
 SHAPES = [
     (2, 8, 1024, 1024, 32, "tokens"),  # the UNet's first attention level
-    (2, 8, 1024, 1024, 16, "tokens"),  # (AVX2 build: 4 rows per pass of 6-row tiles once read past its scores)
+    (
+        2,
+        8,
+        1024,
+        1024,
+        16,
+        "tokens",
+    ),  # (AVX2 build: 4 rows per pass of 6-row tiles once read past its scores)
     (1, 2, 17, 5, 16, "heads"),
     (2, 3, 37, 45, 128, "tokens"),
     (1, 8, 300, 299, 48, "heads"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import numpy as np
@@ -153,6 +154,24 @@ def test_low_memory_mode_is_identical(tiny_base, pipe):
     kw = dict(num_inference_steps=3, audio_length_in_s=1.0)
     assert torch.equal(ours(lean, "a kettle whistles", **kw), ours(pipe, "a kettle whistles", **kw))
     assert lean._modules == {}  # everything released after its stage
+
+
+def test_decode_one_waveform_at_a_time_on_the_cpu(pipe, monkeypatch):
+    """On the CPU the VAE and the vocoder decode a batch one waveform at a time (the activations of one at the
+    peak): the same waveforms as the batch decoded at once, to float32 rounding, in the same order."""
+    latents = torch.randn(3, 8, 25, 16, generator=torch.Generator().manual_seed(0))
+    calls = []
+    decode = type(pipe.vae).decode
+    monkeypatch.setattr(type(pipe.vae), "decode", lambda self, z: calls.append(len(z)) or decode(self, z))
+    with torch.inference_mode():
+        got = pipe.decode(latents)
+        assert calls == [1, 1, 1]
+        batched = pipe.vocoder(decode(pipe.vae, latents).squeeze(1)).float()
+        vae, vocoder = copy.deepcopy(pipe.vae).double(), copy.deepcopy(pipe.vocoder).double()
+        exact = vocoder(decode(vae, latents.double()).squeeze(1))
+    assert got.shape == batched.shape == exact.shape
+    for i in range(3):  # each waveform as exact as the batch decoded at once (both ~5e-6 from float64 here)
+        assert rel_err(got[i], exact[i]) <= 1e-5 and rel_err(batched[i], exact[i]) <= 1e-5
 
 
 @pytest.mark.parametrize(
