@@ -48,6 +48,7 @@ _CFLAGS = {
     "AVX2": ["-O3", "-fopenmp", "-mavx2", "-mfma"],
 }
 _MAX_WIDTH = {"AVX512": 128, "AVX2": 64}  # 8 vectors per head: 8 x 16 floats, 8 x 8 floats
+_max_width = 0  # the loaded build's (set by _build: a plain int, which torch.compile's tracing can read)
 
 
 _enabled: bool | None = None  # None: not decided yet, the environment variable decides on first use
@@ -99,7 +100,7 @@ def cache_root() -> Path:
 
 
 def _build() -> None:
-    global _built, _bf16_dot
+    global _built, _bf16_dot, _max_width
     if _built:
         return
     if not supported():
@@ -134,6 +135,7 @@ def _build() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _bf16_dot = bool(torch.ops.audioldm2.has_bf16_dot())
+    _max_width = _MAX_WIDTH[isa()]
     # The output's shape for torch.compile's tracing (which runs no kernels): then a compiled UNet calls the
     # kernel as one opaque op of its graph.
     torch.library.register_fake("audioldm2::attention")(_attention_shape)
@@ -164,7 +166,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
         or not (q.dtype == k.dtype == v.dtype)
         or k.shape[2] < min_keys(q.dtype)
         or d % 16
-        or d > _MAX_WIDTH[isa()]
+        or d > _max_width
         or q.stride(-1) != 1
         or k.stride(-1) != 1
         or v.stride(-1) != 1

@@ -56,7 +56,7 @@ def test_kernel_matches_reference(cpu_attention_on, batch, heads, n, length, d, 
     bf16_dot = dtype != "bfloat16 widened"
     dtype = torch.bfloat16 if isinstance(dtype, str) else dtype
     q, k, v = _qkv(batch, heads, n, length, d, dtype, layout)
-    if d > cpu_attention._MAX_WIDTH[cpu_attention.isa()]:  # the AVX2 build: 8 vectors of 8 floats per head
+    if d > cpu_attention._max_width:  # the AVX2 build: 8 vectors of 8 floats per head
         with pytest.raises(
             RuntimeError, match=f"head width must be a multiple of 8 up to 64 in this build, got {d}"
         ):
