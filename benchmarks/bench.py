@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -160,6 +161,32 @@ def cpu_description() -> str:
     if os.environ.get("ONEDNN_MAX_CPU_ISA"):
         text += f", oneDNN held to {os.environ['ONEDNN_MAX_CPU_ISA']} (ONEDNN_MAX_CPU_ISA)"
     return text
+
+
+def unet_inputs(checkpoint, unet_cfg, length: float, t5_len: int, dtype, generator):
+    """A UNet call's inputs as the pipelines build them under guidance (also for ``unet_ab.py`` and
+    ``profile_ops.py``): the latent of ``length`` seconds ((frames, mel bins) / the VAE's scale), 8 GPT-2 states
+    and ``t5_len`` T5 states for [negative, positive] with the negative prompt's mask shorter, drawn in that order
+    from ``generator``. Returns (latent (1, C, f, b), gpt2 (2, 8, lm), t5 (2, t5_len, d), mask (2, t5_len),
+    mel frames)."""
+    import torch
+
+    from audioldm2_core.config import vae_config, vocoder_config
+    from audioldm2_core.pipeline import audio_shape
+
+    lm, t5 = unet_cfg.cross_attention_dims[0][1], unet_cfg.cross_attention_dims[0][2]
+    vocoder = vocoder_config(checkpoint.config("vocoder"))
+    scale = vae_config(checkpoint.config("vae")).scale_factor
+    factor = math.prod(vocoder.upsample_rates) / vocoder.sampling_rate
+    frames, _ = audio_shape(length, factor, scale, vocoder.sampling_rate)
+    latent = torch.randn(
+        1, unet_cfg.in_channels, frames // scale, vocoder.model_in_dim // scale, generator=generator
+    )
+    gpt2 = torch.randn(2, 8, lm, generator=generator)
+    t5_states = torch.randn(2, t5_len, t5, generator=generator)
+    mask = torch.ones(2, t5_len, dtype=torch.long)
+    mask[0, min(6, t5_len) :] = 0  # the negative prompt is the shorter one
+    return latent.to(dtype), gpt2.to(dtype), t5_states.to(dtype), mask, frames
 
 
 def decision_lines(decisions: dict) -> list[str]:

@@ -217,9 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import SpeechT5HifiGan as HFHifiGan
 
     from audioldm2_core import cpu_attention, fast
-    from audioldm2_core.config import vae_config, vocoder_config
+    from audioldm2_core.config import vocoder_config
     from audioldm2_core.loading import open_checkpoint
-    from audioldm2_core.pipeline import audio_shape
     from audioldm2_core.unet import load_unet
     from audioldm2_core.vae import load_vae
     from audioldm2_core.vocoder import load_vocoder
@@ -242,21 +241,13 @@ def main(argv: list[str] | None = None) -> None:
         "vocoder": HFHifiGan.from_pretrained(ckpt / "vocoder", torch_dtype=dtype).eval(),
     }
 
-    cfg = ours["UNet"].cfg
-    lm, t5 = cfg.cross_attention_dims[0][1], cfg.cross_attention_dims[0][2]
-    vocoder = vocoder_config(checkpoint.config("vocoder"))
-    scale = vae_config(checkpoint.config("vae")).scale_factor
-    factor = math.prod(vocoder.upsample_rates) / vocoder.sampling_rate
-    frames, _ = audio_shape(args.length, factor, scale, vocoder.sampling_rate)
     g = torch.Generator().manual_seed(0)
-    latent = torch.randn(1, cfg.in_channels, frames // scale, vocoder.model_in_dim // scale, generator=g)
-    latent = latent.to(dtype)
+    latent, gpt2, t5_states, mask, frames = bench.unet_inputs(
+        checkpoint, ours["UNet"].cfg, args.length, 28, dtype, g
+    )
     sample = torch.cat([latent] * 2)
-    gpt2 = torch.randn(2, 8, lm, generator=g).to(dtype)
-    t5_states = torch.randn(2, 28, t5, generator=g).to(dtype)
-    mask = torch.ones(2, 28, dtype=torch.long)
-    mask[0, 6:] = 0
-    mel = torch.randn(1, 1, frames, vocoder.model_in_dim, generator=g).to(dtype)
+    bins = vocoder_config(checkpoint.config("vocoder")).model_in_dim
+    mel = torch.randn(1, 1, frames, bins, generator=g).to(dtype)
 
     calls = {
         ("UNet", "diffusers"): lambda: theirs["UNet"](

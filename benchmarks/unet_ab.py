@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import math
 import statistics
 import sys
 import time
@@ -100,9 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         impls["baseline"], decisions["baseline"] = _load_baseline(Path(args.baseline).resolve(), ckpt, dtype)
     sys.path.insert(0, str(ROOT))  # from here on, audioldm2_core is this checkout's
     from audioldm2_core import cpu_attention, fast
-    from audioldm2_core.config import vae_config, vocoder_config
     from audioldm2_core.loading import open_checkpoint
-    from audioldm2_core.pipeline import audio_shape
     from audioldm2_core.unet import load_unet
 
     checkpoint = open_checkpoint(ckpt)
@@ -121,19 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     cpu_attention.enable(False)
 
     cfg = impls["plain"].cfg
-    lm, t5 = cfg.cross_attention_dims[0][1], cfg.cross_attention_dims[0][2]
-    # The latent the pipeline makes for --length seconds: (frames, mel bins) / the VAE's scale.
-    vocoder = vocoder_config(checkpoint.config("vocoder"))
-    scale = vae_config(checkpoint.config("vae")).scale_factor
-    factor = math.prod(vocoder.upsample_rates) / vocoder.sampling_rate
-    frames, _ = audio_shape(args.length, factor, scale, vocoder.sampling_rate)
     g = torch.Generator().manual_seed(0)
-    latent = torch.randn(1, cfg.in_channels, frames // scale, vocoder.model_in_dim // scale, generator=g)
-    latent = latent.to(dtype)
-    gpt2 = torch.randn(2, 8, lm, generator=g).to(dtype)
-    t5_states = torch.randn(2, args.t5, t5, generator=g).to(dtype)
-    mask = torch.ones(2, args.t5, dtype=torch.long)
-    mask[0, min(6, args.t5) :] = 0  # the negative prompt is the shorter one
+    latent, gpt2, t5_states, mask, _ = bench.unet_inputs(checkpoint, cfg, args.length, args.t5, dtype, g)
     sample = torch.cat([latent] * 2)  # the guidance batch, as both pipelines build it
 
     def call(name: str):
