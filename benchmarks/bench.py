@@ -189,6 +189,43 @@ def unet_inputs(checkpoint, unet_cfg, length: float, t5_len: int, dtype, generat
     return latent.to(dtype), gpt2.to(dtype), t5_states.to(dtype), mask, frames
 
 
+def rotate(names: list[str], generate, rounds: int) -> tuple[dict, dict]:
+    """Whole generations in rotation in one process (``pipeline_ab.py``, ``openvino_ab.py``): one 1-step
+    warm-up each (first-touch memory, kernel set-up, compilation, outside the timed rounds), then ``rounds``
+    rounds calling each name once, who goes first alternating. ``generate(name, **overrides)`` returns the
+    waveform. Returns ({name: seconds per round}, {name: the last round's waveform})."""
+    for name in names:
+        generate(name, num_inference_steps=1)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    waves = {}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            waves[name] = generate(name)
+            times[name].append(time.perf_counter() - start)
+            print(f"[{r + 1}/{rounds}] {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
+    return times, waves
+
+
+def rotation_table(times: dict, waves: dict, ref, error_header: str = "rel. error vs diffusers") -> list[str]:
+    """``rotate``'s result as a markdown table: median, min, the median of the per-round ratios to
+    "diffusers" and each of them, and each waveform's relative L2 error against ``ref``."""
+    import numpy as np
+
+    lines = [
+        f"| implementation | median | min | diffusers / it (median of rounds) | per round | {error_header} |",
+        "|---|---:|---:|---:|---|---:|",
+    ]
+    for name, ts in times.items():
+        ratios = [d / t for d, t in zip(times["diffusers"], ts, strict=True)]
+        err = float(np.linalg.norm(waves[name] - ref) / np.linalg.norm(ref))
+        lines.append(
+            f"| {name} | {statistics.median(ts):.2f} s | {min(ts):.2f} s | {statistics.median(ratios):.3f}x | "
+            f"{', '.join(f'{x:.2f}' for x in ratios)} | {err:.2e} |"
+        )
+    return lines
+
+
 def decision_lines(decisions: dict) -> list[str]:
     """``fast.optimize``'s decisions, one line per rewrite: on or off, why, and which of the keys it was
     decided for (keys with different decisions, e.g. timed in two checkouts, get a line each, side by side).

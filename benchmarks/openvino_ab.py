@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -211,16 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         return np.asarray(call(**overrides), dtype=np.float64)
 
     names = ["diffusers", *ov_parts, "ours", *(["ours, cpu_attention"] if args.cpu_attention else [])]
-    for name in names:
-        generate(name, num_inference_steps=1)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    waves = {}
-    for r in range(args.rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            waves[name] = generate(name)
-            times[name].append(time.perf_counter() - start)
-            print(f"[{r + 1}/{args.rounds}] {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
+    times, waves = bench.rotate(names, generate, args.rounds)
 
     ref = waves["diffusers"]
     if dtype != torch.float32:  # the errors against float32: diffusers' float32 pipeline, once, untimed
@@ -234,18 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"CPU: {bench.cpu_description()}")
     print()
-    print(
-        "| implementation | median | min | diffusers / it (median of rounds) | per round | "
-        "rel. error vs diffusers float32 |"
-    )
-    print("|---|---:|---:|---:|---|---:|")
-    for name, ts in times.items():
-        ratios = [d / t for d, t in zip(times["diffusers"], ts, strict=True)]
-        err = float(np.linalg.norm(waves[name] - ref) / np.linalg.norm(ref))
-        print(
-            f"| {name} | {statistics.median(ts):.2f} s | {min(ts):.2f} s | {statistics.median(ratios):.3f}x | "
-            f"{', '.join(f'{x:.2f}' for x in ratios)} | {err:.2e} |"
-        )
+    print("\n".join(bench.rotation_table(times, waves, ref, "rel. error vs diffusers float32")))
     del ours_pipe
 
 

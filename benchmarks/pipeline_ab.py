@@ -23,9 +23,7 @@ plain reference model (in float32 it maps the same weight files, so it costs lit
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,16 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         cpu_attention.enable(kernel)
         return np.asarray(variant_call(**overrides), dtype=np.float64)
 
-    for name in names:  # warm-up: first-touch memory, kernel set-up, compilation, outside the timed rounds
-        generate(name, num_inference_steps=1)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    waves = {}
-    for r in range(args.rounds):
-        for name in names if r % 2 == 0 else names[::-1]:  # alternate who goes first
-            start = time.perf_counter()
-            waves[name] = generate(name)
-            times[name].append(time.perf_counter() - start)
-            print(f"[{r + 1}/{args.rounds}] {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
+    times, waves = bench.rotate(names, generate, args.rounds)
 
     ref = waves["diffusers"]
     print(
@@ -133,17 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     print('"ours": fast.optimize(component), one line per rewrite: on or off (why): the components')
     print("\n".join(bench.decision_lines(pipe.fast_decisions)) or "- none (not on the CPU)")
     print()
-    print(
-        "| implementation | median | min | diffusers / it (median of rounds) | per round | rel. error vs diffusers |"
-    )
-    print("|---|---:|---:|---:|---|---:|")
-    for name, ts in times.items():
-        ratios = [d / t for d, t in zip(times["diffusers"], ts, strict=True)]
-        err = float(np.linalg.norm(waves[name] - ref) / np.linalg.norm(ref))
-        print(
-            f"| {name} | {statistics.median(ts):.2f} s | {min(ts):.2f} s | {statistics.median(ratios):.3f}x | "
-            f"{', '.join(f'{x:.2f}' for x in ratios)} | {err:.2e} |"
-        )
+    print("\n".join(bench.rotation_table(times, waves, ref)))
 
 
 if __name__ == "__main__":
