@@ -22,6 +22,9 @@ renamed: parameters, buffers, state-dict keys, hooks and ``isinstance`` checks s
     vae-channels-last  the VAE decoder's convs and norms          the same ops on (B, H, W, C) memory
     vocoder-channels-  the vocoder's 1-D convs on (B, C, L)       2-D convs on (B, C, 1, L) channels-last,
       last                                                        the layout oneDNN's kernels are fastest in
+    winograd-conv      3x3, stride-1 convs (UNet, VAE), float32   Winograd F(2x2, 3x3): 16 GEMMs with 4 MACs
+                                                                  per output and channel pair instead of 9;
+                                                                  timed per input shape
     cpu-attention      SDPA of the UNet's self-attentions         the opt-in C++ kernel (``cpu_attention``)
 
 Two guarantees a user can rely on, checked on every call, not once at ``optimize``:
@@ -39,7 +42,9 @@ is *supported* when it runs and matches the plain computation on a representativ
 AVX-512 BF16 fails oneDNN's bfloat16 matmul, and keeps the plain op). A rewrite that changes kernels or memory
 layouts *pays* when it is at least 1% faster on that input, timed here (min of interleaved runs); one that only
 removes work (folded-attention, shared-guidance) pays wherever it applies, which its module checks per call
-(the fold only where H L < C + L). Timed decisions are kept on disk (see ``decide``).
+(the fold only where H L < C + L). One whose gain depends on the shape (winograd-conv: up to 1.5x for wide
+channels on small maps, a loss on narrow ones over long maps) is timed per input shape where it first meets
+one. Timed decisions are kept on disk (see ``decide``).
 ``optimize(model, select="supported")`` skips the timing
 (tests use it to exercise every rewrite); ``select={"onednn-linear", ...}`` applies exactly those that are
 supported. Measurements per CPU: ``benchmarks/RESULTS.md``.
@@ -94,6 +99,11 @@ def _untouched(*modules: nn.Module) -> bool:
 def _no_grad(*tensors: Tensor | None) -> bool:
     """Whether no autograd graph would be recorded through these tensors."""
     return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+
+
+def _channels_last(x: Tensor) -> bool:
+    """Whether a 4-D tensor is stored (B, H, W, C) (and not also NCHW-contiguous, as 1x1 maps are)."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 # ---------------------------------------------------------------------------------- exact operations
@@ -177,7 +187,7 @@ def nearest2x_conv3x3(x: Tensor, conv: nn.Conv2d, cache: bool = True) -> Tensor:
     B, _, H, W = x.shape
     phases = _cached_phase_weights(conv) if cache else phase_weights(conv.weight)
     O = phases.shape[2]
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    channels_last = _channels_last(x)
     if channels_last:  # physical (B, H, 2, W, 2, O) -> logical (B, O, 2H, 2W), channels-last
         out = x.new_empty(B, H, 2, W, 2, O)
         view = out.view(B, 2 * H, 2 * W, O).permute(0, 3, 1, 2)
@@ -202,6 +212,68 @@ def _upsample_pays(x: Tensor, conv: nn.Conv2d, size) -> bool:
         and _untouched(conv)
         and _no_grad(x, conv.weight, conv.bias)
     )
+
+
+# Winograd F(2x2, 3x3) (Lavin & Gray, 2016): a 3x3 convolution computed per 2x2 output tile from the 4x4 input
+# tile around it, Y = A^T [(G g G^T) * (B^T d B)] A. The products over input channels become 16 GEMMs (one per
+# position of the 4x4 transformed tile) with 4 multiply-adds per output pixel and channel pair instead of 9.
+# The transforms hold 0, +-1 and +-1/2 only: additions, subtractions and exact halvings. The result differs
+# from the direct sum in rounding alone, which the probes measure (~4e-7 relative to float64 against ~1e-6 for
+# the direct convolution at the UNet's shapes).
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def winograd_weights(weight: Tensor) -> Tensor:
+    """(O, I, 3, 3) -> (16, O, I): G g G^T for every (output, input) channel pair, position-major.
+
+    One GEMM against the 16 x 9 Kronecker product of G with itself, whose entries (0, +-1/4, +-1/2, 1) scale
+    exactly. Computed per call, not kept: kept for the UNet it would be 16/9 of its 3x3 weights (~670 MB at
+    full size), and at a few ms per call it is a small part of what it saves."""
+    O, I = weight.shape[:2]
+    g = torch.tensor(_WINOGRAD_G, dtype=weight.dtype, device=weight.device)
+    return torch.mm(torch.kron(g, g), weight.reshape(O * I, 9).t()).view(16, O, I)
+
+
+def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 ``weight`` and even H and W, by Winograd F(2x2, 3x3).
+
+    x (B, C, H, W), NCHW or channels-last -> (B, O, H, W) in the same memory format. The input is read once
+    into zero-padded (B, H + 2, W + 2, C) memory; its 4x4 tiles at stride 2 are transformed by B^T d B, rows
+    then columns, into V (16, tiles, C); M_k = V_k U_k^T by 16 GEMMs (``linear``: oneDNN's where that is on);
+    A^T M A gives each tile's 2x2 outputs. M_(1,1) enters every output with weight 1, so the bias is added by
+    its GEMM.
+    """
+    B, C, H, W = x.shape
+    O = weight.shape[0]
+    TH, TW = H // 2, W // 2
+    xp = x.new_zeros(B, H + 2, W + 2, C)
+    xp[:, 1 : H + 1, 1 : W + 1] = x.permute(0, 2, 3, 1)
+    # B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]] on the rows of each tile ...
+    d = [xp[:, i : i + 2 * TH : 2] for i in range(4)]  # row i of every tile: (B, TH, W + 2, C)
+    rows = (d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3])
+    V = x.new_empty(4, 4, B, TH, TW, C)
+    for a, r in enumerate(rows):  # ... then on the columns, written where the GEMMs read them
+        e = [r[:, :, j : j + 2 * TW : 2] for j in range(4)]
+        torch.sub(e[0], e[2], out=V[a, 0])
+        torch.add(e[1], e[2], out=V[a, 1])
+        torch.sub(e[2], e[1], out=V[a, 2])
+        torch.sub(e[1], e[3], out=V[a, 3])
+    V = V.view(16, B * TH * TW, C)
+    U = winograd_weights(weight)
+    # k = 4 a + b: position (a, b) of the transformed tiles; (B, TH, TW, O) each
+    M = [linear(V[k], U[k], bias if k == 5 else None).view(B, TH, TW, O) for k in range(16)]
+    # A^T = [[1, 1, 1, 0], [0, 1, -1, -1]] on the rows (a), then on the columns (b)
+    s = [
+        [(M[4 + b] + M[8 + b]).add_(M[b]) for b in range(4)],
+        [(M[4 + b] - M[8 + b]).sub_(M[12 + b]) for b in range(4)],
+    ]
+    out = x.new_empty(B, TH, 2, TW, 2, O)
+    for i in range(2):
+        t = s[i]
+        torch.add(t[1], t[2], out=out[:, :, i, :, 0]).add_(t[0])
+        torch.sub(t[1], t[2], out=out[:, :, i, :, 1]).sub_(t[3])
+    y = out.view(B, H, W, O).permute(0, 3, 1, 2)  # channels-last
+    return y if _channels_last(x) else y.contiguous()
 
 
 # ------------------------------------------------------------------------------------- fast modules
@@ -360,6 +432,41 @@ class FastConvTranspose1d(nn.ConvTranspose1d):
         ).squeeze(2)
 
 
+class FastConv2d(nn.Conv2d):
+    """A 3x3, stride-1, padding-1 conv by Winograd F(2x2, 3x3) (``winograd_conv3x3``, rewrite ``winograd-conv``),
+    float32 only (in 16-bit formats every transform step would round), even H and W, no gradient to record.
+    Whether it pays depends on the shape (wide channels and small maps gain up to ~1.8x on AVX2, narrow ones
+    over long maps lose): under ``select="auto"`` each input shape is timed once on this CPU, and kept."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._winograd(x):
+            return winograd_conv3x3(x, self.weight, self.bias)
+        return super().forward(x)
+
+    def _winograd(self, x: Tensor) -> bool:
+        if not (
+            not torch.compiler.is_compiling()  # first: the compiler picks its own convolutions
+            and x.dim() == 4
+            and x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and _enabled("winograd-conv", x.dtype)
+            and self.kernel_size == (3, 3)
+            and self.stride == (1, 1)
+            and self.padding == (1, 1)
+            and self.dilation == (1, 1)
+            and self.groups == 1
+            and self.padding_mode == "zeros"
+            and x.shape[-2] % 2 == 0
+            and x.shape[-1] % 2 == 0
+            and _no_grad(x, self.weight, self.bias)
+        ):
+            return False
+        if ("winograd-conv", x.dtype) not in _PER_SHAPE:
+            return True
+        shape = (*x.shape, self.out_channels, int(_channels_last(x)), int(self.bias is not None))
+        return decide("winograd-conv", x.dtype, shape=shape).pays is True
+
+
 class FastUNet(unet.AudioLDM2UNet):
     """Under classifier-free guidance the two halves of the batch are the same latents (``torch.cat([x] * 2)``)
     at the same step: the layers before the first transformer that reads a condition (``conv_in``, the first
@@ -445,6 +552,9 @@ class Rewrite:
     name: str
     swaps: dict[type, type]  # plain class -> fast subclass
     probe: Probe | None  # dtype -> (plain call, fast call) on a representative input; None: capability only
+    # dtype, shape -> (plain call, fast call) on that input shape: the rewrite is timed per shape, where it
+    # first meets one, instead of once (its module passes the shape to ``decide``)
+    shape_probe: Callable[..., tuple[Callable[[], Tensor], Callable[[], Tensor]]] | None = None
     # Timed on this CPU, or not: a rewrite that only removes work (fewer multiply-adds, the same kernels) pays
     # wherever it applies, which its module checks per call; one that changes kernels or memory layouts is timed.
     timed: bool = True
@@ -517,6 +627,18 @@ def _probe_vocoder(dtype):  # a narrow conv over a long signal stored (B, L, C),
     return _twin_calls(_seeded(m, dtype), {nn.Conv1d: FastConv1d}, x)
 
 
+def _probe_winograd(dtype, shape=(2, 384, 64, 4, 384, 0, 1)):  # default: a conv of the UNet's third level
+    """(plain conv, Winograd) on input (B, C, H, W) with O outputs, channels-last or not, with a bias or not;
+    random weights (the time does not depend on them)."""
+    B, C, H, W, O, channels_last, bias = shape
+    conv = _seeded(nn.Conv2d(C, O, 3, padding=1, bias=bool(bias)), dtype)
+    x = _randn(dtype, B, C, H, W)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = conv.weight, conv.bias  # called as functions: a user's global hooks never see a probe
+    return (lambda: F.conv2d(x, w, b, padding=1)), (lambda: winograd_conv3x3(x, w, b))
+
+
 def _probe_shared(dtype):  # a small two-level UNet: checked for exactness only (not timed)
     from .config import UNetConfig
 
@@ -550,15 +672,26 @@ REWRITES: dict[str, Rewrite] = {
             {nn.Conv1d: FastConv1d, nn.ConvTranspose1d: FastConvTranspose1d},
             _probe_vocoder,
         ),
+        Rewrite(
+            "winograd-conv",
+            {nn.Conv2d: FastConv2d},
+            _probe_winograd,
+            timed=False,
+            shape_probe=_probe_winograd,
+        ),
         Rewrite("cpu-attention", {unet.Attention: FastAttention}, None),  # opt-in; timed in RESULTS.md
     ]
 }
-_KNOWN = {cls for r in REWRITES.values() for pair in r.swaps.items() for cls in pair} | {nn.Conv2d}
+_KNOWN = {cls for r in REWRITES.values() for pair in r.swaps.items() for cls in pair}
 _FAST_TO_PLAIN = {fast: plain for r in REWRITES.values() for plain, fast in r.swaps.items()}
 
 # (rewrite, dtype) pairs that ``optimize`` turned on in this process; the fast modules read it on every call
 # (one class may serve two rewrites: FastAttention folds only where folded-attention is on).
 _ON: set[tuple[str, torch.dtype]] = set()
+
+
+# (rewrite, dtype) pairs with a shape probe that ``optimize(select="auto")`` turned on: timed per input shape
+_PER_SHAPE: set[tuple[str, torch.dtype]] = set()
 
 
 def _enabled(name: str, dtype: torch.dtype) -> bool:
@@ -576,13 +709,16 @@ class Decision:
 
 
 def _time(fn: Callable[[], object], plain: Callable[[], object], rounds: int = 5) -> tuple[float, float]:
-    """Min over interleaved rounds of each call's time (s): (fast, plain)."""
+    """Min over interleaved rounds of each call's time (s): (fast, plain). Stops after two rounds when the
+    fast call is plainly slower (1.5x): a clear loss needs no more rounds."""
     best = [float("inf"), float("inf")]
-    for _ in range(rounds):
+    for r in range(rounds):
         for i, f in enumerate((fn, plain)):
             start = time.perf_counter()
             f()
             best[i] = min(best[i], time.perf_counter() - start)
+        if r >= 1 and best[0] > 1.5 * best[1]:
+            break
     return best[0], best[1]
 
 
@@ -609,14 +745,19 @@ def _decisions_file() -> Path:
 
 
 @functools.cache
-def decide(name: str, dtype: torch.dtype, timed: bool = True) -> Decision:
+def decide(
+    name: str, dtype: torch.dtype, timed: bool = True, shape: tuple[int, ...] | None = None
+) -> Decision:
     """Whether rewrite ``name`` is supported on this CPU in ``dtype`` (it runs, and matches the plain
     computation on a representative input) and, when ``timed``, whether it pays there (>= 1% faster, min of
     interleaved runs). Probed once per machine (~0.05-0.5 s a rewrite): a timed decision is kept in
     ``~/.cache/audioldm2_core/`` under a key of the CPU, the instruction-set settings, the thread count, torch's
     version and this file, so that later processes load in milliseconds (delete the file to measure again).
-    One timed while other work competed for the CPU is used until it can be timed again on a quiet machine."""
+    One timed while other work competed for the CPU is used until it can be timed again on a quiet machine.
+    ``shape``: for a rewrite with a shape probe, the decision for that input shape (always timed)."""
     key = f"{name}|{str(dtype).removeprefix('torch.')}"
+    if shape is not None:
+        key += "|" + ",".join(map(str, shape))
     path = _decisions_file() if timed else None
     stored = _read_json(path).get(key) if path is not None else None
     busy = _busy()
@@ -624,7 +765,7 @@ def decide(name: str, dtype: torch.dtype, timed: bool = True) -> Decision:
     if isinstance(stored, dict) and (busy or not stored.pop("busy", False)):
         stored.pop("busy", None)
         return Decision(**stored)
-    decision = _probe(name, dtype, timed)
+    decision = _probe(name, dtype, timed, shape)
     if path is not None:
         _write_json(path, {**_read_json(path), key: {**dataclasses.asdict(decision), "busy": busy}})
     return decision
@@ -657,7 +798,7 @@ def _write_json(path: Path, data: dict) -> None:
         pass
 
 
-def _probe(name: str, dtype: torch.dtype, timed: bool) -> Decision:
+def _probe(name: str, dtype: torch.dtype, timed: bool, shape: tuple[int, ...] | None = None) -> Decision:
     rewrite = REWRITES[name]
     if name == "cpu-attention":  # a capability; built and used only when opted in (see cpu_attention)
         if cpu_attention.supported():
@@ -667,11 +808,13 @@ def _probe(name: str, dtype: torch.dtype, timed: bool) -> Decision:
         return Decision(
             False, None, "full precision only (16-bit scores would be rounded before the softmax)"
         )
+    if name == "winograd-conv" and dtype != torch.float32:
+        return Decision(False, None, "float32 only (in 16-bit formats every transform step would round)")
     on = (name, dtype) in _ON
     _ON.add((name, dtype))  # for the probe's fast twin
     try:
         with torch.inference_mode():
-            plain, fast = rewrite.probe(dtype)
+            plain, fast = rewrite.probe(dtype) if shape is None else rewrite.shape_probe(dtype, shape)
             try:
                 expected, got = plain(), fast()
             except RuntimeError as e:  # e.g. oneDNN's bfloat16 matmul on a CPU without AVX-512 BF16
@@ -679,8 +822,10 @@ def _probe(name: str, dtype: torch.dtype, timed: bool) -> Decision:
             err = ((got.double() - expected.double()).norm() / expected.double().norm()).item()
             if not err <= (1e-5 if dtype in (torch.float32, torch.float64) else 1e-2):
                 return Decision(False, None, f"differs from the plain computation by {err:.1e} here")
-            if not (timed and rewrite.timed):
-                why = "fewer multiply-adds where it applies" if timed else "not timed"
+            if not (timed and (rewrite.timed or shape is not None)):
+                why = "not timed"
+                if timed:
+                    why = "timed per shape" if rewrite.shape_probe else "fewer multiply-adds where it applies"
                 return Decision(True, None, f"supported (error {err:.1e}); {why}")
             t_fast, t_plain = _time(fast, plain)
     finally:
@@ -721,6 +866,8 @@ def optimize(model: nn.Module, select: str | Iterable[str] = "auto") -> dict[str
         if decision.supported and decision.pays is not False:
             _ON.add((name, p.dtype))
             swaps |= rewrite.swaps
+            if rewrite.shape_probe is not None:  # "auto": timed per input shape; else wherever it applies
+                (_PER_SHAPE.add if select == "auto" else _PER_SHAPE.discard)((name, p.dtype))
     for m in model.modules():
         if type(m) in swaps:
             m.__class__ = swaps[type(m)]
