@@ -374,10 +374,14 @@ class AudioLDM2:
         return self._modules[name]
 
     def _release(self, *names: str) -> None:
+        """The end of a stage: with ``low_memory`` its components are dropped. On the CPU, either way, the heap
+        the stage freed (its activations) goes back to the system: glibc would keep ~0.4-0.6 GB of it, which
+        then sits under the next stage's peak (10.24 s: the vocoder's peak RSS 4.66 -> 4.22 GB)."""
         if self.low_memory:
             for name in names:
                 if name not in self._replaced:
                     self._modules.pop(name, None)
+        if self.low_memory or self.device.type == "cpu":
             _return_freed_memory()
 
     def text_stack(self) -> conditioning.TextStack:

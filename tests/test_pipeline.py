@@ -156,6 +156,19 @@ def test_low_memory_mode_is_identical(tiny_base, pipe):
     assert lean._modules == {}  # everything released after its stage
 
 
+def test_freed_heap_goes_back_after_each_stage_on_the_cpu(pipe, monkeypatch):
+    """Resident too: after conditioning, denoising, the VAE and the vocoder the heap their activations freed is
+    handed back (glibc's malloc_trim), so that it does not sit under the next stage's peak; the components
+    stay loaded."""
+    from audioldm2_core import pipeline as P
+
+    trims = []
+    monkeypatch.setattr(P, "_return_freed_memory", lambda: trims.append(1))
+    loaded = set(pipe._modules)
+    ours(pipe, "a kettle whistles", num_inference_steps=2, audio_length_in_s=1.0)
+    assert len(trims) >= 4 and set(pipe._modules) == loaded
+
+
 def test_decode_one_waveform_at_a_time_on_the_cpu(pipe, monkeypatch):
     """On the CPU the VAE and the vocoder decode a batch one waveform at a time (the activations of one at the
     peak): the same waveforms as the batch decoded at once, to float32 rounding, in the same order."""
