@@ -827,7 +827,7 @@ def _probe(name: str, dtype: torch.dtype, timed: bool, shape: tuple[int, ...] | 
                 if timed:
                     why = "timed per shape" if rewrite.shape_probe else "fewer multiply-adds where it applies"
                 return Decision(True, None, f"supported (error {err:.1e}); {why}")
-            t_fast, t_plain = _time(fast, plain)
+            t_fast, t_plain = _time(fast, plain, rounds=5 if shape is None else 3)  # shapes: one per layer
     finally:
         if not on:
             _ON.discard((name, dtype))
