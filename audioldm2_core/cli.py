@@ -15,12 +15,12 @@ float32; the choice is printed in one line at start.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import traceback
 from pathlib import Path
 
+from .outputs import write_wav
 from .samplers import SAMPLERS
 
 DEFAULT_MODEL = "cvssp/audioldm2"
@@ -193,25 +193,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.merge_manifests is None and (args.prompt is None) == (args.prompts_file is None):
         p.error("give exactly one of a prompt or --prompts-file")
     return args
-
-
-def write_wav(path: Path, audio, sample_rate: int) -> None:
-    """Write a float32 WAV atomically: a temp file beside the target, then a rename."""
-    import soundfile as sf
-
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:  # errors name the file asked for, not the temp file
-        raise OSError(e.errno, e.strerror, str(path)) from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            sf.write(f, audio, sample_rate, format="WAV", subtype="FLOAT")
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise OSError(e.errno, e.strerror, str(path)) from e
-        raise
 
 
 def parse_ranges(values: list[str], flag: str, unit: str) -> list[tuple[float, float]]:

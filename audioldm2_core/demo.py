@@ -181,7 +181,7 @@ def transform(
 
 def _write_candidates(out, out_dir: str | Path) -> list[Candidate]:
     """Each waveform of a pipeline output as a WAV and a spectrogram PNG in ``out_dir``, best first."""
-    from .cli import write_wav
+    from .outputs import write_wav
     from .spectrogram import save_spectrogram
 
     out_dir = Path(out_dir)

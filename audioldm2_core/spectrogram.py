@@ -24,13 +24,13 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .audio import F_MAX, F_MIN, HOP_LENGTH, SAMPLE_RATE, _hz_to_mel, mel_spectrogram, resample
+from .outputs import write_atomic
 
 __all__ = ["log_mel", "spectrogram_png", "save_spectrogram", "require_matplotlib"]
 
@@ -110,23 +110,6 @@ def spectrogram_png(
     return buffer.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """A temp file beside the target, then a rename: never a half-written picture. Errors name ``path``."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, str(path)) from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise OSError(e.errno, e.strerror, str(path)) from e
-        raise
-
-
 def save_spectrogram(
     path: str | os.PathLike,
     audio: np.ndarray | torch.Tensor | None = None,
@@ -142,5 +125,5 @@ def save_spectrogram(
     png = spectrogram_png(
         log_mel(audio, sample_rate) if mel is None else mel, sample_rate=sample_rate, title=title
     )
-    _write_atomic(path, png)
+    write_atomic(path, png)
     return path

@@ -73,12 +73,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import inspect
-import io
 import json
 import math
 import os
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Iterator
@@ -86,6 +84,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .outputs import wav_bytes, write_atomic
 from .samplers import SAMPLERS
 
 __all__ = [
@@ -380,36 +379,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes to a temp file beside ``path`` (``.<name>.<random>.tmp``), fsync, rename: a reader (or a
-    rerun after a kill) sees the old file or the whole new one, never part of it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        if hasattr(os, "fchmod"):  # mkstemp's 0600 would hide a dataset from its other users
-            os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def wav_bytes(audio, sample_rate: int) -> bytes:
-    """A float32 WAV in memory (as the single-prompt CLI writes it), so that its sha256 costs no reread."""
-    import soundfile as sf
-
-    buf = io.BytesIO()
-    sf.write(buf, audio, sample_rate, format="WAV", subtype="FLOAT")
-    return buf.getvalue()
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
