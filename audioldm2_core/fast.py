@@ -234,46 +234,56 @@ def winograd_weights(weight: Tensor) -> Tensor:
     return torch.mm(torch.kron(g, g), weight.reshape(O * I, 9).t()).view(16, O, I)
 
 
-def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None, band_bytes: int = 8 << 20) -> Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 ``weight`` and even H and W, by Winograd F(2x2, 3x3).
 
     x (B, C, H, W), NCHW or channels-last -> (B, O, H, W) in the same memory format. The input is read once
-    into zero-padded (B, H + 2, W + 2, C) memory; its 4x4 tiles at stride 2 are transformed by B^T d B, rows
+    into zero-padded (B, H + 2, W + 2, C) memory. Its 4x4 tiles at stride 2 are transformed by B^T d B, rows
     then columns, into V (16, tiles, C); M_k = V_k U_k^T by 16 GEMMs (``linear``: oneDNN's where that is on);
     A^T M A gives each tile's 2x2 outputs. M_(1,1) enters every output with weight 1, so the bias is added by
-    its GEMM.
+    its GEMM. V and M are 4x the input and the output: they are made for a band of tile rows at a time, at
+    most ``band_bytes`` each, which keeps long maps' transient memory bounded (and in cache).
     """
     B, C, H, W = x.shape
     O = weight.shape[0]
     TH, TW = H // 2, W // 2
     xp = x.new_zeros(B, H + 2, W + 2, C)
     xp[:, 1 : H + 1, 1 : W + 1] = x.permute(0, 2, 3, 1)
+    U = winograd_weights(weight)
+    out = x.new_empty(B, TH, 2, TW, 2, O)
+    rows = max(1, band_bytes // (16 * B * TW * max(C, O) * x.element_size()))  # tile rows per band
+    for t0 in range(0, TH, rows):
+        t1 = min(TH, t0 + rows)
+        _winograd_band(xp[:, 2 * t0 : 2 * t1 + 2], U, bias, out[:, t0:t1])
+    y = out.view(B, H, W, O).permute(0, 3, 1, 2)  # channels-last
+    return y if _channels_last(x) else y.contiguous()
+
+
+def _winograd_band(xp: Tensor, U: Tensor, bias: Tensor | None, out: Tensor) -> None:
+    """One band: padded input rows (B, 2n + 2, W + 2, C) -> ``out`` (B, n, 2, W / 2, 2, O)."""
+    B, _, _, C = xp.shape
+    n, TW, O = out.shape[1], out.shape[3], out.shape[5]
     # B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]] on the rows of each tile ...
-    d = [xp[:, i : i + 2 * TH : 2] for i in range(4)]  # row i of every tile: (B, TH, W + 2, C)
+    d = [xp[:, i : i + 2 * n : 2] for i in range(4)]  # row i of every tile: (B, n, W + 2, C)
     rows = (d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3])
-    V = x.new_empty(4, 4, B, TH, TW, C)
+    V = xp.new_empty(4, 4, B, n, TW, C)
     for a, r in enumerate(rows):  # ... then on the columns, written where the GEMMs read them
         e = [r[:, :, j : j + 2 * TW : 2] for j in range(4)]
         torch.sub(e[0], e[2], out=V[a, 0])
         torch.add(e[1], e[2], out=V[a, 1])
         torch.sub(e[2], e[1], out=V[a, 2])
         torch.sub(e[1], e[3], out=V[a, 3])
-    V = V.view(16, B * TH * TW, C)
-    U = winograd_weights(weight)
-    # k = 4 a + b: position (a, b) of the transformed tiles; (B, TH, TW, O) each
-    M = [linear(V[k], U[k], bias if k == 5 else None).view(B, TH, TW, O) for k in range(16)]
+    V = V.view(16, B * n * TW, C)
+    # k = 4 a + b: position (a, b) of the transformed tiles; (B, n, TW, O) each
+    M = [linear(V[k], U[k], bias if k == 5 else None).view(B, n, TW, O) for k in range(16)]
     # A^T = [[1, 1, 1, 0], [0, 1, -1, -1]] on the rows (a), then on the columns (b)
     s = [
         [(M[4 + b] + M[8 + b]).add_(M[b]) for b in range(4)],
         [(M[4 + b] - M[8 + b]).sub_(M[12 + b]) for b in range(4)],
     ]
-    out = x.new_empty(B, TH, 2, TW, 2, O)
-    for i in range(2):
-        t = s[i]
+    for i, t in enumerate(s):
         torch.add(t[1], t[2], out=out[:, :, i, :, 0]).add_(t[0])
         torch.sub(t[1], t[2], out=out[:, :, i, :, 1]).sub_(t[3])
-    y = out.view(B, H, W, O).permute(0, 3, 1, 2)  # channels-last
-    return y if _channels_last(x) else y.contiguous()
 
 
 # ------------------------------------------------------------------------------------- fast modules

@@ -235,8 +235,8 @@ def test_uncached_leaves_nothing_behind():
 @pytest.mark.parametrize("bias", [True, False])
 def test_winograd_matches_conv(layout, shape, bias):
     """Winograd F(2x2, 3x3) is the 3x3 convolution: to float64 rounding in float64 (the algebra), within
-    float32 rounding of the exact result in float32 (<= 1e-6 relative at up to 384 channels), in the input's
-    memory format."""
+    float32 rounding of the exact result in float32 (<= 1e-6 relative at up to 384 channels), whole or in
+    bands of tile rows, in the input's memory format."""
     B, C, H, W, O = shape
     conv = _seeded(nn.Conv2d(C, O, 3, padding=1, bias=bias))
     x = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(1))
@@ -248,6 +248,8 @@ def test_winograd_matches_conv(layout, shape, bias):
         truth = conv64(x.double())
         assert rel_err(winograd_conv3x3(x.double(), conv64.weight, conv64.bias), truth) <= 1e-14
     assert rel_err(got, truth) <= 1e-6
+    with torch.no_grad():  # one band per row of tiles (long maps are done in bands of bounded memory)
+        assert rel_err(winograd_conv3x3(x, conv.weight, conv.bias, band_bytes=1), truth) <= 1e-6
     assert got.shape == want.shape
     for fmt in (torch.contiguous_format, torch.channels_last):
         assert got.is_contiguous(memory_format=fmt) == want.is_contiguous(memory_format=fmt)
