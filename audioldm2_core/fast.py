@@ -44,7 +44,8 @@ layouts *pays* when it is at least 1% faster on that input, timed here (min of i
 removes work (folded-attention, shared-guidance) pays wherever it applies, which its module checks per call
 (the fold only where H L < C + L). One whose gain depends on the shape (winograd-conv: up to 1.5x for wide
 channels on small maps, a loss on narrow ones over long maps) is timed per input shape where it first meets
-one. Timed decisions are kept on disk (see ``decide``).
+one (phase-upsampling likewise: the UNet's narrow maps and the VAE's wide ones differ). Timed decisions are
+kept on disk (see ``decide``).
 ``optimize(model, select="supported")`` skips the timing
 (tests use it to exercise every rewrite); ``select={"onednn-linear", ...}`` applies exactly those that are
 supported. Measurements per CPU: ``benchmarks/RESULTS.md``.
@@ -207,11 +208,18 @@ def nearest2x_conv3x3(x: Tensor, conv: nn.Conv2d, cache: bool = True) -> Tensor:
 
 
 def _upsample_pays(x: Tensor, conv: nn.Conv2d, size) -> bool:
-    return (
+    """Applies (an exact 2x, the conv untouched, no gradient) and, under ``select="auto"``, is faster for this
+    input shape on this CPU (timed once per shape: the UNet's narrow maps and the VAE's wide ones differ)."""
+    if not (
         (size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]))
         and _untouched(conv)
         and _no_grad(x, conv.weight, conv.bias)
-    )
+    ):
+        return False
+    if ("phase-upsampling", x.dtype) not in _PER_SHAPE or torch.compiler.is_compiling():
+        return True
+    shape = (*x.shape, conv.out_channels, int(_channels_last(x)))
+    return decide("phase-upsampling", x.dtype, shape=shape).pays is True
 
 
 # Winograd F(2x2, 3x3) (Lavin & Gray, 2016): a 3x3 convolution computed per 2x2 output tile from the 4x4 input
@@ -625,8 +633,21 @@ def _probe_upsample(dtype):
     return _twin_calls(m, {unet.Upsample2D: FastUNetUpsample}, _randn(dtype, 2, 256, 32, 4))
 
 
-def _probe_vae(dtype):  # a resnet of the decoder's last level, in each layout
-    block, x = _seeded(vae.ResnetBlock2D(128, 128, 32), dtype), _randn(dtype, 1, 128, 128, 32)
+def _upsample_shape_probe(dtype, shape):
+    """(nearest 2x + 3x3 conv, the four 2x2 convs) on input (B, C, H, W) with O outputs, channels-last or not."""
+    B, C, H, W, O, channels_last = shape
+    conv = _seeded(nn.Conv2d(C, O, 3, padding=1), dtype)
+    x = _randn(dtype, B, C, H, W)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = conv.weight, conv.bias
+    up = functools.partial(F.interpolate, scale_factor=2.0, mode="nearest")
+    return (lambda: F.conv2d(up(x), w, b, padding=1)), (lambda: nearest2x_conv3x3(x, conv, cache=False))
+
+
+def _probe_vae(dtype):  # a resnet of the decoder's last level at 10.24 s, in each layout (at 128 x 32 the
+    # two were level within the timing noise, at full size channels-last is 1.26x; the whole decoder 1.6x)
+    block, x = _seeded(vae.ResnetBlock2D(128, 128, 32), dtype), _randn(dtype, 1, 128, 512, 64)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     return (lambda: block(x)), (lambda: block(x_cl).contiguous())
 
@@ -674,6 +695,8 @@ REWRITES: dict[str, Rewrite] = {
             "phase-upsampling",
             {unet.Upsample2D: FastUNetUpsample, vae.Upsample2D: FastVAEUpsample},
             _probe_upsample,
+            timed=False,
+            shape_probe=_upsample_shape_probe,
         ),
         Rewrite("shared-guidance", {unet.AudioLDM2UNet: FastUNet}, _probe_shared, timed=False),
         Rewrite("vae-channels-last", {vae.AutoencoderKLDecoder: FastVAEDecoder}, _probe_vae),
