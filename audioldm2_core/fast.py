@@ -216,10 +216,15 @@ def _upsample_pays(x: Tensor, conv: nn.Conv2d, size) -> bool:
         and _no_grad(x, conv.weight, conv.bias)
     ):
         return False
-    if ("phase-upsampling", x.dtype) not in _PER_SHAPE or torch.compiler.is_compiling():
+    return _pays_for_shape("phase-upsampling", x.dtype, (*x.shape, conv.out_channels, int(_channels_last(x))))
+
+
+def _pays_for_shape(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
+    """For a rewrite timed per input shape: under ``select="auto"`` whether it was faster for this shape here
+    (timed on its first call and kept); otherwise (``select="supported"`` or named) wherever it applies."""
+    if (name, dtype) not in _PER_SHAPE or torch.compiler.is_compiling():
         return True
-    shape = (*x.shape, conv.out_channels, int(_channels_last(x)))
-    return decide("phase-upsampling", x.dtype, shape=shape).pays is True
+    return decide(name, dtype, shape=shape).pays is True
 
 
 # Winograd F(2x2, 3x3) (Lavin & Gray, 2016): a 3x3 convolution computed per 2x2 output tile from the 4x4 input
@@ -479,10 +484,8 @@ class FastConv2d(nn.Conv2d):
             and _no_grad(x, self.weight, self.bias)
         ):
             return False
-        if ("winograd-conv", x.dtype) not in _PER_SHAPE:
-            return True
         shape = (*x.shape, self.out_channels, int(_channels_last(x)), int(self.bias is not None))
-        return decide("winograd-conv", x.dtype, shape=shape).pays is True
+        return _pays_for_shape("winograd-conv", x.dtype, shape)
 
 
 class FastUNet(unet.AudioLDM2UNet):
@@ -647,7 +650,9 @@ def _upsample_shape_probe(dtype, shape):
 
 def _probe_vae(dtype):  # a resnet of the decoder's last level at 10.24 s, in each layout (at 128 x 32 the
     # two were level within the timing noise, at full size channels-last is 1.26x; the whole decoder 1.6x)
-    block, x = _seeded(vae.ResnetBlock2D(128, 128, 32), dtype), _randn(dtype, 1, 128, 512, 64)
+    # (16-bit: the small map; without native bfloat16 its convolutions run reference kernels, ~1000x slower)
+    H, W = (512, 64) if dtype in (torch.float32, torch.float64) else (128, 32)
+    block, x = _seeded(vae.ResnetBlock2D(128, 128, 32), dtype), _randn(dtype, 1, 128, H, W)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     return (lambda: block(x)), (lambda: block(x_cl).contiguous())
 
