@@ -638,11 +638,7 @@ def _probe_upsample(dtype):
 
 def _upsample_shape_probe(dtype, shape):
     """(nearest 2x + 3x3 conv, the four 2x2 convs) on input (B, C, H, W) with O outputs, channels-last or not."""
-    B, C, H, W, O, channels_last = shape
-    conv = _seeded(nn.Conv2d(C, O, 3, padding=1), dtype)
-    x = _randn(dtype, B, C, H, W)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    conv, x = _conv_and_input(dtype, *shape)
     w, b = conv.weight, conv.bias
     up = functools.partial(F.interpolate, scale_factor=2.0, mode="nearest")
     return (lambda: F.conv2d(up(x), w, b, padding=1)), (lambda: nearest2x_conv3x3(x, conv, cache=False))
@@ -663,14 +659,17 @@ def _probe_vocoder(dtype):  # a narrow conv over a long signal stored (B, L, C),
     return _twin_calls(_seeded(m, dtype), {nn.Conv1d: FastConv1d}, x)
 
 
-def _probe_winograd(dtype, shape=(2, 384, 64, 4, 384, 0, 1)):  # default: a conv of the UNet's third level
-    """(plain conv, Winograd) on input (B, C, H, W) with O outputs, channels-last or not, with a bias or not;
-    random weights (the time does not depend on them)."""
-    B, C, H, W, O, channels_last, bias = shape
+def _conv_and_input(dtype, B, C, H, W, O, channels_last, bias=True) -> tuple[nn.Conv2d, Tensor]:
+    """A seeded 3x3 conv C -> O and a (B, C, H, W) input, channels-last or not, for the per-shape probes (random
+    weights: the time does not depend on them)."""
     conv = _seeded(nn.Conv2d(C, O, 3, padding=1, bias=bool(bias)), dtype)
     x = _randn(dtype, B, C, H, W)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    return conv, x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _probe_winograd(dtype, shape=(2, 384, 64, 4, 384, 0, 1)):  # default: a conv of the UNet's third level
+    """(plain conv, Winograd) on input (B, C, H, W) with O outputs, channels-last or not, with a bias or not."""
+    conv, x = _conv_and_input(dtype, *shape)
     w, b = conv.weight, conv.bias  # called as functions: a user's global hooks never see a probe
     return (lambda: F.conv2d(x, w, b, padding=1)), (lambda: winograd_conv3x3(x, w, b))
 
