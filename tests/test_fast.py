@@ -5,6 +5,8 @@ CPUs without an instruction set)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import json
 
 import pytest
@@ -321,6 +323,40 @@ def test_winograd_is_decided_per_shape_and_kept(tmp_path, monkeypatch):
         monkeypatch.setattr(fast, "_probe", probe)
         fast.optimize(fast.restore(model), select="supported")
         assert ("winograd-conv", torch.float32) not in fast._PER_SHAPE
+    finally:
+        fast.decide.cache_clear()
+
+
+def test_probe_rows_caps_long_maps_at_a_multiple_of_64():
+    row = 64 * 256 * 4  # a VAE row at the top level: 64 mel bins, 256 channels, float32
+    assert fast._probe_rows(256, row) == 256  # within the budget: the shape itself
+    assert fast._probe_rows(1024, row) == fast._probe_rows(3000, row) == 512  # 32 MB
+    assert fast._probe_rows(1000, row, budget=row * 100) == 64  # at least 64 rows
+    assert fast._probe_rows(40, row, budget=row) == 40  # never more than the map
+
+
+def test_long_maps_share_one_decision_timed_at_a_capped_height(tmp_path, monkeypatch):
+    """Longer audio meets no new probe: heights beyond the probe's budget are timed (once) at the capped
+    height, on tensors of that size, and every longer map reads that decision."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(fast, "_busy", lambda: False)
+    # rows of 8 x 16 float32 (512 bytes): a budget of 128 rows
+    monkeypatch.setattr(fast, "_probe_rows", functools.partial(fast._probe_rows, budget=128 * 512))
+    probed = []
+    rewrite = fast.REWRITES["winograd-conv"]
+    spy = dataclasses.replace(
+        rewrite, shape_probe=lambda d, shape: probed.append(shape) or rewrite.shape_probe(d, shape)
+    )
+    monkeypatch.setitem(fast.REWRITES, "winograd-conv", spy)
+    fast.decide.cache_clear()
+    try:
+        model = _seeded(nn.Conv2d(16, 16, 3, padding=1))
+        fast.optimize(model)
+        with torch.no_grad():
+            for H in (64, 256, 512, 1024, 256):
+                x = torch.randn(1, 16, H, 8)
+                torch.testing.assert_close(model(x), F.conv2d(x, model.weight, model.bias, padding=1))
+        assert [s[2] for s in probed] == [64, 128]  # 64 rows: its own shape; 256-1024: one probe, at 128
     finally:
         fast.decide.cache_clear()
 
