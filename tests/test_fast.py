@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import functools
 import json
+import types
 
 import pytest
 import torch
@@ -325,6 +326,44 @@ def test_winograd_is_decided_per_shape_and_kept(tmp_path, monkeypatch):
         assert ("winograd-conv", torch.float32) not in fast._PER_SHAPE
     finally:
         fast.decide.cache_clear()
+
+
+def _clocked(monkeypatch, durations: dict[str, list[float]]):
+    """(fast, plain) calls that each advance a fake clock by their next duration; the counts of calls made."""
+    clock, calls = [0.0], {"fast": 0, "plain": 0}
+    monkeypatch.setattr(fast, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def call(name):
+        def f():
+            clock[0] += durations[name][calls[name] % len(durations[name])]
+            calls[name] += 1
+
+        return f
+
+    return call("fast"), call("plain"), calls
+
+
+def test_time_decides_by_the_median_paired_ratio(monkeypatch):
+    """Each round's plain / fast ratio, median over rounds: an outlier of either call moves it no more than one
+    round. The minimum times would say 0.6 / 0.5 = 1.2x here."""
+    f, plain, calls = _clocked(
+        monkeypatch, {"fast": [1.0, 1.0, 0.5, 1.0, 1.0], "plain": [1.1, 1.1, 1.1, 0.6, 1.1]}
+    )
+    t_fast, t_plain, ratio = fast._time(f, plain, rounds=5, seconds=100.0, max_rounds=5)
+    assert calls == {"fast": 5, "plain": 5}
+    assert (t_fast, t_plain) == (1.0, 1.1) and ratio == pytest.approx(1.1)
+
+
+def test_time_runs_rounds_and_seconds_and_stops_early(monkeypatch):
+    f, plain, calls = _clocked(monkeypatch, {"fast": [0.01], "plain": [0.011]})
+    fast._time(f, plain, rounds=3, seconds=1.0, max_rounds=200)  # 3 rounds take 0.063 s: on to 1 s
+    assert calls["fast"] == 48
+    f, plain, calls = _clocked(monkeypatch, {"fast": [2.0], "plain": [1.0]})
+    assert fast._time(f, plain, rounds=15, seconds=0.5, max_rounds=200)[2] == 0.5
+    assert calls["fast"] == 2  # a clear loss: two rounds
+    f, plain, calls = _clocked(monkeypatch, {"fast": [1.0], "plain": [1.05]})
+    fast._time(f, plain, rounds=15, seconds=0.5, max_rounds=200)
+    assert calls["fast"] == 3  # slow calls: three rounds once 5 x 0.5 s have passed
 
 
 def test_probe_rows_caps_long_maps_at_a_multiple_of_64():
