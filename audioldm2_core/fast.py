@@ -262,7 +262,7 @@ def winograd_weights(weight: Tensor) -> Tensor:
     return torch.mm(torch.kron(g, g), weight.reshape(O * I, 9).t()).view(16, O, I)
 
 
-def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None, band_bytes: int = 8 << 20) -> Tensor:
+def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None, band_bytes: int = 16 << 20) -> Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 ``weight`` and even H and W, by Winograd F(2x2, 3x3).
 
     x (B, C, H, W), NCHW or channels-last -> (B, O, H, W) in the same memory format. The input is read once
@@ -270,7 +270,9 @@ def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None, band_bytes:
     then columns, into V (16, tiles, C); M_k = V_k U_k^T by 16 GEMMs (``linear``: oneDNN's where that is on);
     A^T M A gives each tile's 2x2 outputs. M_(1,1) enters every output with weight 1, so the bias is added by
     its GEMM. V and M are 4x the input and the output: they are made for a band of tile rows at a time, at
-    most ``band_bytes`` each, which keeps long maps' transient memory bounded (and in cache).
+    most ``band_bytes`` each, which keeps long maps' transient memory bounded (and in cache). 16 MB: against
+    8 MB, 5-12% faster on the VAE's 512-channel maps and the UNet's 128 x 8 level (fewer bands, fewer small
+    operations), on AVX-512 and on AVX2; 32 MB lost 30-50% on the VAE's 512 x 32 maps.
     """
     B, C, H, W = x.shape
     O = weight.shape[0]
