@@ -169,6 +169,24 @@ def test_freed_heap_goes_back_after_each_stage_on_the_cpu(pipe, monkeypatch):
     assert len(trims) >= 4 and set(pipe._modules) == loaded
 
 
+def test_vocoder_stages_hand_back_the_heap_and_leave_no_hooks(pipe, monkeypatch):
+    """On the CPU the heap goes back to the system before each of the vocoder's upsampling stages, for every
+    waveform, by pre-hooks that are gone after the call; the audio is the vocoder's own."""
+    from audioldm2_core import pipeline as P
+
+    trims = []
+    monkeypatch.setattr(P, "_return_freed_memory", lambda: trims.append(1))
+    latents = torch.randn(2, 8, 25, 16, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        got = pipe.decode(latents)
+        mels = [pipe.vae.decode(z) for z in latents.split(1)]
+        want = torch.cat([pipe.vocoder(m.squeeze(1)) for m in mels])
+    stages = len(pipe.vocoder.upsampler)
+    assert len(trims) == 2 * stages + 2  # per waveform and stage; then after the VAE and after the vocoder
+    assert not any(m._forward_pre_hooks for m in pipe.vocoder.modules())
+    assert torch.equal(got, want)
+
+
 def test_decode_one_waveform_at_a_time_on_the_cpu(pipe, monkeypatch):
     """On the CPU the VAE and the vocoder decode a batch one waveform at a time (the activations of one at the
     peak): the same waveforms as the batch decoded at once, to float32 rounding, in the same order."""
