@@ -134,10 +134,10 @@ def _return_freed_memory() -> None:
 @contextlib.contextmanager
 def _heap_returned_before(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
     """While inside, the heap freed so far goes back to the system before each of ``modules`` runs (forward
-    pre-hooks, removed on leaving). For the vocoder's upsampling stages: its convolutions' short-lived
-    copies (channels-last weights, oneDNN's reorders) between long-lived activations leave glibc holding
-    ~150-350 MB it would reuse, under the generation's peak (10.24 s: the vocoder's heap peak 560 -> 406 MB,
-    ~80 ms a call)."""
+    pre-hooks, removed on leaving). For the decoders' stages: the vocoder's convolutions' short-lived copies
+    (channels-last weights, oneDNN's reorders) between long-lived activations leave glibc holding ~150-350 MB
+    it would reuse, under the generation's peak (10.24 s: the vocoder's heap peak 560 -> 406 MB, ~80 ms a
+    call); the VAE's up blocks ~70 MB (60 s, where the VAE is the peak: 1204 -> 1130 MB)."""
     handles = [m.register_forward_pre_hook(lambda *_: _return_freed_memory()) for m in modules]
     try:
         yield
@@ -561,15 +561,18 @@ class AudioLDM2:
         gains nothing there, and the activations at the peak are one waveform's instead of B's (the VAE's
         widest, 128 channels x frames x 64 in float32, is ~100 MB per 30 s of audio, several alive at once).
         """
-        split = self.device.type == "cpu" and len(latents) > 1
+        cpu = self.device.type == "cpu"
+        split = cpu and len(latents) > 1
         vae = self.vae
         latents = latents.to(self._decoder_dtype)
-        mels = [vae.decode(x) for x in latents.split(1)] if split else [vae.decode(latents)]  # (b, 1, T, 64)
+        # on the CPU the heap each stage of a decoder freed goes back to the system before the next, wider one
+        with _heap_returned_before(getattr(getattr(vae, "decoder", None), "up_blocks", []) if cpu else []):
+            mels = (
+                [vae.decode(x) for x in latents.split(1)] if split else [vae.decode(latents)]
+            )  # (b, 1, T, 64)
         self._release("vae")
         vocoder = self.vocoder
-        # on the CPU the heap each upsampling stage freed goes back to the system before the next, wider one
-        stages = getattr(vocoder, "upsampler", []) if self.device.type == "cpu" else []
-        with _heap_returned_before(stages):
+        with _heap_returned_before(getattr(vocoder, "upsampler", []) if cpu else []):
             audio = torch.cat([vocoder(mel.squeeze(1)) for mel in mels])  # (B, samples)
         self._release("vocoder")
         return audio.float()

@@ -169,9 +169,10 @@ def test_freed_heap_goes_back_after_each_stage_on_the_cpu(pipe, monkeypatch):
     assert len(trims) >= 4 and set(pipe._modules) == loaded
 
 
-def test_vocoder_stages_hand_back_the_heap_and_leave_no_hooks(pipe, monkeypatch):
-    """On the CPU the heap goes back to the system before each of the vocoder's upsampling stages, for every
-    waveform, by pre-hooks that are gone after the call; the audio is the vocoder's own."""
+def test_decoder_stages_hand_back_the_heap_and_leave_no_hooks(pipe, monkeypatch):
+    """On the CPU the heap goes back to the system before each of the VAE's up blocks and the vocoder's
+    upsampling stages, for every waveform, by pre-hooks that are gone after the call; the audio is the
+    decoders' own."""
     from audioldm2_core import pipeline as P
 
     trims = []
@@ -181,9 +182,9 @@ def test_vocoder_stages_hand_back_the_heap_and_leave_no_hooks(pipe, monkeypatch)
         got = pipe.decode(latents)
         mels = [pipe.vae.decode(z) for z in latents.split(1)]
         want = torch.cat([pipe.vocoder(m.squeeze(1)) for m in mels])
-    stages = len(pipe.vocoder.upsampler)
+    stages = len(pipe.vae.decoder.up_blocks) + len(pipe.vocoder.upsampler)
     assert len(trims) == 2 * stages + 2  # per waveform and stage; then after the VAE and after the vocoder
-    assert not any(m._forward_pre_hooks for m in pipe.vocoder.modules())
+    assert not any(m._forward_pre_hooks for m in [*pipe.vae.modules(), *pipe.vocoder.modules()])
     assert torch.equal(got, want)
 
 
