@@ -43,9 +43,9 @@ AVX-512 BF16 fails oneDNN's bfloat16 matmul, and keeps the plain op). A rewrite 
 layouts *pays* when it is at least 1% faster on that input, timed here (the median ratio over interleaved
 rounds, ``_time``); one that only removes work (folded-attention, shared-guidance) pays wherever it applies,
 which its module checks per call (the fold only where H L < C + L). One whose gain depends on the shape
-(winograd-conv: up to 1.5x for wide channels on small maps, a loss on narrow ones over long maps) is timed per
-input shape where it first meets one (phase-upsampling likewise: the UNet's narrow maps and the VAE's wide ones
-differ), long maps at a capped height that then serves every longer length (``_probe_rows``). Timed decisions
+(winograd-conv: up to 1.5x for wide channels on small maps, a loss on narrow ones over long maps; gemm-conv:
+1.2-1.8x on the UNet's deepest 32 x 2 maps, a loss on larger ones) is timed per input shape where it first
+meets one (phase-upsampling likewise: the UNet's narrow maps and the VAE's wide ones differ), long maps at a capped height that then serves every longer length (``_probe_rows``). Timed decisions
 are kept on disk (see ``decide``).
 ``optimize(model, select="supported")`` skips the timing
 (tests use it to exercise every rewrite); ``select={"onednn-linear", ...}`` applies exactly those that are
@@ -316,6 +316,25 @@ def _winograd_band(xp: Tensor, U: Tensor, bias: Tensor | None, out: Tensor) -> N
         torch.sub(t[1], t[2], out=out[:, :, i, :, 1]).sub_(t[3])
 
 
+def gemm_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 ``weight`` as one GEMM over an im2col copy: the nine
+    shifted views of the zero-padded input side by side, (B H W, C 9) against the weight viewed (O, C 9).
+
+    For the UNet's deepest level (32 x 2 maps at 10.24 s, 640-1280 channels) oneDNN's direct convolution runs at
+    40% of the GEMM's rate (350 against 640 GFLOP/s in bfloat16): a map of 64 positions gives it little to
+    block over. The copy is 9x the input, so the route is taken for small maps only (``FastConv2d``).
+    x (B, C, H, W), NCHW or channels-last -> (B, O, H, W) in the same memory format."""
+    B, C, H, W = x.shape
+    O = weight.shape[0]
+    xp = F.pad(x, (1, 1, 1, 1))
+    cols = torch.stack([xp[:, :, i : i + H, j : j + W] for i in range(3) for j in range(3)], dim=-1)
+    cols = cols.permute(0, 2, 3, 1, 4).reshape(
+        B * H * W, C * 9
+    )  # (B H W, C 9): the weight's (C, kh, kw) order
+    y = linear(cols, weight.reshape(O, C * 9), bias).view(B, H, W, O).permute(0, 3, 1, 2)  # channels-last
+    return y if _channels_last(x) else y.contiguous()
+
+
 # ------------------------------------------------------------------------------------- fast modules
 
 
@@ -473,40 +492,55 @@ class FastConvTranspose1d(nn.ConvTranspose1d):
 
 
 class FastConv2d(nn.Conv2d):
-    """A 3x3, stride-1, padding-1 conv by Winograd F(2x2, 3x3) (``winograd_conv3x3``, rewrite ``winograd-conv``),
-    float32 only (in 16-bit formats every transform step would round), even H and W, no gradient to record.
-    Whether it pays depends on the shape (wide channels and small maps gain up to ~1.8x on AVX2, narrow ones
-    over long maps lose): under ``select="auto"`` each input shape is timed once on this CPU, and kept."""
+    """A 3x3, stride-1, padding-1 conv by Winograd F(2x2, 3x3) (``winograd_conv3x3``, rewrite ``winograd-conv``:
+    float32 only, as in 16-bit formats every transform step would round, and even H and W) or as one GEMM over
+    an im2col copy (``gemm_conv3x3``, rewrite ``gemm-conv``: small maps, any dtype), no gradient to record.
+    Whether either pays depends on the shape (Winograd: wide channels and small maps gain up to ~1.8x on AVX2,
+    narrow ones over long maps lose; the GEMM: the deepest level's 64-position maps): under
+    ``select="auto"`` each input shape is timed once on this CPU, and kept. Winograd is tried first."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._winograd(x):
+        if not self._plain_3x3(x):
+            return super().forward(x)
+        B, C, H, W = x.shape
+        O, es = self.out_channels, x.element_size()
+        layout = (int(_channels_last(x)), int(self.bias is not None))
+        if (
+            x.dtype == torch.float32
+            and _enabled("winograd-conv", x.dtype)
+            and H % 2 == 0
+            and W % 2 == 0
+            and _pays_for_shape(
+                "winograd-conv", x.dtype, (B, C, _probe_rows(H, B * W * max(C, O) * es), W, O, *layout)
+            )
+        ):
             return winograd_conv3x3(x, self.weight, self.bias)
+        if (
+            _enabled("gemm-conv", x.dtype)
+            and B * H * W * C * 9 * es <= _GEMM_CONV_BYTES
+            and _pays_for_shape("gemm-conv", x.dtype, (B, C, H, W, O, *layout))
+        ):
+            return gemm_conv3x3(x, self.weight, self.bias)
         return super().forward(x)
 
-    def _winograd(self, x: Tensor) -> bool:
-        if not (
+    def _plain_3x3(self, x: Tensor) -> bool:
+        """A 3x3, stride-1, zero-padding-1, undilated, ungrouped conv of a CPU map, no gradient to record."""
+        return (
             not torch.compiler.is_compiling()  # first: the compiler picks its own convolutions
             and x.dim() == 4
-            and x.dtype == torch.float32
             and x.device.type == "cpu"
-            and _enabled("winograd-conv", x.dtype)
             and self.kernel_size == (3, 3)
             and self.stride == (1, 1)
             and self.padding == (1, 1)
             and self.dilation == (1, 1)
             and self.groups == 1
             and self.padding_mode == "zeros"
-            and x.shape[-2] % 2 == 0
-            and x.shape[-1] % 2 == 0
             and _no_grad(x, self.weight, self.bias)
-        ):
-            return False
-        B, C, H, W = x.shape
-        O = self.out_channels
-        H = _probe_rows(H, B * W * max(C, O) * x.element_size())
-        return _pays_for_shape(
-            "winograd-conv", x.dtype, (B, C, H, W, O, int(_channels_last(x)), int(self.bias is not None))
         )
+
+
+# gemm-conv's im2col copy at most (9x the input): the deepest level's maps, never a long map's
+_GEMM_CONV_BYTES = 32 << 20
 
 
 class FastUNet(unet.AudioLDM2UNet):
@@ -696,6 +730,13 @@ def _probe_winograd(dtype, shape=(2, 384, 64, 4, 384, 0, 1)):  # default: a conv
     return (lambda: F.conv2d(x, w, b, padding=1)), (lambda: winograd_conv3x3(x, w, b))
 
 
+def _probe_gemm_conv(dtype, shape=(2, 1280, 32, 2, 640, 0, 1)):  # default: the UNet's deepest level
+    """(plain conv, one GEMM over im2col) on input (B, C, H, W) with O outputs, channels-last or not, bias or not."""
+    conv, x = _conv_and_input(dtype, *shape)
+    w, b = conv.weight, conv.bias
+    return (lambda: F.conv2d(x, w, b, padding=1)), (lambda: gemm_conv3x3(x, w, b))
+
+
 def _probe_shared(dtype):  # a small two-level UNet: checked for exactness only (not timed)
     from .config import UNetConfig
 
@@ -737,6 +778,13 @@ REWRITES: dict[str, Rewrite] = {
             _probe_winograd,
             timed=False,
             shape_probe=_probe_winograd,
+        ),
+        Rewrite(
+            "gemm-conv",
+            {nn.Conv2d: FastConv2d},
+            _probe_gemm_conv,
+            timed=False,
+            shape_probe=_probe_gemm_conv,
         ),
         Rewrite("cpu-attention", {unet.Attention: FastAttention}, None),  # opt-in; timed in RESULTS.md
     ]

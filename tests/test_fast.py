@@ -296,6 +296,72 @@ def test_winograd_conv_stands_aside_where_it_does_not_apply(monkeypatch):
     assert len(taken) == 1
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1), (2, 5, 7, 3, 4), (2, 640, 32, 2, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gemm_conv_matches_conv(layout, shape, bias):
+    """The 3x3 convolution as one GEMM over an im2col copy: to float64 rounding in float64, within float32
+    rounding of the exact result in float32, within bfloat16 rounding in bfloat16; any map size; the input's
+    memory format kept."""
+    B, C, H, W, O = shape
+    conv = _seeded(nn.Conv2d(C, O, 3, padding=1, bias=bias))
+    x = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(1))
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        conv64 = copy.deepcopy(conv).double()
+        truth = conv64(x.double())
+        assert rel_err(fast.gemm_conv3x3(x.double(), conv64.weight, conv64.bias), truth) <= 1e-14
+        got, want = fast.gemm_conv3x3(x, conv.weight, conv.bias), conv(x)
+        assert rel_err(got, truth) <= 1e-6
+        w16, b16 = conv.weight.bfloat16(), None if conv.bias is None else conv.bias.bfloat16()
+        got16 = fast.gemm_conv3x3(x.bfloat16(), w16, b16)
+        assert got16.dtype == torch.bfloat16 and rel_err(got16, truth) <= 1e-2
+    assert got.shape == want.shape
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        assert got.is_contiguous(memory_format=fmt) == want.is_contiguous(memory_format=fmt)
+
+
+def test_conv_routes_winograd_first_then_gemm_on_small_maps(monkeypatch):
+    """With both on (and untimed, as select="supported"): float32 maps of even size take Winograd; the others
+    (bfloat16, float64, odd sizes) take the GEMM, unless its im2col copy would pass its bound; a conv that is
+    not 3x3 / stride 1 / padding 1, or that records gradients, is the plain one, bit for bit."""
+    taken = []
+    for name in ("winograd_conv3x3", "gemm_conv3x3"):
+        real = getattr(fast, name)
+        monkeypatch.setattr(fast, name, lambda *a, _n=name, _f=real: taken.append(_n) or _f(*a))
+    on = {("winograd-conv", torch.float32)} | {
+        ("gemm-conv", d) for d in (torch.float32, torch.bfloat16, torch.float64)
+    }
+    monkeypatch.setattr(fast, "_ON", fast._ON | on)
+    monkeypatch.setattr(fast, "_PER_SHAPE", set())
+
+    def route(conv, x):
+        quick = copy.deepcopy(conv)
+        quick.__class__ = fast.FastConv2d
+        taken.clear()
+        with torch.no_grad():
+            got, want = quick(x), conv(x)
+        assert rel_err(got, want) <= (1e-2 if x.dtype == torch.bfloat16 else 1e-6)
+        return taken[0] if taken else torch.equal(got, want)
+
+    conv, x = _seeded(nn.Conv2d(4, 5, 3, padding=1)), torch.randn(1, 4, 6, 8)
+    assert route(conv, x) == "winograd_conv3x3"
+    assert route(conv, torch.randn(1, 4, 5, 8)) == "gemm_conv3x3"  # odd height
+    assert route(conv.to(torch.bfloat16), x.bfloat16()) == "gemm_conv3x3"
+    assert route(_seeded(nn.Conv2d(4, 5, 3, padding=1)).double(), x.double()) == "gemm_conv3x3"
+    monkeypatch.setattr(fast, "_GEMM_CONV_BYTES", 4 * 5 * 8 * 9 * 4 - 1)  # the copy of a 1 x 4 x 5 x 8 map
+    assert route(_seeded(nn.Conv2d(4, 5, 3, padding=1)), torch.randn(1, 4, 5, 8)) is True  # plain
+    assert route(_seeded(nn.Conv2d(4, 5, 3, padding=1, stride=2)), x) is True
+    assert route(_seeded(nn.Conv2d(4, 5, 1)), x) is True
+    conv = _seeded(nn.Conv2d(4, 5, 3, padding=1))
+    quick = copy.deepcopy(conv)
+    quick.__class__ = fast.FastConv2d
+    taken.clear()
+    x = torch.randn(1, 4, 5, 8)
+    assert torch.equal(quick(x), conv(x)) and taken == []  # gradients recorded: the plain op
+
+
 def test_winograd_is_decided_per_shape_and_kept(tmp_path, monkeypatch):
     """Under select="auto" each input shape is timed once on this CPU, and the decision is kept on disk with
     the others; select="supported" applies it wherever it can without timing."""
@@ -494,6 +560,7 @@ class Spy:
         wrap(fast, "nearest2x_conv3x3", "phase-upsampling")
         wrap(fast.FastUNet, "_shared_forward", "shared-guidance")
         wrap(fast, "winograd_conv3x3", "winograd-conv")
+        wrap(fast, "gemm_conv3x3", "gemm-conv")
 
 
 def test_fast_unet_equals_plain_with_every_rewrite(unets, monkeypatch):
@@ -520,6 +587,19 @@ def test_fast_unet_equals_plain_with_every_rewrite(unets, monkeypatch):
         expected.discard("onednn-linear")
     assert expected <= set(spy.routes)
     assert spy.routes.count("shared-guidance") == 2
+
+
+def test_fast_unet_in_float64_takes_the_gemm_convolutions(unets, monkeypatch):
+    """Where Winograd does not apply (float64 here, bfloat16 on a real run) the 3x3 convs go through the GEMM
+    route, and the model is the plain one to float64 rounding."""
+    plain = copy.deepcopy(unets[0]).double()
+    quick = _fast_copy(plain)
+    spy = Spy(monkeypatch)
+    x, ehs, ehs_1, mask = (t.double() if t.is_floating_point() else t for t in _unet_inputs(plain))
+    with torch.inference_mode():
+        got, want = quick(x, 981, ehs, ehs_1, mask), plain(x, 981, ehs, ehs_1, mask)
+    assert rel_err(got, want) <= 1e-12
+    assert "gemm-conv" in spy.routes and "winograd-conv" not in spy.routes
 
 
 def test_restore_gives_the_plain_classes(unets):
