@@ -45,8 +45,9 @@ rounds, ``_time``); one that only removes work (folded-attention, shared-guidanc
 which its module checks per call (the fold only where H L < C + L). One whose gain depends on the shape
 (winograd-conv: up to 1.5x for wide channels on small maps, a loss on narrow ones over long maps; gemm-conv:
 1.2-1.8x on the UNet's deepest 32 x 2 maps, a loss on larger ones) is timed per input shape where it first
-meets one (phase-upsampling likewise: the UNet's narrow maps and the VAE's wide ones differ), long maps at a capped height that then serves every longer length (``_probe_rows``). Timed decisions
-are kept on disk (see ``decide``).
+meets one (phase-upsampling likewise: the UNet's narrow maps and the VAE's wide ones differ), long maps at a
+capped height that then serves every longer length (``_probe_rows``). Timed decisions are kept on disk (see
+``decide``).
 ``optimize(model, select="supported")`` skips the timing
 (tests use it to exercise every rewrite); ``select={"onednn-linear", ...}`` applies exactly those that are
 supported. Measurements per CPU: ``benchmarks/RESULTS.md``.
@@ -328,9 +329,8 @@ def gemm_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     O = weight.shape[0]
     xp = F.pad(x, (1, 1, 1, 1))
     cols = torch.stack([xp[:, :, i : i + H, j : j + W] for i in range(3) for j in range(3)], dim=-1)
-    cols = cols.permute(0, 2, 3, 1, 4).reshape(
-        B * H * W, C * 9
-    )  # (B H W, C 9): the weight's (C, kh, kw) order
+    # (B H W, C 9): each row in the weight's (C, kh, kw) order
+    cols = cols.permute(0, 2, 3, 1, 4).reshape(B * H * W, C * 9)
     y = linear(cols, weight.reshape(O, C * 9), bias).view(B, H, W, O).permute(0, 3, 1, 2)  # channels-last
     return y if _channels_last(x) else y.contiguous()
 

@@ -566,10 +566,10 @@ class AudioLDM2:
         vae = self.vae
         latents = latents.to(self._decoder_dtype)
         # on the CPU the heap each stage of a decoder freed goes back to the system before the next, wider one
-        with _heap_returned_before(getattr(getattr(vae, "decoder", None), "up_blocks", []) if cpu else []):
-            mels = (
-                [vae.decode(x) for x in latents.split(1)] if split else [vae.decode(latents)]
-            )  # (b, 1, T, 64)
+        up_blocks = getattr(getattr(vae, "decoder", None), "up_blocks", []) if cpu else []
+        with _heap_returned_before(up_blocks):
+            # (b, 1, T, 64) each
+            mels = [vae.decode(x) for x in latents.split(1)] if split else [vae.decode(latents)]
         self._release("vae")
         vocoder = self.vocoder
         with _heap_returned_before(getattr(vocoder, "upsampler", []) if cpu else []):
