@@ -231,6 +231,14 @@ def test_uncached_leaves_nothing_behind():
     assert "_phase_weights" not in conv.__dict__
 
 
+def _conv_and_map(shape, layout, bias) -> tuple[nn.Conv2d, torch.Tensor]:
+    """A seeded 3x3 conv C -> O and a (B, C, H, W) map in ``layout`` ("nchw" or "channels_last")."""
+    B, C, H, W, O = shape
+    conv = _seeded(nn.Conv2d(C, O, 3, padding=1, bias=bias))
+    x = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(1))
+    return conv, x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize(
     "shape", [(1, 1, 2, 2, 1), (2, 5, 6, 4, 3), (1, 64, 32, 8, 32), (2, 384, 16, 4, 384)]
@@ -240,11 +248,7 @@ def test_winograd_matches_conv(layout, shape, bias):
     """Winograd F(2x2, 3x3) is the 3x3 convolution: to float64 rounding in float64 (the algebra), within
     float32 rounding of the exact result in float32 (<= 1e-6 relative at up to 384 channels), whole or in
     bands of tile rows, in the input's memory format."""
-    B, C, H, W, O = shape
-    conv = _seeded(nn.Conv2d(C, O, 3, padding=1, bias=bias))
-    x = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(1))
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
+    conv, x = _conv_and_map(shape, layout, bias)
     with torch.no_grad():
         got, want = winograd_conv3x3(x, conv.weight, conv.bias), conv(x)
         conv64 = copy.deepcopy(conv).double()
@@ -305,11 +309,7 @@ def test_gemm_conv_matches_conv(layout, shape, bias):
     """The 3x3 convolution as one GEMM over an im2col copy: to float64 rounding in float64, within float32
     rounding of the exact result in float32, within bfloat16 rounding in bfloat16; any map size; the input's
     memory format kept."""
-    B, C, H, W, O = shape
-    conv = _seeded(nn.Conv2d(C, O, 3, padding=1, bias=bias))
-    x = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(1))
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
+    conv, x = _conv_and_map(shape, layout, bias)
     with torch.no_grad():
         conv64 = copy.deepcopy(conv).double()
         truth = conv64(x.double())
