@@ -297,13 +297,15 @@ class StageTimer:
         setattr(target, method, timed)
 
 
+def _status_mb(keys: set[str]) -> dict[str, float]:
+    """Fields of this process's ``/proc/self/status`` (VmRSS, RssAnon, RssFile, ...), MB."""
+    with open("/proc/self/status") as f:
+        return {k: int(v.split()[0]) / 1024 for k, v in (line.split(":", 1) for line in f) if k in keys}
+
+
 def _rss_mb() -> float:
     """Current resident set (VmRSS) of this process, MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return _status_mb({"VmRSS"}).get("VmRSS", float("nan"))
 
 
 class PeakSampler:
@@ -321,12 +323,7 @@ class PeakSampler:
     def _run(self):
         while True:
             try:
-                with open("/proc/self/status") as f:
-                    now = {
-                        k: int(v.split()[0]) / 1024
-                        for k, v in (line.split(":", 1) for line in f)
-                        if k in self.peak
-                    }
+                now = _status_mb(set(self.peak))
             except (OSError, ValueError):  # not Linux
                 return
             if now.get("VmRSS", 0) > self.peak["VmRSS"]:
