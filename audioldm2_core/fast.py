@@ -701,7 +701,8 @@ def _upsample_shape_probe(dtype, shape):
 
 
 def _probe_vae(dtype):  # a resnet of the decoder's last level at 10.24 s, in each layout (at 128 x 32 the
-    # two were level within the timing noise, at full size channels-last is 1.26x; the whole decoder 1.6x)
+    # two were level within the timing noise, at full size channels-last is 1.11-1.24x; the whole decoder
+    # with its per-shape rewrites decided in each layout 1.04x, 1.58 -> 1.51 s on AVX-512)
     # (16-bit: the small map; without native bfloat16 its convolutions run reference kernels, ~1000x slower)
     H, W = (512, 64) if dtype in (torch.float32, torch.float64) else (128, 32)
     block, x = _seeded(vae.ResnetBlock2D(128, 128, 32), dtype), _randn(dtype, 1, 128, H, W)
