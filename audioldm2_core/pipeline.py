@@ -118,13 +118,49 @@ def audio_shape(
     return height, keep
 
 
+class _MallInfo2(ctypes.Structure):  # glibc >= 2.33's struct mallinfo2, fields in its order
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")
+    ]  # fmt: skip
+
+
+def _heap_state() -> tuple[int, int, int] | None:
+    """(RSS, the process's peak RSS so far, the heap glibc holds free), bytes; None where unknown (not Linux
+    with glibc >= 2.33)."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallinfo2.restype = _MallInfo2
+        free = libc.mallinfo2().fordblks
+        with open("/proc/self/status") as f:
+            status = dict(line.split(":", 1) for line in f)
+        rss, peak = (int(status[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM"))
+    except (OSError, AttributeError, KeyError, ValueError):
+        return None
+    return rss, peak, free
+
+
+def _return_pays(rss: int, peak: int, free: int) -> bool:
+    """Whether handing the free heap back can lower the process's peak RSS. The free heap is resident and is
+    reused first; the part of it a later allocation cannot reuse (sizes that do not fit) is what sits under a
+    later peak, at most ``rss + free`` if the next stage needs as much again. When even that stays below the
+    peak so far, the peak is elsewhere (a bfloat16 load, whose conversions peak above any later stage) and a
+    trim would only cost the page faults of memory taken back (~2% of a bfloat16 generation)."""
+    return rss + free >= peak
+
+
 def _return_freed_memory() -> None:
-    """Hand memory freed by a released component back to the system, so that the process's RSS drops.
+    """Hand memory freed by a released component back to the system, so that the process's RSS drops,
+    where that can lower its peak (``_return_pays``).
 
     Weights read in the file's dtype are memory maps and go back when unmapped; but tensors made by a cast
     (bfloat16 weights from a float32 file) and activations live on the C heap, and glibc keeps freed heap
     memory for reuse unless asked to trim it. Not glibc (macOS, musl): nothing to do.
     """
+    state = _heap_state()
+    if state is not None and not _return_pays(*state):
+        return
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):

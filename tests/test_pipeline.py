@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import platform
 import re
 
 import numpy as np
@@ -186,6 +187,43 @@ def test_decoder_stages_hand_back_the_heap_and_leave_no_hooks(pipe, monkeypatch)
     assert len(trims) == 2 * stages + 2  # per waveform and stage; then after the VAE and after the vocoder
     assert not any(m._forward_pre_hooks for m in [*pipe.vae.modules(), *pipe.vocoder.modules()])
     assert torch.equal(got, want)
+
+
+def test_heap_goes_back_only_where_it_can_lower_the_peak(monkeypatch):
+    """malloc_trim runs when the RSS plus the heap glibc holds free reaches the process's peak so far (the
+    float32 generation, whose peak grows stage by stage), not when the peak is far above (a bfloat16 load's
+    conversions), where a trim only costs page faults; where the state is unknown it trims as before."""
+    from audioldm2_core import pipeline as P
+
+    MB = 1 << 20
+    assert P._return_pays(rss=4076 * MB, peak=4164 * MB, free=488 * MB)  # float32, 10.24 s, measured
+    assert not P._return_pays(rss=2261 * MB, peak=3295 * MB, free=80 * MB)  # bfloat16, measured
+    assert P._return_pays(rss=100 * MB, peak=100 * MB, free=0)
+
+    trims = []
+
+    class Libc:
+        def malloc_trim(self, pad):
+            trims.append(pad)
+
+    monkeypatch.setattr(P.ctypes, "CDLL", lambda name: Libc())
+    for state, want in [((10 * MB, 100 * MB, MB), []), ((99 * MB, 100 * MB, MB), [0]), (None, [0, 0])]:
+        monkeypatch.setattr(P, "_heap_state", lambda s=state: s)
+        P._return_freed_memory()
+        assert trims == want
+
+
+def test_heap_state_reads_this_process():
+    """RSS, peak and free heap where glibc >= 2.33 gives them (Linux); None elsewhere, where the trim runs."""
+    from audioldm2_core import pipeline as P
+
+    libc, version = platform.libc_ver()
+    state = P._heap_state()
+    if libc != "glibc" or tuple(int(v) for v in version.split(".")[:2]) < (2, 33):
+        assert state is None
+        return
+    rss, peak, free = state
+    assert 0 < rss <= peak and free >= 0
 
 
 def test_decode_one_waveform_at_a_time_on_the_cpu(pipe, monkeypatch):
