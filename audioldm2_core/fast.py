@@ -55,6 +55,7 @@ supported. Measurements per CPU: ``benchmarks/RESULTS.md``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -64,7 +65,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import cpu_attention, gpt2, unet, vae
 
@@ -128,13 +130,51 @@ def _onednn(x: Tensor, weight: Tensor) -> bool:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, gelu: bool = False) -> Tensor:
     """``F.linear``, then the exact (erf) GELU if ``gelu``: by oneDNN's matmul with the GELU in the same pass
-    where that is on, else ``F.linear`` (GELU in place when no gradient needs the input)."""
+    where that is on (on the weight in oneDNN's blocked layout inside a UNet call where ``packed-linear`` is
+    on), else ``F.linear`` (GELU in place when no gradient needs the input)."""
     if _onednn(x, weight) and (bias is None or _no_grad(bias)):
+        if _packing and _enabled("packed-linear", x.dtype):
+            weight = packed_weight(weight)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none")
     y = F.linear(x, weight, bias)
     if not gelu:
         return y
     return F.gelu(y) if y.requires_grad else torch.ops.aten.gelu_(y)
+
+
+# Inside a UNet call (``FastUNet.forward``) where ``packed-linear`` is on, the linears read packed weights.
+_packing = 0
+
+# parameter -> {(offset, shape, stride): ((storage, version), packed)}: what ``packed_weight`` made of it or of
+# its views (the GEGLU's row halves, the 1x1 projections flattened); gone with the parameter
+_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+@contextlib.contextmanager
+def _packed_linears() -> Iterator[None]:
+    global _packing
+    _packing += 1
+    try:
+        yield
+    finally:
+        _packing -= 1
+
+
+def packed_weight(weight: Tensor) -> Tensor:
+    """``weight`` (a parameter or a view of one) as oneDNN's matmul reads it, in its blocked layout: the same
+    numbers, reordered once and kept while the parameter's storage and version counter stay the same (a
+    ``copy_``, an optimizer step or a new tensor repack it), where the plain call reorders the weight on every
+    call (rewrite ``packed-linear``). Inference tensors (no version counter) are passed as they are."""
+    if weight.is_inference():
+        return weight
+    base = weight if weight._base is None else weight._base
+    stamp = (weight.untyped_storage().data_ptr(), weight._version)
+    where = (weight.storage_offset(), tuple(weight.shape), weight.stride())
+    kept = _PACKED.setdefault(base, {})
+    hit = kept.get(where)
+    if hit is None or hit[0] != stamp:
+        hit = kept[where] = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
+    return hit[1]
 
 
 def phase_weights(weight: Tensor) -> Tensor:
@@ -544,12 +584,17 @@ _GEMM_CONV_BYTES = 32 << 20
 
 
 class FastUNet(unet.AudioLDM2UNet):
-    """Under classifier-free guidance the two halves of the batch are the same latents (``torch.cat([x] * 2)``)
-    at the same step: the layers before the first transformer that reads a condition (``conv_in``, the first
-    down block, the next block's first resnet and its self-attention-only transformer: ~6% of a call) give
-    the same rows for both halves, so they run once on the first half and their outputs are repeated
-    (rewrite ``shared-guidance``). Checked per call: the halves equal, no hooks in those layers (which
-    would see half the batch), and no gradient recorded."""
+    """Two rewrites of a UNet call.
+
+    ``shared-guidance``: under classifier-free guidance the two halves of the batch are the same latents
+    (``torch.cat([x] * 2)``) at the same step: the layers before the first transformer that reads a condition
+    (``conv_in``, the first down block, the next block's first resnet and its self-attention-only transformer:
+    ~6% of a call) give the same rows for both halves, so they run once on the first half and their outputs
+    are repeated. Checked per call: the halves equal, no hooks in those layers (which would see half the
+    batch), and no gradient recorded.
+
+    ``packed-linear`` (16-bit): the linears inside the call read their weights in oneDNN's blocked layout,
+    reordered once (``packed_weight``) instead of on every call: the UNet's run 20-200 times a generation."""
 
     def forward(
         self,
@@ -560,10 +605,18 @@ class FastUNet(unet.AudioLDM2UNet):
         encoder_attention_mask_1: Tensor | None = None,
     ) -> Tensor:
         args = (sample, timestep, encoder_hidden_states, encoder_hidden_states_1, encoder_attention_mask_1)
+        if not _enabled("packed-linear", sample.dtype):
+            return self._guided_forward(*args)
+        with _packed_linears():
+            return self._guided_forward(*args)
+
+    def _guided_forward(self, sample, timestep, encoder_hidden_states, *rest) -> Tensor:
+        args = (sample, timestep, encoder_hidden_states, *rest)
         B = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1)
         if not (
-            B % 2 == 0
+            _enabled("shared-guidance", sample.dtype)
+            and B % 2 == 0
             and encoder_hidden_states.shape[0] == B
             and t.numel() in (1, B)
             and not torch.is_grad_enabled()
@@ -668,6 +721,22 @@ def _probe_linear(dtype):  # the first level's feed-forward as the plain model r
     )
 
 
+def _probe_packed(dtype):  # the first level's feed-forward's GEMMs (the GEGLU's halves, the output) by
+    # oneDNN's matmul on the weights as stored, then packed (weights made outside inference mode, as loaded)
+    with torch.inference_mode(False):
+        ff = _seeded(unet.FeedForward(256), dtype)
+    proj, out, x = ff.net[0].proj, ff.net[2], _randn(dtype, 2, 1024, 256)
+    n = proj.weight.shape[0] // 2
+
+    def run(w: Callable[[Tensor], Tensor]) -> Tensor:
+        mm = torch.ops.mkldnn._linear_pointwise
+        h = mm(x, w(proj.weight[:n]), proj.bias[:n], "none", [], "none")
+        h.mul_(mm(x, w(proj.weight[n:]), proj.bias[n:], "gelu", [], "none"))
+        return mm(h, w(out.weight), out.bias, "none", [], "none")
+
+    return (lambda: run(lambda w: w)), (lambda: run(packed_weight))
+
+
 def _probe_geglu(dtype):
     return _twin_calls(
         _seeded(unet.GEGLU(256, 1024), dtype), {unet.GEGLU: FastGEGLU}, _randn(dtype, 2, 1024, 256)
@@ -757,6 +826,7 @@ REWRITES: dict[str, Rewrite] = {
     for r in [
         Rewrite("onednn-linear", {nn.Linear: FastLinear, gpt2.Conv1D: FastConv1D}, _probe_linear),
         Rewrite("fused-geglu", {unet.GEGLU: FastGEGLU}, _probe_geglu),
+        Rewrite("packed-linear", {unet.AudioLDM2UNet: FastUNet}, _probe_packed),
         Rewrite("folded-attention", {unet.Attention: FastAttention}, _probe_folded, timed=False),
         Rewrite("token-projections", {unet.Transformer2DModel: FastTransformer2D}, _probe_tokens),
         Rewrite(
@@ -930,6 +1000,12 @@ def _probe(name: str, dtype: torch.dtype, timed: bool, shape: tuple[int, ...] | 
     if name == "folded-attention" and dtype not in (torch.float32, torch.float64):
         return Decision(
             False, None, "full precision only (16-bit scores would be rounded before the softmax)"
+        )
+    if name == "packed-linear" and dtype not in (torch.bfloat16, torch.float16):
+        return Decision(
+            False,
+            None,
+            "16-bit only (float32 weights are the file's memory maps: a packed copy would double them)",
         )
     if name == "winograd-conv" and dtype != torch.float32:
         return Decision(False, None, "float32 only (in 16-bit formats every transform step would round)")

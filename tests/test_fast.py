@@ -231,6 +231,75 @@ def test_uncached_leaves_nothing_behind():
     assert "_phase_weights" not in conv.__dict__
 
 
+# ---- packed-linear --------------------------------------------------------------------------------------
+
+
+def _mm(x, w, b=None):
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "none")
+
+
+def test_packed_weight_is_the_same_numbers_kept_per_version():
+    """oneDNN's blocked copy gives oneDNN's sums bit for bit (float32 here, where the op exists on every x86
+    CPU; the rewrite itself is decided for 16-bit), is made once per parameter version and view (a GEGLU's
+    row halves separately), is remade after an in-place change, and goes with its parameter."""
+    import gc
+
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 40)
+    x = torch.randn(3, 7, 24)
+    with torch.no_grad():
+        top, bottom = layer.weight[:20], layer.weight[20:]
+        p_top, p_bottom = fast.packed_weight(top), fast.packed_weight(bottom)
+        assert torch.equal(_mm(x, p_top), _mm(x, top)) and torch.equal(_mm(x, p_bottom), _mm(x, bottom))
+        assert fast.packed_weight(layer.weight[:20]) is p_top  # a new view of the same rows: kept
+        assert len(fast._PACKED[layer.weight]) == 2
+        layer.weight.mul_(2)  # a user's change: the version counter moves, the copy is remade
+        again = fast.packed_weight(layer.weight[:20])
+        assert again is not p_top and torch.equal(_mm(x, again), _mm(x, layer.weight[:20]))
+    with torch.inference_mode():
+        made_here = torch.randn(40, 24)  # an inference tensor has no version counter: used as it is
+        assert fast.packed_weight(made_here) is made_here
+    assert layer.weight in fast._PACKED
+    del layer, top, bottom
+    gc.collect()
+    assert len(fast._PACKED) == 0
+
+
+def test_packed_linear_is_decided_for_16_bit_only():
+    """float32 weights are the checkpoint's memory maps (a packed copy would double them): not offered. In
+    bfloat16 it is the plain matmul's numbers where oneDNN has the op, and unsupported (the probe raises)
+    where the CPU lacks bfloat16 (test_bfloat16_without_cpu_support runs that CPU)."""
+    assert not fast.decide("packed-linear", torch.float32, timed=False).supported
+    decision = fast.decide("packed-linear", torch.bfloat16, timed=False)
+    if decision.supported:
+        with torch.inference_mode():
+            plain, packed = fast.REWRITES["packed-linear"].probe(torch.bfloat16)
+            assert torch.equal(packed(), plain())
+    else:
+        assert decision.reason.startswith("unsupported here"), decision
+
+
+def test_packed_linears_only_inside_a_unet_call(unets):
+    """The UNet's linears read packed weights during its call (the same sums; oneDNN may block a packed
+    float32 weight's reduction differently: float32 rounding apart); a linear called outside one (a text
+    encoder's) packs nothing."""
+    plain, quick = unets
+    x, ehs, ehs_1, mask = _unet_inputs(plain)
+    layer = FastLinear(24, 40)
+    fast._PACKED.clear()
+    with torch.inference_mode():
+        want = quick(x, 981, ehs, ehs_1, mask)
+        fast._ON.add(("packed-linear", torch.float32))  # the function is dtype-blind; the decision is not
+        got = quick(x, 981, ehs, ehs_1, mask)
+        layer(torch.randn(2, 24))
+    assert rel_err(got, want) <= 1e-6
+    packed = set(map(id, fast._PACKED))
+    unet_params = {id(p) for p in quick.parameters()}
+    if fast.decide("onednn-linear", torch.float32, timed=False).supported:
+        assert packed and packed <= unet_params
+    assert id(layer.weight) not in packed
+
+
 def _conv_and_map(shape, layout, bias) -> tuple[nn.Conv2d, torch.Tensor]:
     """A seeded 3x3 conv C -> O and a (B, C, H, W) map in ``layout`` ("nchw" or "channels_last")."""
     B, C, H, W, O = shape
@@ -485,7 +554,7 @@ def _fast_copy(plain: nn.Module, select="supported") -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("name", [n for n in fast.REWRITES if n != "cpu-attention"])
+@pytest.mark.parametrize("name", [n for n in fast.REWRITES if n not in ("cpu-attention", "packed-linear")])
 def test_each_rewrite_is_supported_and_exact_on_its_probe(name):
     """float32: every rewrite runs on this CPU, matches the plain computation to float32 rounding, and is no
     further from the float64 computation (the plain call on the probe's weights and inputs in float64) than
