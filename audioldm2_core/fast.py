@@ -12,6 +12,8 @@ renamed: parameters, buffers, state-dict keys, hooks and ``isinstance`` checks s
                                                                   runs for frozen linears)
     fused-geglu        GEGLU: one GEMM, chunk, GELU, product      two GEMMs on the weight's row halves, GELU
                                                                   fused into the gate's, the product in place
+    packed-linear      the UNet's 16-bit linears: oneDNN          the weights in oneDNN's blocked layout,
+                       reorders the weight on every call          reordered once per weight version
     folded-attention   cross-attention to a short context         to_q folded into the keys, to_out into the
                                                                   values: 2NC(HL) instead of 2NC(C+L) MACs
     token-projections  Transformer2D's 1x1 proj_in / proj_out     linears in the token layout (no NCHW copy)
