@@ -22,6 +22,7 @@ import math
 import mmap
 import os
 import re
+import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -332,7 +333,8 @@ def _read_safetensors(path: Path, select: Callable[[str], bool] | None) -> dict[
     A map costs nothing up front (no copy, no allocation); pages come from the page cache, shared with every
     other process using the file, when first touched; tensors that ``select`` rejects are never read; and the
     map goes with the last tensor that views it. It is copy-on-write: an in-place change to a weight changes
-    this process's copy of that page, never the file.
+    this process's copy of that page, never the file. Once ``load_strict`` holds a copy of a tensor (another
+    dtype or device), it hands that tensor's pages back (``_release_pages``).
     """
     layout, end = [], 0  # (key, dtype, shape, offset in the data section, bytes) of the selected tensors
     with _safe_open(path) as f:
@@ -353,6 +355,7 @@ def _read_safetensors(path: Path, select: Callable[[str], bool] | None) -> dict[
     except (OSError, ValueError) as e:
         raise _unreadable(path, e) from e
     start = 8 + int.from_bytes(mm[:8], "little")  # the header's length, then the header
+    _MAPS[mm] = torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr()
     if start + end != len(mm):  # changed since safe_open read it
         raise _unreadable(path, f"file of {len(mm)} bytes, its header says {start + end}")
     state = {}
@@ -368,6 +371,32 @@ def _read_safetensors(path: Path, select: Callable[[str], bool] | None) -> dict[
                 mm, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset
             ).view(shape)
     return state
+
+
+# The maps ``_read_safetensors`` made, with their addresses; an entry goes with its map.
+_MAPS: weakref.WeakKeyDictionary[mmap.mmap, int] = weakref.WeakKeyDictionary()
+
+
+def _release_pages(t: torch.Tensor) -> None:
+    """Drop from this process the pages of a file map that lie wholly under ``t``'s bytes.
+
+    For a tensor loaded as a copy in another dtype or on another device: without this, the file's pages it was
+    read from stay in the process (its RSS) until the whole map goes, that is until the last tensor of the
+    file is loaded, so a bfloat16 load peaked at its copies plus the float32 file (3.3 GB against 2.3 GB for
+    the loaded pipeline, ``benchmarks/RESULTS.md``). Only pages of a private map of an unchanged file are
+    dropped, and only those no other tensor shares: read again, such a page comes back from the file as it
+    was. Elsewhere (a tensor of a pickle, or not from a file) this does nothing.
+    """
+    if t.device.type != "cpu" or not t.is_contiguous() or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start, end = t.data_ptr(), t.data_ptr() + t.nbytes
+    for mm, base in list(_MAPS.items()):
+        if base <= start and end <= base + len(mm):
+            first = -(-(start - base) // mmap.PAGESIZE) * mmap.PAGESIZE
+            last = (end - base) // mmap.PAGESIZE * mmap.PAGESIZE
+            if last > first:
+                mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+            return
 
 
 def read_weights(
@@ -498,10 +527,13 @@ def load_strict(
     module would add half to the time of every successful call.
     """
     with _gc_paused():
-        state = {
-            k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
-            for k, v in state.items()
-        }
+        loaded = {}
+        for k, v in state.items():
+            cast = dtype if dtype is not None and v.is_floating_point() else v.dtype
+            loaded[k] = v.to(device=device, dtype=cast)
+            if loaded[k] is not v:  # a copy: the file's pages under v are no longer needed
+                _release_pages(v)
+        state = loaded
         try:
             module.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:

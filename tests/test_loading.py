@@ -19,6 +19,7 @@ from audioldm2_core.loading import (
     Checkpoint,
     CheckpointError,
     WeightsError,
+    _release_pages,
     empty_init,
     hub_patterns,
     load_strict,
@@ -319,6 +320,51 @@ def test_load_strict_assigns_the_files_tensors():
         block = Block()
     with pytest.raises(WeightsError, match=r"test: weights do not match Block: missing keys: scale"):
         load_strict(block, {k: v for k, v in state.items() if k != "scale"}, "test")
+
+
+def _mapped_mb(path: Path) -> float | None:
+    """This process's resident pages of its maps of ``path`` (Linux's smaps), in MB; None elsewhere."""
+    smaps = Path("/proc/self/smaps")
+    if not smaps.exists():
+        return None
+    kb, inside = 0, False
+    for line in smaps.read_text().splitlines():
+        if line[:1] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:  # a map's header line
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            kb += int(line.split()[1])
+    return kb / 1024
+
+
+def test_a_copied_tensor_hands_its_file_pages_back(tmp_path):
+    """Loading in another dtype drops the file pages a tensor was read from once its copy exists, so a bfloat16
+    load peaks at its copies, not at its copies plus the float32 file. What is dropped reads back the same."""
+    path = tmp_path / "w.safetensors"
+    tensors = dict(a=torch.randn(2 << 20), small=torch.randn(3), b=torch.randn(1 << 20), i=torch.arange(5))
+    save_file(tensors, path)
+    state = read_weights(path)
+    assert all(torch.equal(state[k], t) for k, t in tensors.items())  # read: its pages are resident
+    before = _mapped_mb(path)
+    module = torch.nn.Module()
+    with empty_init():
+        for key, t in tensors.items():
+            module.register_buffer(key, torch.empty_like(t))
+    load_strict(module, state, "test", dtype=torch.bfloat16)
+    after = _mapped_mb(path)
+    if before is not None:  # Linux: the 12 MB of float32 were resident, and are not after the copies
+        assert before >= 12 and after < 0.1, (before, after)
+    for key, t in tensors.items():
+        expected = t.bfloat16() if t.is_floating_point() else t
+        assert torch.equal(getattr(module, key), expected)
+        assert torch.equal(state[key], t)  # the file's view, read again from the file
+
+
+def test_releasing_pages_leaves_other_memory_alone():
+    """Only a file map's pages are ever dropped: a tensor in the process's own memory keeps its values."""
+    x = torch.randn(1 << 20)
+    kept = x.clone()
+    _release_pages(x)
+    assert torch.equal(x, kept)
 
 
 def test_speech_checkpoint_pairs_vits_with_its_tokenizer(tiny_gigaspeech, tmp_path):
