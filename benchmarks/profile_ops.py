@@ -266,7 +266,11 @@ def main(argv: list[str] | None = None) -> None:
     }
     peak = peaks(dtype)
     results = {}
-    with torch.inference_mode():
+    # no_grad, not inference_mode as the pipeline: under a dispatch mode in inference mode a view (the UNet's
+    # flattened 1x1 projections) loses its base, and fast.packed_weight, which keeps packed weights per
+    # parameter, would repack those on every profiled call (25 ms of a bfloat16 call), which a generation never
+    # does
+    with torch.no_grad():
         for key, fn in calls.items():
             results[key] = profile(fn, args.calls)
             print(f"{key[0]}, {key[1]}: {results[key][3]:.3f} s", file=sys.stderr, flush=True)
