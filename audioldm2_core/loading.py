@@ -41,6 +41,7 @@ __all__ = [
     "hub_errors",
     "read_weights",
     "load_strict",
+    "release_pages",
     "empty_init",
     "COMPONENTS",
 ]
@@ -334,7 +335,7 @@ def _read_safetensors(path: Path, select: Callable[[str], bool] | None) -> dict[
     other process using the file, when first touched; tensors that ``select`` rejects are never read; and the
     map goes with the last tensor that views it. It is copy-on-write: an in-place change to a weight changes
     this process's copy of that page, never the file. Once ``load_strict`` holds a copy of a tensor (another
-    dtype or device), it hands that tensor's pages back (``_release_pages``).
+    dtype or device), it hands that tensor's pages back (``release_pages``).
     """
     layout, end = [], 0  # (key, dtype, shape, offset in the data section, bytes) of the selected tensors
     with _safe_open(path) as f:
@@ -377,7 +378,7 @@ def _read_safetensors(path: Path, select: Callable[[str], bool] | None) -> dict[
 _MAPS: weakref.WeakKeyDictionary[mmap.mmap, int] = weakref.WeakKeyDictionary()
 
 
-def _release_pages(t: torch.Tensor) -> None:
+def release_pages(t: torch.Tensor) -> None:
     """Drop from this process the pages of a file map that lie wholly under ``t``'s bytes.
 
     For a tensor loaded as a copy in another dtype or on another device: without this, the file's pages it was
@@ -532,7 +533,7 @@ def load_strict(
             cast = dtype if dtype is not None and v.is_floating_point() else v.dtype
             loaded[k] = v.to(device=device, dtype=cast)
             if loaded[k] is not v:  # a copy: the file's pages under v are no longer needed
-                _release_pages(v)
+                release_pages(v)
         state = loaded
         try:
             module.load_state_dict(state, strict=True, assign=True)

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import T5Config, t5_config
-from .loading import Checkpoint, WeightsError, empty_init, load_strict
+from .loading import Checkpoint, WeightsError, empty_init, load_strict, release_pages
 
 __all__ = ["T5Encoder", "load_t5", "relative_position_bucket"]
 
@@ -253,10 +253,12 @@ def _untie_embedding(state: dict[str, torch.Tensor], source: str) -> dict[str, t
 def _half_except_wo(model: T5Encoder) -> None:
     """float16 as transformers does it for T5: every parameter in float16 except the ``wo`` weights, which
     ``_keep_in_fp32_modules = ["wo"]`` keeps in float32 (for float16 only, not bfloat16). Called on a model
-    loaded in float32, so ``wo`` keeps the file's values unrounded."""
+    loaded in float32, so ``wo`` keeps the file's values unrounded; the file's pages under the others go."""
     for name, p in model.named_parameters():
         if not name.endswith("DenseReluDense.wo.weight"):
-            p.data = p.data.half()
+            full = p.data
+            p.data = full.half()
+            release_pages(full)
 
 
 def load_t5(

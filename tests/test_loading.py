@@ -19,12 +19,12 @@ from audioldm2_core.loading import (
     Checkpoint,
     CheckpointError,
     WeightsError,
-    _release_pages,
     empty_init,
     hub_patterns,
     load_strict,
     open_checkpoint,
     read_weights,
+    release_pages,
     safetensors_keys,
 )
 from audioldm2_core.vocoder import load_vocoder
@@ -363,7 +363,7 @@ def test_releasing_pages_leaves_other_memory_alone():
     """Only a file map's pages are ever dropped: a tensor in the process's own memory keeps its values."""
     x = torch.randn(1 << 20)
     kept = x.clone()
-    _release_pages(x)
+    release_pages(x)
     assert torch.equal(x, kept)
 
 
