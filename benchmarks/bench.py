@@ -207,21 +207,25 @@ def rotate(names: list[str], generate, rounds: int) -> tuple[dict, dict]:
     return times, waves
 
 
-def rotation_table(times: dict, waves: dict, ref, error_header: str = "rel. error vs diffusers") -> list[str]:
-    """``rotate``'s result as a markdown table: median, min, the median of the per-round ratios to
-    "diffusers" and each of them, and each waveform's relative L2 error against ``ref``."""
+def rotation_table(
+    times: dict, waves: dict, ref, error_header: str = "rel. error vs diffusers", places: int = 2
+) -> list[str]:
+    """``rotate``'s result as a markdown table: median, min (in seconds to ``places``), the median of the
+    per-round ratios to "diffusers" and each of them, and each output's relative L2 error against ``ref``
+    (waveforms, or a component's outputs as in ``unet_ab.py`` and ``gpt2_ab.py``: arrays or tensors)."""
     import numpy as np
 
+    ref = np.asarray(ref, dtype=np.float64)
     lines = [
         f"| implementation | median | min | diffusers / it (median of rounds) | per round | {error_header} |",
         "|---|---:|---:|---:|---|---:|",
     ]
     for name, ts in times.items():
         ratios = [d / t for d, t in zip(times["diffusers"], ts, strict=True)]
-        err = float(np.linalg.norm(waves[name] - ref) / np.linalg.norm(ref))
+        err = float(np.linalg.norm(np.asarray(waves[name], dtype=np.float64) - ref) / np.linalg.norm(ref))
         lines.append(
-            f"| {name} | {statistics.median(ts):.2f} s | {min(ts):.2f} s | {statistics.median(ratios):.3f}x | "
-            f"{', '.join(f'{x:.2f}' for x in ratios)} | {err:.2e} |"
+            f"| {name} | {statistics.median(ts):.{places}f} s | {min(ts):.{places}f} s | "
+            f"{statistics.median(ratios):.3f}x | {', '.join(f'{x:.2f}' for x in ratios)} | {err:.2e} |"
         )
     return lines
 

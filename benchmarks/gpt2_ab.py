@@ -25,7 +25,6 @@ Errors are against diffusers' states, [negative, positive] stacked.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -110,7 +109,6 @@ def main(argv: list[str] | None = None) -> None:
                 outs[name] = run(args.new_tokens)
                 times[name].append(time.perf_counter() - start)
 
-    ref = outs["diffusers"].double()
     print(
         f"GPT-2 of {ckpt} ({plain.cfg.n_layer} layers of {plain.cfg.n_embd}), float32, {args.threads} threads: "
         f"{args.new_tokens} states for a guidance batch of 2 from {x.shape[1]} inputs "
@@ -120,12 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print("\n".join(bench.decision_lines(decisions)) or "- none")
     print()
-    print("| implementation | median | min | diffusers / it (median of rounds) | rel. error vs diffusers |")
-    print("|---|---:|---:|---:|---:|")
-    for name, ts in times.items():
-        ratio = statistics.median(d / t for d, t in zip(times["diffusers"], ts, strict=True))
-        err = ((outs[name].double() - ref).norm() / ref.norm()).item()
-        print(f"| {name} | {statistics.median(ts):.3f} s | {min(ts):.3f} s | {ratio:.3f}x | {err:.2e} |")
+    outs = {name: out.float().numpy() for name, out in outs.items()}
+    print("\n".join(bench.rotation_table(times, outs, outs["diffusers"], places=3)))
 
 
 if __name__ == "__main__":

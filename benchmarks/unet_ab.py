@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -155,7 +154,6 @@ def main(argv: list[str] | None = None) -> None:
                 outs[name] = call(name)
                 times[name].append(time.perf_counter() - start)
 
-    ref = outs["diffusers"].double()
     print(
         f"UNet of {bench.weights_description(args, ckpt)}, {args.dtype}, "
         f"{args.threads} threads, latent {tuple(latent.shape)} for a guidance batch of 2, {args.rounds} rounds"
@@ -167,12 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("\n".join(bench.decision_lines(decisions)) or "- none (no variant has the speed layer)")
     print()
-    print("| implementation | median | min | diffusers / it (median of rounds) | rel. error vs diffusers |")
-    print("|---|---:|---:|---:|---:|")
-    for name, ts in times.items():
-        ratio = statistics.median(d / t for d, t in zip(times["diffusers"], ts, strict=True))
-        err = ((outs[name].double() - ref).norm() / ref.norm()).item()
-        print(f"| {name} | {statistics.median(ts):.3f} s | {min(ts):.3f} s | {ratio:.3f}x | {err:.2e} |")
+    outs = {name: out.float().numpy() for name, out in outs.items()}
+    print("\n".join(bench.rotation_table(times, outs, outs["diffusers"], places=3)))
 
 
 if __name__ == "__main__":
