@@ -6,6 +6,7 @@ OpenVINO, and ours, called in rotation in one process on the same weights.
     python benchmarks/openvino_ab.py --cpu-attention       # + ours with audioldm2_core.cpu_attention
     python benchmarks/openvino_ab.py --dtype bfloat16 --cpu-attention   # the bfloat16 routes (see below)
     python benchmarks/openvino_ab.py --tiny --rounds 1     # smoke run on a tiny random checkpoint
+    python benchmarks/openvino_ab.py --rounds 0 --profile 3   # OpenVINO's per-node profile only (see below)
 
 The conversion is the one OpenVINO's AudioLDM 2 notebook (openvino_notebooks, "270-sound-generation") does:
 the three heavy parts of diffusers' ``AudioLDM2Pipeline`` (the UNet, ``vae.decode`` and the HiFi-GAN vocoder)
@@ -35,6 +36,10 @@ variant of the notebook
 is left out: it needs nncf and a calibration set, and loses accuracy.
 Reported: each implementation's median generation time, its per-round ratio to diffusers, and its waveform's
 relative L2 error against diffusers'. Conversion time and memory are printed but are not part of the rounds.
+``--profile CALLS`` adds OpenVINO's own per-node profile (``PERF_COUNT``) of each variant's UNet call, VAE decode
+and vocoder call on the run's inputs: milliseconds per call by node type and the kernel that ran it (e.g.
+``FullyConnected`` on ``gemm_mlas_f32`` or ``brgemm_avx2_f32``), beside ``profile_ops.py``'s tables of diffusers
+and ours; with ``--rounds 0`` it is all that runs.
 """
 
 from __future__ import annotations
@@ -117,9 +122,19 @@ def _openvino_parts(pipe, spec: dict, out_dir: Path, threads: int, f32: bool):
         print(f"  {name}: converted and compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         return compiled
 
-    unet = convert("unet", UNetWrapper(pipe.unet), (lat, torch.tensor(999), lm_states, t5_states, t5_mask))
-    vae = convert("vae_decoder", VAEDecoderWrapper(pipe.vae), (lat[:1],))
-    vocoder = convert("vocoder", pipe.vocoder, (torch.randn(1, height, bins),))
+    examples = {
+        "UNet": (lat, torch.tensor(999), lm_states, t5_states, t5_mask),
+        "VAE decoder": (lat[:1],),
+        "vocoder": (torch.randn(1, height, bins),),
+    }
+    unet = convert("unet", UNetWrapper(pipe.unet), examples["UNet"])
+    vae = convert("vae_decoder", VAEDecoderWrapper(pipe.vae), examples["VAE decoder"])
+    vocoder = convert("vocoder", pipe.vocoder, examples["vocoder"])
+    # for --profile: each part's IR, its compile configuration and inputs
+    profiled = {
+        name: (out_dir / f"{file}.xml", config, [x.numpy() for x in examples[name]])
+        for name, file in (("UNet", "unet"), ("VAE decoder", "vae_decoder"), ("vocoder", "vocoder"))
+    }
 
     def run(compiled: ov.CompiledModel, *inputs: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(compiled([x.numpy() for x in inputs])[0].copy())
@@ -150,7 +165,40 @@ def _openvino_parts(pipe, spec: dict, out_dir: Path, threads: int, f32: bool):
         def forward(self, mel):
             return run(vocoder, mel)
 
-    return OVUNet(), OVVAE(), OVVocoder()
+    return (OVUNet(), OVVAE(), OVVocoder()), profiled
+
+
+def node_profile(xml: Path, config: dict, inputs: list, calls: int) -> dict[tuple[str, str], float]:
+    """OpenVINO's own profile of one model: {(node type, kernel): milliseconds per call}, the mean over
+    ``calls`` inferences after a warm-up, compiled as the rotation compiles it plus ``PERF_COUNT``."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(xml, "CPU", {**config, "PERF_COUNT": True})
+    request = compiled.create_infer_request()
+    request.infer(inputs)
+    ms: dict[tuple[str, str], float] = {}
+    for _ in range(calls):
+        request.infer(inputs)
+        for info in request.profiling_info:
+            if info.status == ov.ProfilingInfo.Status.EXECUTED:
+                key = (info.node_type, info.exec_type)
+                ms[key] = ms.get(key, 0.0) + info.real_time.total_seconds() * 1e3 / calls
+    return ms
+
+
+def node_table(ms: dict[tuple[str, str], float], top: int = 12) -> list[str]:
+    """``node_profile``'s result as a markdown table, the slowest ``top`` (node type, kernel) pairs first and
+    the rest summed, with the total."""
+    total = sum(ms.values())
+    ranked = sorted(ms.items(), key=lambda kv: -kv[1])
+    rows = ranked[:top]
+    if len(ranked) > top:
+        rows.append((("other", f"{len(ranked) - top} pairs"), sum(t for _, t in ranked[top:])))
+    lines = ["| node type | kernel | ms per call | share |", "|---|---|---:|---:|"]
+    for (node, kernel), t in rows:
+        lines.append(f"| {node} | {kernel} | {t:.1f} | {t / total:.0%} |")
+    lines.append(f"| total | | {total:.1f} | 100% |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,10 +215,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache-dir", help="where bench.py builds its checkpoint")
     p.add_argument("--cpu-attention", action="store_true", help="+ ours with audioldm2_core.cpu_attention")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="diffusers' and ours")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="CALLS",
+        help="+ OpenVINO's per-node profile over CALLS calls",
+    )
     args = p.parse_args(argv)
     args.device = "cpu"
-    if args.rounds < 1 or args.steps < 1:
-        p.error("--rounds and --steps must be at least 1")
+    if args.steps < 1 or args.rounds < (0 if args.profile else 1) or args.profile < 0:
+        p.error("--steps and --rounds must be at least 1 (--rounds 0 with --profile: the profile only)")
     try:
         import openvino  # noqa: F401
     except ImportError:
@@ -191,21 +246,24 @@ def main(argv: list[str] | None = None) -> None:
     diffusers_own = diffusers
     if dtype != torch.float32:  # diffusers itself in bfloat16, beside the float32 pipeline the IR comes from
         _, diffusers_own = bench._diffusers(spec, dtype, _NoStageTimes())
-    ours_pipe, ours = bench._ours(spec, dtype, _NoStageTimes())
+    ours = bench._ours(spec, dtype, _NoStageTimes())[1] if args.rounds else None
     from audioldm2_core import cpu_attention
 
     if args.cpu_attention:
         cpu_attention.enable()  # built here if it is not yet, before anything is timed
     torch_parts = (diffusers_pipe.unet, diffusers_pipe.vae, diffusers_pipe.vocoder)
-    ov_parts = {}
+    ov_parts, profiled, nodes = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         variants = (("openvino, notebook", False), ("openvino, f32", True))
         for name, f32 in variants if dtype == torch.float32 else variants[:1]:
             print(f"{name}:", file=sys.stderr)
             folder = Path(tmp) / name.replace(", ", "-")
             folder.mkdir()
-            ov_parts[name] = _openvino_parts(diffusers_pipe, spec, folder, args.threads, f32)
-    print(f"peak RSS after conversions: {bench._peak_rss_mb():.0f} MB", file=sys.stderr)
+            ov_parts[name], profiled[name] = _openvino_parts(diffusers_pipe, spec, folder, args.threads, f32)
+        print(f"peak RSS after conversions: {bench._peak_rss_mb():.0f} MB", file=sys.stderr)
+        for name, parts in profiled.items() if args.profile else ():
+            for part, (xml, config, inputs) in parts.items():
+                nodes[name, part] = node_profile(xml, config, inputs, args.profile)
 
     def generate(name: str, **overrides):
         parts = ov_parts.get(name, torch_parts)
@@ -217,10 +275,10 @@ def main(argv: list[str] | None = None) -> None:
         return np.asarray(call(**overrides), dtype=np.float64)
 
     names = ["diffusers", *ov_parts, "ours", *(["ours, cpu_attention"] if args.cpu_attention else [])]
-    times, waves = bench.rotate(names, generate, args.rounds)
+    times, waves = bench.rotate(names, generate, args.rounds) if args.rounds else ({}, {})
 
-    ref = waves["diffusers"]
-    if dtype != torch.float32:  # the errors against float32: diffusers' float32 pipeline, once, untimed
+    ref = waves.get("diffusers")
+    if args.rounds and dtype != torch.float32:  # errors against diffusers' float32 pipeline, once, untimed
         for attr, module in zip(("unet", "vae", "vocoder"), torch_parts, strict=True):
             diffusers_pipe.__dict__[attr] = module
         ref = np.asarray(diffusers(), dtype=np.float64)
@@ -231,15 +289,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"CPU: {bench.cpu_description()}")
     held = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
-    if held and "openvino, f32" in times:
+    if held and "openvino, f32" in ov_parts:
         print(
             f"Note: ONEDNN_MAX_CPU_ISA={held} does not hold OpenVINO's MLAS, which runs the f32 variant's linears "
             "with this CPU's own instruction set: the f32 row overstates OpenVINO on a CPU without it (the module "
             "docstring)."
         )
-    print()
-    print("\n".join(bench.rotation_table(times, waves, ref, "rel. error vs diffusers float32")))
-    del ours_pipe
+    if times:
+        print()
+        print("\n".join(bench.rotation_table(times, waves, ref, "rel. error vs diffusers float32")))
+    for (name, part), ms in nodes.items():
+        print(f"\n{name}: {part}, OpenVINO's per-node profile (PERF_COUNT), mean of {args.profile} calls\n")
+        print("\n".join(node_table(ms)))
 
 
 if __name__ == "__main__":

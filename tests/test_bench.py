@@ -138,3 +138,22 @@ def test_modes_runs(tiny_base):
     for mode, err in rows.items():
         if mode.startswith("bfloat16"):
             assert 0 < float(err) < 0.5
+
+
+def test_openvino_node_table():
+    """openvino_ab.py --profile's table (OpenVINO itself is optional, never installed for the tests): the
+    slowest (node type, kernel) pairs first, the rest summed into one row, shares of the total."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("openvino_ab", BENCH.parent / "openvino_ab.py")
+    openvino_ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(openvino_ab)
+    ms = {("FullyConnected", "gemm_mlas_f32"): 60.0, ("Convolution", "brgconv_avx2_f32"): 30.0}
+    ms |= {("Add", "jit_avx2_f32"): 6.0, ("Reorder", "ref"): 4.0}
+    lines = openvino_ab.node_table(ms, top=2)
+    assert lines[2:] == [
+        "| FullyConnected | gemm_mlas_f32 | 60.0 | 60% |",
+        "| Convolution | brgconv_avx2_f32 | 30.0 | 30% |",
+        "| other | 2 pairs | 10.0 | 10% |",
+        "| total | | 100.0 | 100% |",
+    ]
