@@ -26,7 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 CLASSES = ("GEMM", "convolution", "attention", "norm", "layout", "elementwise")
-# Operators as Python code calls them (the dispatch mode sees them before composite ones are decomposed).
+# Operators as Python code calls them and as composite ones decompose (``main`` profiles under no_grad, where
+# the dispatch mode sees ``addmm`` for a linear; in inference mode it would see ``linear``): both are listed.
 GEMM = {
     "aten.linear",
     "aten.matmul",
