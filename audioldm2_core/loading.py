@@ -356,9 +356,9 @@ def _read_safetensors(path: Path, select: Callable[[str], bool] | None) -> dict[
     except (OSError, ValueError) as e:
         raise _unreadable(path, e) from e
     start = 8 + int.from_bytes(mm[:8], "little")  # the header's length, then the header
-    _MAPS[mm] = torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr()
     if start + end != len(mm):  # changed since safe_open read it
         raise _unreadable(path, f"file of {len(mm)} bytes, its header says {start + end}")
+    _MAPS[mm] = torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr()
     state = {}
     for key, dtype, shape, offset, nbytes in layout:
         offset += start
@@ -383,8 +383,8 @@ def release_pages(t: torch.Tensor) -> None:
 
     For a tensor loaded as a copy in another dtype or on another device: without this, the file's pages it was
     read from stay in the process (its RSS) until the whole map goes, that is until the last tensor of the
-    file is loaded, so a bfloat16 load peaked at its copies plus the float32 file (3.3 GB against 2.3 GB for
-    the loaded pipeline, ``benchmarks/RESULTS.md``). Only pages of a private map of an unchanged file are
+    file is loaded, so a bfloat16 load would peak at its copies plus the float32 file (3.3 GB against 2.2 GB
+    for the loaded pipeline, ``benchmarks/RESULTS.md``). Only pages of a private map of an unchanged file are
     dropped, and only those no other tensor shares: read again, such a page comes back from the file as it
     was. Elsewhere (a tensor of a pickle, or not from a file) this does nothing.
     """

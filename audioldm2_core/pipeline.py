@@ -145,9 +145,8 @@ def _return_pays(rss: int, peak: int, free: int) -> bool:
     """Whether handing the free heap back can lower the process's peak RSS. The free heap is resident and is
     reused first; the part of it a later allocation cannot reuse (sizes that do not fit) is what sits under a
     later peak, at most ``rss + free`` if the next stage needs as much again. When even that stays below the
-    peak so far, the peak is elsewhere (a load that peaked above any later stage; a bfloat16 load did, before
-    its file pages were handed back as it went) and a trim would only cost the page faults of memory taken
-    back (~2% of a generation). A bfloat16 generation now sets its own peak, and trims lower it by ~290 MB."""
+    peak so far, the peak is elsewhere (a load that peaked above any later stage) and a trim would only cost
+    the page faults of memory taken back (~2% of a generation)."""
     return rss + free >= peak
 
 
