@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["ENV", "attention", "enable", "enabled", "min_keys", "supported"]
+__all__ = ["ENV", "applies", "attention", "enable", "enabled", "min_keys", "supported"]
 
 ENV = "AUDIOLDM2_CPU_ATTENTION"
 NAME = "audioldm2_attention"
@@ -154,13 +154,14 @@ def min_keys(dtype: torch.dtype) -> int:
     return MIN_KEYS
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
-    """softmax(q k^T / sqrt(d)) v for q (B, H, N, d), k and v (B, H, L, d), as (B, N, H * d); ``None`` where
-    the kernel is off or does not apply (the caller then runs PyTorch's attention)."""
+def applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether the kernel is on and takes these inputs: q (B, H, N, d), k and v (B, H, L, d) on the CPU, float32
+    or bfloat16 alike, at least ``min_keys`` keys, a head width that is a multiple of 16 up to the build's, unit
+    stride along it, no gradient to record."""
     if not enabled():
-        return None
+        return False
     d = q.shape[-1]
-    if (
+    return not (
         q.device.type != "cpu"
         or q.dtype not in (torch.float32, torch.bfloat16)
         or not (q.dtype == k.dtype == v.dtype)
@@ -170,8 +171,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
         or q.stride(-1) != 1
         or k.stride(-1) != 1
         or v.stride(-1) != 1
-    ):
+        or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))  # it has no backward
+    )
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+    """softmax(q k^T / sqrt(d)) v for q (B, H, N, d), k and v (B, H, L, d), as (B, N, H * d); ``None`` where
+    the kernel is off or does not apply (``applies``: the caller then runs PyTorch's attention)."""
+    if not applies(q, k, v):
         return None
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return None  # no backward
     return torch.ops.audioldm2.attention(q, k, v).flatten(2)

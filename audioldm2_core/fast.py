@@ -27,7 +27,8 @@ renamed: parameters, buffers, state-dict keys, hooks and ``isinstance`` checks s
     winograd-conv      3x3, stride-1 convs (UNet, VAE), float32   Winograd F(2x2, 3x3): 16 GEMMs with 4 MACs
                                                                   per output and channel pair instead of 9;
                                                                   timed per input shape
-    cpu-attention      SDPA of the UNet's self-attentions         the opt-in C++ kernel (``cpu_attention``)
+    cpu-attention      SDPA of the UNet's self-attentions         the opt-in C++ kernel (``cpu_attention``);
+                                                                  timed per attention shape
 
 Two guarantees a user can rely on, checked on every call, not once at ``optimize``:
 - **A user's change is never bypassed.** A rewrite that would skip a submodule's own ``forward`` (reading its
@@ -47,9 +48,10 @@ rounds, ``_time``); one that only removes work (folded-attention, shared-guidanc
 which its module checks per call (the fold only where H L < C + L). One whose gain depends on the shape
 (winograd-conv: up to 1.5x for wide channels on small maps, a loss on narrow ones over long maps; gemm-conv:
 1.2-1.8x on the UNet's deepest 32 x 2 maps, a loss on larger ones) is timed per input shape where it first
-meets one (phase-upsampling likewise: the UNet's narrow maps and the VAE's wide ones differ), long maps at a
-capped height that then serves every longer length (``_probe_rows``). Timed decisions are kept on disk (see
-``decide``).
+meets one (phase-upsampling likewise: the UNet's narrow maps and the VAE's wide ones differ; cpu-attention
+too, where the kernel is enabled: ~2x PyTorch's kernel on AVX-512, 0.93-0.96x on AVX2), long maps at a capped
+height (attention at a capped token count) that then serves every longer length (``_probe_rows``). Timed
+decisions are kept on disk (see ``decide``).
 ``optimize(model, select="supported")`` skips the timing
 (tests use it to exercise every rewrite); ``select={"onednn-linear", ...}`` applies exactly those that are
 supported. Measurements per CPU: ``benchmarks/RESULTS.md``.
@@ -411,13 +413,21 @@ class FastAttention(unet.Attention):
     """Folded cross-attention (``folded-attention``) and the C++ self-attention kernel (``cpu-attention``)."""
 
     def forward(self, x: Tensor, context: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
-        if context is None and bias is None and cpu_attention.enabled():
+        if (
+            context is None
+            and bias is None
+            and cpu_attention.enabled()
+            and _enabled("cpu-attention", x.dtype)
+        ):
             B, N, _ = x.shape
             q, k, v = (
                 p(x).view(B, N, self.heads, -1).transpose(1, 2) for p in (self.to_q, self.to_k, self.to_v)
             )
-            out = cpu_attention.attention(q, k, v)  # (B, N, heads * d), or None where it does not apply
-            if out is None:
+            if cpu_attention.applies(q, k, v) and _pays_for_shape(
+                "cpu-attention", x.dtype, (B, self.heads, min(N, _ATTENTION_PROBE_TOKENS), q.shape[-1])
+            ):
+                out = cpu_attention.attention(q, k, v)  # (B, N, heads * d)
+            else:
                 out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, -1)
             return self.to_out[0](out)
         if context is not None and self._fold_pays(x, context):
@@ -771,6 +781,26 @@ def _upsample_shape_probe(dtype, shape):
     return (lambda: F.conv2d(up(x), w, b, padding=1)), (lambda: nearest2x_conv3x3(x, conv, cache=False))
 
 
+# cpu-attention's per-shape decisions time at most this many tokens: both kernels' cost per query row grows
+# with the keys alike, so one decision serves every longer length (no full-size probe for a minute of audio)
+_ATTENTION_PROBE_TOKENS = 2048
+
+
+def _attention_shape_probe(dtype, shape):
+    """(PyTorch's attention, the C++ kernel) on one self-attention of (B, heads, N, d), with q, k and v viewed
+    from (B, N, heads * d) as the UNet makes them. Only with the kernel enabled (``FastAttention`` asks)."""
+    B, H, N, d = shape
+    q, k, v = (t.view(B, N, H, d).transpose(1, 2) for t in _randn(dtype, 3, B, N, H * d).unbind(0))
+
+    def kernel() -> Tensor:
+        out = cpu_attention.attention(q, k, v)
+        if out is None:
+            raise RuntimeError(f"the kernel does not take {shape} in {dtype}")
+        return out
+
+    return (lambda: F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, -1)), kernel
+
+
 def _probe_vae(dtype):  # a resnet of the decoder's last level at 10.24 s, in each layout (at 128 x 32 the
     # two were level within the timing noise, at full size channels-last is 1.11-1.24x; the whole decoder
     # with its per-shape rewrites decided in each layout 1.04x, 1.58 -> 1.51 s on AVX-512)
@@ -859,7 +889,9 @@ REWRITES: dict[str, Rewrite] = {
             timed=False,
             shape_probe=_probe_gemm_conv,
         ),
-        Rewrite("cpu-attention", {unet.Attention: FastAttention}, None),  # opt-in; timed in RESULTS.md
+        # opt-in (``cpu_attention``); where enabled, timed per attention shape (the AVX2 build loses to
+        # PyTorch's kernel at some of the UNet's shapes)
+        Rewrite("cpu-attention", {unet.Attention: FastAttention}, None, shape_probe=_attention_shape_probe),
     ]
 }
 _KNOWN = {cls for r in REWRITES.values() for pair in r.swaps.items() for cls in pair}
@@ -995,9 +1027,11 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _probe(name: str, dtype: torch.dtype, timed: bool, shape: tuple[int, ...] | None = None) -> Decision:
     rewrite = REWRITES[name]
-    if name == "cpu-attention":  # a capability; built and used only when opted in (see cpu_attention)
+    if name == "cpu-attention" and shape is None:  # a capability; built and used only when opted in
         if cpu_attention.supported():
-            return Decision(True, None, f"{cpu_attention.isa()} build: used where cpu_attention is enabled")
+            return Decision(
+                True, None, f"{cpu_attention.isa()} build: where cpu_attention is enabled, timed per shape"
+            )
         return Decision(False, None, f"needs AVX-512 or AVX2 (this CPU: {cpu_attention.isa()})")
     if name == "folded-attention" and dtype not in (torch.float32, torch.float64):
         return Decision(

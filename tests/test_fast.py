@@ -465,6 +465,44 @@ def test_winograd_is_decided_per_shape_and_kept(tmp_path, monkeypatch):
         fast.decide.cache_clear()
 
 
+def test_cpu_attention_is_decided_per_shape(tmp_path, monkeypatch, cpu_attention_on):
+    """With the kernel enabled and select="auto", each self-attention shape it takes is timed once against
+    PyTorch's kernel (the AVX2 build loses at some of the UNet's), long ones at a capped token count; the kernel
+    runs only where its decision says it pays, and the output is the plain attention's either way."""
+    from audioldm2_core import unet
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(fast, "_busy", lambda: False)
+    fast.decide.cache_clear()
+    try:
+        attn = _seeded(unet.Attention(64, 64, heads=4, head_dim=16))
+        plain = copy.deepcopy(attn)
+        assert fast.optimize(attn)["cpu-attention"].supported
+        assert type(attn) is fast.FastAttention and ("cpu-attention", torch.float32) in fast._PER_SHAPE
+        calls = []
+        kernel = cpu_attention_on.attention
+        monkeypatch.setattr(cpu_attention_on, "attention", lambda *a: calls.append(1) or kernel(*a))
+        x = torch.randn(1, 160, 64)
+        with torch.no_grad():
+            assert rel_err(attn(x), plain(x)) < 1e-6
+            attn(torch.randn(1, 2100, 64))
+        (path,) = (tmp_path / "audioldm2_core").glob("fast-decisions-*.json")
+        stored = json.loads(path.read_text())
+        stored = {k: v for k, v in stored.items() if k.startswith("cpu-attention|") and k.count("|") == 2}
+        assert set(stored) == {"cpu-attention|float32|1,4,160,16", "cpu-attention|float32|1,4,2048,16"}
+        paid = [stored[k]["pays"] for k in sorted(stored, key=lambda k: int(k.split(",")[2]))]
+        assert all(isinstance(p, bool) for p in paid)
+        # the probes call the kernel themselves; the model's two calls took it only where it paid
+        for pays in (True, False):
+            monkeypatch.setattr(fast, "_pays_for_shape", lambda *a, pays=pays: pays)
+            calls.clear()
+            with torch.no_grad():
+                assert rel_err(attn(x), plain(x)) < 1e-6
+            assert len(calls) == pays
+    finally:
+        fast.decide.cache_clear()
+
+
 def _clocked(monkeypatch, durations: dict[str, list[float]]):
     """(fast, plain) calls that each advance a fake clock by their next duration; the counts of calls made."""
     clock, calls = [0.0], {"fast": 0, "plain": 0}
