@@ -112,7 +112,9 @@ def _openvino_parts(pipe, spec: dict, out_dir: Path, threads: int, f32: bool):
         def forward(self, latents):
             return self.vae.decode(latents, return_dict=False)[0]
 
-    def convert(name: str, module: torch.nn.Module, example: tuple) -> ov.CompiledModel:
+    profiled = {}  # for --profile: each part's IR, its compile configuration and inputs
+
+    def convert(part: str, name: str, module: torch.nn.Module, example: tuple) -> ov.CompiledModel:
         t0 = time.perf_counter()
         with torch.no_grad():
             model = ov.convert_model(module.eval(), example_input=example)
@@ -120,21 +122,14 @@ def _openvino_parts(pipe, spec: dict, out_dir: Path, threads: int, f32: bool):
         ov.save_model(model, path, compress_to_fp16=not f32)
         compiled = core.compile_model(core.read_model(path), "CPU", config)
         print(f"  {name}: converted and compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        profiled[part] = (path, config, [x.numpy() for x in example])
         return compiled
 
-    examples = {
-        "UNet": (lat, torch.tensor(999), lm_states, t5_states, t5_mask),
-        "VAE decoder": (lat[:1],),
-        "vocoder": (torch.randn(1, height, bins),),
-    }
-    unet = convert("unet", UNetWrapper(pipe.unet), examples["UNet"])
-    vae = convert("vae_decoder", VAEDecoderWrapper(pipe.vae), examples["VAE decoder"])
-    vocoder = convert("vocoder", pipe.vocoder, examples["vocoder"])
-    # for --profile: each part's IR, its compile configuration and inputs
-    profiled = {
-        name: (out_dir / f"{file}.xml", config, [x.numpy() for x in examples[name]])
-        for name, file in (("UNet", "unet"), ("VAE decoder", "vae_decoder"), ("vocoder", "vocoder"))
-    }
+    unet = convert(
+        "UNet", "unet", UNetWrapper(pipe.unet), (lat, torch.tensor(999), lm_states, t5_states, t5_mask)
+    )
+    vae = convert("VAE decoder", "vae_decoder", VAEDecoderWrapper(pipe.vae), (lat[:1],))
+    vocoder = convert("vocoder", "vocoder", pipe.vocoder, (torch.randn(1, height, bins),))
 
     def run(compiled: ov.CompiledModel, *inputs: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(compiled([x.numpy() for x in inputs])[0].copy())
