@@ -922,16 +922,25 @@ class Decision:
 
 
 def _time(
-    fn: Callable[[], object], plain: Callable[[], object], rounds: int, seconds: float, max_rounds: int
+    fn: Callable[[], object],
+    plain: Callable[[], object],
+    rounds: int,
+    seconds: float,
+    max_rounds: int,
+    clear: tuple[int, float] | None = None,
 ) -> tuple[float, float, float]:
     """Interleaved rounds, each calling both, at least ``rounds`` and until ``seconds`` have passed (at most
     ``max_rounds``): (fast's median time, plain's median time (s), the median over rounds of plain / fast
     within a round). The paired ratio is the decision: it cancels the drift of this machine's speed between
     rounds and this VM's occasional fast outliers (the ratio of the two calls' minimum times read 0.97-1.25x
     over five runs of the VAE probe, the paired median 1.11-1.24x; oneDNN's bfloat16 linears, 1-2% faster,
-    read 1.01-1.04x over 15 rounds and 1.014-1.023x over 60). Stops after two rounds when the fast call is
-    plainly slower (1.5x): a clear loss needs no more rounds; and after three once ``5 * seconds`` have passed
-    (slow calls: bfloat16 on a CPU without it runs oneDNN's reference kernels)."""
+    read 1.01-1.04x over 15 rounds and 1.014-1.023x over 60). Stops early when the answer is plain:
+    - after two rounds when the fast call is plainly slower (1.5x): a clear loss needs no more rounds;
+    - with ``clear`` = (n, m), after n rounds whose every ratio lies beyond 1 + m, or every one below 1 - m:
+      more rounds could move the median, not its side of the 1% threshold (a first run on a new machine
+      spends most of its probes' time on such answers);
+    - after three once ``5 * seconds`` have passed (slow calls: bfloat16 on a CPU without it runs oneDNN's
+      reference kernels)."""
     times: tuple[list[float], list[float]] = ([], [])
     start = time.perf_counter()
     for r in range(max_rounds):
@@ -939,12 +948,16 @@ def _time(
             t0 = time.perf_counter()
             f()
             acc.append(time.perf_counter() - t0)
-        ratio = statistics.median(p / q for q, p in zip(*times, strict=True))
+        ratios = [p / q for q, p in zip(*times, strict=True)]
+        ratio = statistics.median(ratios)
         elapsed = time.perf_counter() - start
         loss = r >= 1 and ratio < 1 / 1.5
+        plain_answer = clear is not None and r + 1 >= clear[0] and (
+            min(ratios) > 1 + clear[1] or max(ratios) < 1 - clear[1]
+        )
         done = r + 1 >= rounds and elapsed >= seconds
         slow = r >= 2 and elapsed >= 5 * seconds
-        if loss or done or slow:
+        if loss or plain_answer or done or slow:
             break
     return statistics.median(times[0]), statistics.median(times[1]), ratio
 
@@ -1063,12 +1076,13 @@ def _probe(name: str, dtype: torch.dtype, timed: bool, shape: tuple[int, ...] | 
                 if timed:
                     why = "timed per shape" if rewrite.shape_probe else "fewer multiply-adds where it applies"
                 return Decision(True, None, f"supported (error {err:.1e}); {why}")
-            # a whole rewrite's probe decides for every layer (~0.5-2.5 s each); per-shape probes run once per
-            # layer shape, a loss or a gain of 10% or more at most shapes: a few rounds
+            # a whole rewrite's probe decides for every layer (~0.5-2.5 s each, ~0.2-0.7 s where every round
+            # is 5% or more on one side); per-shape probes run once per layer shape, a loss or a gain of 10% or
+            # more at most shapes: a few rounds, two where both are 15% or more on one side
             if shape is None:
-                t_fast, t_plain, ratio = _time(fast, plain, rounds=15, seconds=0.5, max_rounds=200)
+                t_fast, t_plain, ratio = _time(fast, plain, 15, 0.5, max_rounds=200, clear=(5, 0.05))
             else:
-                t_fast, t_plain, ratio = _time(fast, plain, rounds=3, seconds=0.1, max_rounds=15)
+                t_fast, t_plain, ratio = _time(fast, plain, 3, 0.1, max_rounds=15, clear=(2, 0.15))
     finally:
         if not on:
             _ON.discard((name, dtype))

@@ -541,6 +541,23 @@ def test_time_runs_rounds_and_seconds_and_stops_early(monkeypatch):
     assert calls["fast"] == 3  # slow calls: three rounds once 5 x 0.5 s have passed
 
 
+def test_time_stops_once_every_round_gives_the_same_plain_answer(monkeypatch):
+    """With ``clear`` = (n, m): n rounds whose every ratio is beyond 1 + m (or below 1 - m) settle it; a ratio
+    near 1, or rounds that disagree, take the full count."""
+    for durations, n in [
+        ({"fast": [0.010], "plain": [0.0115]}, 5),  # 1.15x every round: a plain gain
+        ({"fast": [0.010], "plain": [0.0090]}, 5),  # 0.90x every round: a plain loss
+        ({"fast": [0.010], "plain": [0.0102]}, 25),  # 1.02x: on to 0.5 s (25 rounds of 20.2 ms)
+        ({"fast": [0.010], "plain": [0.0120, 0.0100]}, 24),  # 1.2x and 1.0x in turn: not unanimous
+    ]:
+        f, plain, calls = _clocked(monkeypatch, durations)
+        fast._time(f, plain, rounds=15, seconds=0.5, max_rounds=200, clear=(5, 0.05))
+        assert calls["fast"] == n, durations
+    f, plain, calls = _clocked(monkeypatch, {"fast": [0.010], "plain": [0.0120]})
+    assert fast._time(f, plain, rounds=3, seconds=0.1, max_rounds=15, clear=(2, 0.15))[2] == pytest.approx(1.2)
+    assert calls["fast"] == 2  # a per-shape probe's 20% gain: two rounds
+
+
 def test_probe_rows_caps_long_maps_at_a_multiple_of_64():
     row = 64 * 256 * 4  # a VAE row at the top level: 64 mel bins, 256 channels, float32
     assert fast._probe_rows(256, row) == 256  # within the budget: the shape itself
