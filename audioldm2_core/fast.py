@@ -952,8 +952,10 @@ def _time(
         ratio = statistics.median(ratios)
         elapsed = time.perf_counter() - start
         loss = r >= 1 and ratio < 1 / 1.5
-        plain_answer = clear is not None and r + 1 >= clear[0] and (
-            min(ratios) > 1 + clear[1] or max(ratios) < 1 - clear[1]
+        plain_answer = (
+            clear is not None
+            and r + 1 >= clear[0]
+            and (min(ratios) > 1 + clear[1] or max(ratios) < 1 - clear[1])
         )
         done = r + 1 >= rounds and elapsed >= seconds
         slow = r >= 2 and elapsed >= 5 * seconds

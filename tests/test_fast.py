@@ -554,7 +554,9 @@ def test_time_stops_once_every_round_gives_the_same_plain_answer(monkeypatch):
         fast._time(f, plain, rounds=15, seconds=0.5, max_rounds=200, clear=(5, 0.05))
         assert calls["fast"] == n, durations
     f, plain, calls = _clocked(monkeypatch, {"fast": [0.010], "plain": [0.0120]})
-    assert fast._time(f, plain, rounds=3, seconds=0.1, max_rounds=15, clear=(2, 0.15))[2] == pytest.approx(1.2)
+    assert fast._time(f, plain, rounds=3, seconds=0.1, max_rounds=15, clear=(2, 0.15))[2] == pytest.approx(
+        1.2
+    )
     assert calls["fast"] == 2  # a per-shape probe's 20% gain: two rounds
 
 
