@@ -7,6 +7,7 @@
     python benchmarks/bench.py --tiny --steps 1      # a tiny random checkpoint, seconds (as tests/test_bench.py)
     python benchmarks/bench.py --baseline ../old     # ours against another checkout's audioldm2_core
     python benchmarks/bench.py --cpu-attention       # ours with the C++ attention kernel (cpu_attention.py)
+    python benchmarks/bench.py --first-run           # ours as on a new machine: timing its rewrites as it runs
     python benchmarks/bench.py --device cuda --dtype float16 --cuda-graphs   # on a GPU (issue 6's GPU path)
 
 Weights: the real checkpoints cannot be downloaded here, so a random-weight checkpoint with the exact
@@ -47,6 +48,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -511,15 +513,29 @@ def run_child(spec: dict) -> dict:
     """Run one measurement in a fresh interpreter and return its result dict."""
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
     env["PYTHONPATH"] = (spec.get("root") or str(ROOT)) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    with tempfile.TemporaryDirectory(prefix="bench-first-run-") as fresh:
+        if spec.get("first_run") and spec["impl"] == "ours":
+            env["XDG_CACHE_HOME"] = _without_decisions(Path(fresh))
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", json.dumps(spec)],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
     if proc.returncode != 0:
         raise RuntimeError(f"{spec['impl']} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _without_decisions(folder: Path) -> str:
+    """``folder`` made a cache folder (for ``XDG_CACHE_HOME``) holding the attention kernels built in this
+    machine's, and none of the speed layer's kept decisions: a run there times every rewrite and layer shape
+    as the first run on a machine does (``--first-run``), without building the kernel again."""
+    kept = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "audioldm2_core"
+    (folder / "audioldm2_core").mkdir()
+    for built in kept.glob("audioldm2_attention-*"):
+        (folder / "audioldm2_core" / built.name).symlink_to(built, target_is_directory=True)
+    return str(folder)
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -613,6 +629,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="ours: the C++ attention kernel (audioldm2_core.cpu_attention)",
     )
+    p.add_argument(
+        "--first-run",
+        action="store_true",
+        help="ours: every run as the first on a new machine, without kept decisions (the speed layer times its "
+        "rewrites and layer shapes during the run; a built attention kernel is reused)",
+    )
     p.add_argument("--tiny", action="store_true", help="tiny random checkpoint (the tests' smoke run)")
     p.add_argument("--checkpoint", help="use this pipeline folder instead of the built random checkpoint")
     p.add_argument(
@@ -625,8 +647,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.compile and args.low_memory:
         p.error("--compile needs the UNet resident: not with --low-memory")
-    if args.plain and args.cpu_attention:
-        p.error("--cpu-attention runs through the speed layer: not with --plain")
+    if args.plain and (args.cpu_attention or args.first_run):
+        p.error("--cpu-attention and --first-run are about the speed layer: not with --plain")
     check_device_options(p, args)
 
     if args.worker:
@@ -645,6 +667,7 @@ def main(argv: list[str] | None = None) -> None:
         cpu_attention=args.cpu_attention,
         cuda_graphs=args.cuda_graphs,
         fast=not args.plain,
+        first_run=args.first_run,
     )
     if args.cpu_attention:  # built here once (~12 s), so that the runs only load it
         sys.path.insert(0, str(ROOT))
@@ -698,6 +721,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{'low-memory (ours), ' if args.low_memory else ''}"
         f"{f'device {args.device}, ' if args.device != 'cpu' else ''}{'CUDA graphs (ours), ' if args.cuda_graphs else ''}"
         f"{'compiled UNet, ' if args.compile else ''}{'C++ CPU attention (ours), ' if args.cpu_attention else ''}"
+        f"{'first run on this machine (ours: no kept decisions), ' if args.first_run else ''}"
         f"median of {args.repeats}; "
         f"load average {load[0]:.2f} / {load[1]:.2f} (1 / 5 min) at the end\nCPU: {cpu_description()}"
     )

@@ -59,6 +59,35 @@ def test_bench_plain_runs(tiny_base, tmp_path):
     assert _bench_error(out) < 1e-5
 
 
+def test_bench_first_run_times_the_decisions_in_the_run(tiny_base, tmp_path, monkeypatch):
+    """bench.py --first-run: ours without kept decisions, in a cache folder of its own (this machine's built
+    kernels linked in), so the run times the speed layer's rewrites and the kept decisions stay as they were."""
+    cache = tmp_path / "xdg"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    out = _bench(tiny_base, tmp_path, "--first-run")
+    assert "first run on this machine (ours: no kept decisions)" in out
+    assert _decisions(out)
+    assert not list(cache.glob("audioldm2_core/fast-decisions-*.json"))  # the run kept its own elsewhere
+    assert _bench_error(out) < 1e-5
+
+
+def test_first_run_cache_links_the_built_kernels_only(tmp_path, monkeypatch):
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    kept = tmp_path / "kept" / "audioldm2_core"
+    (kept / "audioldm2_attention-avx2-0123").mkdir(parents=True)
+    (kept / "audioldm2_attention-avx2-0123" / "kernel.so").write_text("built")
+    (kept / "fast-decisions-0123.json").write_text("{}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "kept"))
+    (tmp_path / "fresh").mkdir()
+    fresh = Path(bench._without_decisions(tmp_path / "fresh")) / "audioldm2_core"
+    assert sorted(p.name for p in fresh.iterdir()) == ["audioldm2_attention-avx2-0123"]
+    assert (fresh / "audioldm2_attention-avx2-0123" / "kernel.so").read_text() == "built"
+
+
 def test_unet_ab_runs(tiny_base):
     """benchmarks/unet_ab.py: diffusers, a baseline checkout (this one), our plain and fast UNets and the fast
     one with the C++ attention kernel in one process, all on the full guidance batch."""
