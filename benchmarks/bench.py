@@ -368,9 +368,12 @@ def worker(spec: dict) -> dict:
         import_s = time.perf_counter() - start
         pipe, call = _diffusers(spec, dtype, timer)
     else:
-        sys.path.insert(0, spec.get("root") or str(ROOT))  # --baseline: another checkout's audioldm2_core
-        import audioldm2_core  # noqa: F401
+        root = Path(spec.get("root") or ROOT).resolve()  # --baseline: another checkout's audioldm2_core
+        sys.path.insert(0, str(root))
+        import audioldm2_core
 
+        if Path(audioldm2_core.__file__).resolve().parents[1] != root:  # imported before the path was set
+            raise RuntimeError(f"audioldm2_core came from {audioldm2_core.__file__}, not from {root}")
         import_s = time.perf_counter() - start
         pipe, call = _ours(spec, dtype, timer)
     load_s, rss_loaded = spec["_load_s"], _rss_mb()
@@ -396,6 +399,7 @@ def worker(spec: dict) -> dict:
         "samples": int(audio.shape[-1]),
         "fast": decision_lines(decisions),
         "fast_on": rewrites_on(decisions),
+        "package": str(Path(sys.modules["audioldm2_core"].__file__).parent) if spec["impl"] == "ours" else "",
     }
 
 
@@ -594,6 +598,10 @@ def table(results: dict[str, list[dict]], errors: dict[str, float], header: str)
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:  # a measured run: nothing of audioldm2_core imported before its root is set
+        print(json.dumps(worker(json.loads(argv[1]))))
+        return
     sys.path.insert(0, str(ROOT))
     from audioldm2_core.samplers import SAMPLERS
 
@@ -643,17 +651,12 @@ def main(argv: list[str] | None = None) -> None:
         help="compare with the audioldm2_core of another checkout (e.g. a git worktree) instead of diffusers",
     )
     p.add_argument("--cache-dir", help=f"where the checkpoint is built and the outputs go (default {CACHE})")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.compile and args.low_memory:
         p.error("--compile needs the UNet resident: not with --low-memory")
     if args.plain and (args.cpu_attention or args.first_run):
         p.error("--cpu-attention and --first-run are about the speed layer: not with --plain")
     check_device_options(p, args)
-
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return
 
     ckpt = resolve_checkpoint(args)
     out = Path(args.cache_dir) if args.cache_dir else CACHE
@@ -729,7 +732,10 @@ def main(argv: list[str] | None = None) -> None:
     for label, runs in results.items():
         if runs[0]["impl"] != "ours":
             continue  # diffusers
-        print(f"\nSpeed layer of {label} (fast.optimize's decisions in its last run, one line per rewrite):")
+        print(
+            f"\nSpeed layer of {label} ({runs[-1].get('package') or 'audioldm2_core'}; fast.optimize's decisions "
+            "in its last run, one line per rewrite):"
+        )
         print("\n".join(runs[-1]["fast"]) or "- none (fast=False, or a checkout without the speed layer)")
         if len({tuple(r["fast_on"]) for r in runs}) > 1:  # each run times the rewrites in its own process
             listed = "; ".join(", ".join(r["fast_on"]) or "none" for r in runs)

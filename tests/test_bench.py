@@ -71,6 +71,19 @@ def test_bench_first_run_times_the_decisions_in_the_run(tiny_base, tmp_path, mon
     assert _bench_error(out) < 1e-5
 
 
+def test_bench_baseline_runs_the_other_checkout(tiny_base, tmp_path):
+    """bench.py --baseline: the baseline's runs import that checkout's audioldm2_core (a child that had
+    imported this one first ran it twice: the comparison measured nothing)."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(BENCH.parents[1] / "audioldm2_core", other / "audioldm2_core")
+    out = _bench(tiny_base, tmp_path, "--baseline", str(other))
+    assert f"Speed layer of baseline ({other / 'audioldm2_core'};" in out
+    assert f"Speed layer of ours ({BENCH.parents[1] / 'audioldm2_core'};" in out
+    assert float(re.search(r"rel\. L2 error, ours vs baseline: (\S+)", out).group(1)) < 1e-5
+
+
 def test_first_run_cache_links_the_built_kernels_only(tmp_path, monkeypatch):
     sys.path.insert(0, str(BENCH.parent))
     try:
