@@ -59,6 +59,7 @@ supported. Measurements per CPU: ``benchmarks/RESULTS.md``.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import dataclasses
@@ -79,7 +80,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import cpu_attention, gpt2, unet, vae
+from . import cpu_attention, gpt2, loading, unet, vae
 
 __all__ = ["REWRITES", "decide", "optimize", "restore"]
 
@@ -964,9 +965,27 @@ def _time(
     return statistics.median(times[0]), statistics.median(times[1]), ratio
 
 
+def _code_key(source: str) -> str:
+    """This file's code as the decisions depend on it: its syntax tree without docstrings (comments are not in
+    it), so that an upgrade which only changes the prose keeps every machine's decisions."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+            if isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+@functools.cache
+def _this_code() -> str:
+    with loading._gc_paused():  # its ~10k nodes would set off a full collection over torch's objects: 80 ms
+        return _code_key(Path(__file__).read_text())
+
+
 def _machine_key() -> str:
     """What a timing depends on: the CPU (model and flags), the instruction sets PyTorch and oneDNN may use,
-    the thread count, torch's version, and this file (the rewrites and their probes)."""
+    the thread count, torch's version, and this file's code (the rewrites and their probes)."""
     try:
         with open("/proc/cpuinfo") as f:
             cpu = "".join(
@@ -977,7 +996,7 @@ def _machine_key() -> str:
     env = sorted(
         (k, v) for k, v in os.environ.items() if k.startswith(("ONEDNN_", "DNNL_", "ATEN_", "MKL_", "OMP_"))
     )
-    parts = [cpu, repr(env), torch.__version__, str(torch.get_num_threads()), Path(__file__).read_text()]
+    parts = [cpu, repr(env), torch.__version__, str(torch.get_num_threads()), _this_code()]
     parts.append(torch.backends.cpu.get_cpu_capability())
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
@@ -994,8 +1013,8 @@ def decide(
     computation on a representative input) and, when ``timed``, whether it pays there (>= 1% faster: the
     median ratio over interleaved rounds, ``_time``). Probed once per machine (~0.5-2.5 s a rewrite): a timed
     decision is kept in ``~/.cache/audioldm2_core/`` under a key of the CPU, the instruction-set settings, the
-    thread count, torch's version and this file, so that later processes load in milliseconds (delete the file
-    to measure again).
+    thread count, torch's version and this file's code (not its docstrings or comments), so that later
+    processes load in milliseconds (delete the file to measure again).
     One timed while other work competed for the CPU is used until it can be timed again on a quiet machine.
     ``shape``: for a rewrite with a shape probe, the decision for that input shape (always timed)."""
     key = f"{name}|{str(dtype).removeprefix('torch.')}"

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -978,6 +979,18 @@ def test_fast_decoders_equal_plain(tiny_base, monkeypatch):
     assert rel_err(got, truth) <= 1.1 * rel_err(want, truth)
     assert layouts == [True, (fast.FastConv1d, True)]
     assert {"phase-upsampling", "winograd-conv"} <= set(spy.routes)
+
+
+def test_decisions_outlive_edits_of_prose_only():
+    """The decisions' key reads fast.py's code: a docstring or a comment edited keeps it, a code edit does not."""
+    source = Path(fast.__file__).read_text()
+    assert fast._code_key(source) == fast._this_code()
+    prose = source.replace('"""The speed layer:', '"""The speed layer (edited):', 1).replace(
+        "# ", "# edited ", 1
+    )
+    assert prose != source and fast._code_key(prose) == fast._code_key(source)
+    code = source.replace("clear=(5, 0.05)", "clear=(5, 0.06)", 1)
+    assert code != source and fast._code_key(code) != fast._code_key(source)
 
 
 def test_timed_decisions_are_kept_per_machine(tmp_path, monkeypatch):
