@@ -1092,7 +1092,8 @@ def _probe(name: str, dtype: torch.dtype, timed: bool, shape: tuple[int, ...] | 
             # in float32 (float64 for float64): the difference of two close floats is exact, and a norm's
             # rounding is far below the 1e-5 asked (double copies of a VAE-sized probe's outputs took ~50 ms)
             wide = torch.float64 if dtype == torch.float64 else torch.float32
-            err = ((got.to(wide) - expected.to(wide)).norm() / expected.to(wide).norm()).item()
+            expected = expected.to(wide)
+            err = ((got.to(wide) - expected).norm() / expected.norm()).item()
             if not err <= (1e-5 if dtype in (torch.float32, torch.float64) else 1e-2):
                 return Decision(False, None, f"differs from the plain computation by {err:.1e} here")
             if not (timed and (rewrite.timed or shape is not None)):
