@@ -1022,23 +1022,55 @@ def decide(
         key += "|" + ",".join(map(str, shape))
     path = _decisions_file() if timed else None
     stored = _read_json(path).get(key) if path is not None else None
-    busy = _busy()
     # A decision timed on a busy machine is used until one can be timed on a quiet one.
-    if isinstance(stored, dict) and (busy or not stored.pop("busy", False)):
-        stored.pop("busy", None)
+    if isinstance(stored, dict) and (not stored.pop("busy", False) or _busy()):
         return Decision(**stored)
+    _busy()  # the probe's own window starts here
     decision = _probe(name, dtype, timed, shape)
     if path is not None:
-        _write_json(path, {**_read_json(path), key: {**dataclasses.asdict(decision), "busy": busy}})
+        _write_json(path, {**_read_json(path), key: {**dataclasses.asdict(decision), "busy": _busy()}})
     return decision
 
 
-def _busy() -> bool:
-    """Whether other work competes for the CPU: the 1-minute load average above the core count."""
+def _clocks() -> tuple[float, float, float] | None:
+    """(wall clock, all CPUs' busy time since boot, this process's CPU time), in seconds; None without
+    ``/proc/stat`` (not Linux). Busy time counts user, nice, system, interrupt and steal time (a VM's vCPU
+    given to other guests is competition too); it is kept in clock ticks, whole 1/100 s per CPU."""
     try:
-        return os.getloadavg()[0] > (os.cpu_count() or 1)
-    except OSError:  # not available on this system
-        return False
+        with open("/proc/stat") as f:
+            user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    except (OSError, ValueError):
+        return None
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return time.monotonic(), busy, time.process_time()
+
+
+# The busy answer and the clocks of the last look: a look covers the time since the previous one.
+_LOOK: dict = {"clocks": _clocks(), "busy": False}
+
+
+def _busy(min_window: float = 0.25) -> bool:
+    """Whether other work competed for the CPU since the last look (import, or the previous call): other
+    processes kept more of the CPUs busy than this process's threads leave free, by a quarter of a CPU. Our
+    own work is not competition. (The 1-minute load average, used before, counted it: on a machine with as
+    many cores as threads it rose to the core count during a generation, and decisions probed then were
+    stored as busy and probed again by the next process.) A window shorter than ``min_window`` is too short
+    for clock ticks to tell: the last answer stands and the window goes on. Without ``/proc/stat``: the
+    load average above the core count, as before."""
+    cpus = os.cpu_count() or 1
+    now, then = _clocks(), _LOOK["clocks"]
+    if now is None or then is None:
+        try:
+            return os.getloadavg()[0] > cpus
+        except OSError:  # not available on this system
+            return False
+    wall = now[0] - then[0]
+    if wall < min_window:
+        return _LOOK["busy"]
+    others = (now[1] - then[1]) - (now[2] - then[2]) - cpus / os.sysconf("SC_CLK_TCK")  # less a tick per CPU
+    free = max(0, cpus - torch.get_num_threads())
+    _LOOK.update(clocks=now, busy=others / wall > free + 0.25)
+    return _LOOK["busy"]
 
 
 def _read_json(path: Path) -> dict:

@@ -8,6 +8,8 @@ import copy
 import dataclasses
 import functools
 import json
+import os
+import time
 import types
 from pathlib import Path
 
@@ -991,6 +993,56 @@ def test_decisions_outlive_edits_of_prose_only():
     assert prose != source and fast._code_key(prose) == fast._code_key(source)
     code = source.replace("clear=(5, 0.05)", "clear=(5, 0.06)", 1)
     assert code != source and fast._code_key(code) != fast._code_key(source)
+
+
+def test_busy_counts_other_processes_cpu_time_not_ours(monkeypatch):
+    """Competition is other processes' CPU time since the last look, beyond what this process's threads leave
+    free: our own threads running flat out are not "busy" (the load average counted them)."""
+    monkeypatch.setattr(fast.os, "cpu_count", lambda: torch.get_num_threads())  # no CPU left free
+    tick = torch.get_num_threads() / os.sysconf("SC_CLK_TCK")  # the slack _busy allows for tick rounding
+    clocks = iter(
+        [
+            (1.0, 102.0, 12.0),  # 1 s: all CPU time was ours
+            (2.0, 104.0, 13.0),  # 1 s: others used a whole CPU
+            (2.1, 110.0, 13.0),  # 0.1 s: too short to tell: the last answer, the window goes on
+            (3.0, 105.0 + tick, 14.0),  # since 2.0: ours only again
+        ]
+    )
+    monkeypatch.setattr(fast, "_clocks", lambda: next(clocks))
+    monkeypatch.setattr(fast, "_LOOK", {"clocks": (0.0, 100.0, 10.0), "busy": False})
+    assert [fast._busy() for _ in range(4)] == [False, True, True, False]
+    monkeypatch.setattr(fast, "_clocks", lambda: None)  # no /proc/stat: the load average, as before
+    monkeypatch.setattr(fast.os, "getloadavg", lambda: (torch.get_num_threads() + 1.0, 0.0, 0.0))
+    assert fast._busy()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux's /proc/stat")
+def test_clocks_see_this_process_work():
+    """The clocks _busy reads: all CPUs' busy time grows at least by this process's CPU time (a tick per CPU
+    aside), and our CPU time by the work done."""
+    t0, busy0, own0 = fast._clocks()
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:
+        pass
+    t1, busy1, own1 = fast._clocks()
+    assert t1 - t0 >= 0.3 and own1 - own0 >= 0.2
+    assert busy1 - busy0 >= own1 - own0 - (os.cpu_count() or 1) * 2 / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_decision_is_stored_busy_by_the_probe_own_window(tmp_path, monkeypatch):
+    """Whether a probe competed is judged over the probe itself, not over what came before it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    looks = []
+    monkeypatch.setattr(fast, "_busy", lambda: looks.append(len(looks)) or len(looks) > 1)  # busy after
+    monkeypatch.setattr(fast, "_probe", lambda *a: fast.Decision(True, True, "probed"))
+    fast.decide.cache_clear()
+    try:
+        assert fast.decide("vae-channels-last", torch.float32).reason == "probed"
+        (path,) = (tmp_path / "audioldm2_core").glob("fast-decisions-*.json")
+        assert json.loads(path.read_text())["vae-channels-last|float32"]["busy"] is True
+        assert looks == [0, 1]  # the probe's window opened before it, read after it
+    finally:
+        fast.decide.cache_clear()
 
 
 def test_timed_decisions_are_kept_per_machine(tmp_path, monkeypatch):
