@@ -1011,7 +1011,7 @@ def decide(
 ) -> Decision:
     """Whether rewrite ``name`` is supported on this CPU in ``dtype`` (it runs, and matches the plain
     computation on a representative input) and, when ``timed``, whether it pays there (>= 1% faster: the
-    median ratio over interleaved rounds, ``_time``). Probed once per machine (~0.5-2.5 s a rewrite): a timed
+    median ratio over interleaved rounds, ``_time``). Probed once per machine (~0.2-1.6 s a rewrite): a timed
     decision is kept in ``~/.cache/audioldm2_core/`` under a key of the CPU, the instruction-set settings, the
     thread count, torch's version and this file's code (not its docstrings or comments), so that later
     processes load in milliseconds (delete the file to measure again).
@@ -1133,11 +1133,14 @@ def _probe(name: str, dtype: torch.dtype, timed: bool, shape: tuple[int, ...] | 
                 if timed:
                     why = "timed per shape" if rewrite.shape_probe else "fewer multiply-adds where it applies"
                 return Decision(True, None, f"supported (error {err:.1e}); {why}")
-            # a whole rewrite's probe decides for every layer (~0.5-2.5 s each, ~0.2-0.7 s where every round
-            # is 5% or more on one side); per-shape probes run once per layer shape, a loss or a gain of 10% or
-            # more at most shapes: a few rounds, two where both are 15% or more on one side
+            # a whole rewrite's probe decides for every layer: 0.5 s and at least 7 rounds (~0.2-0.7 s where
+            # every round is 5% or more on one side; a short call runs 15 or more rounds by 0.5 s, a long one,
+            # steadier by itself, 7: 15 made the VAE's 0.2 s rounds take 3 s on a first run held to AVX2, and
+            # its answer, near 1, still differed between runs); per-shape probes run once per layer shape, a
+            # loss or a gain of 10% or more at most shapes: a few rounds, two where both are 15% or more on
+            # one side
             if shape is None:
-                t_fast, t_plain, ratio = _time(fast, plain, 15, 0.5, max_rounds=200, clear=(5, 0.05))
+                t_fast, t_plain, ratio = _time(fast, plain, 7, 0.5, max_rounds=200, clear=(5, 0.05))
             else:
                 t_fast, t_plain, ratio = _time(fast, plain, 3, 0.1, max_rounds=15, clear=(2, 0.15))
     finally:
