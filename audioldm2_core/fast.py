@@ -1118,7 +1118,11 @@ def _probe(name: str, dtype: torch.dtype, timed: bool, shape: tuple[int, ...] | 
         with torch.inference_mode():
             plain, fast = rewrite.probe(dtype) if shape is None else rewrite.shape_probe(dtype, shape)
             try:
-                expected, got = plain(), fast()
+                t0 = time.perf_counter()
+                expected = plain()
+                t1 = time.perf_counter()
+                got = fast()
+                first = min(t1 - t0, time.perf_counter() - t1)  # the first calls: the check and a warm-up
             except RuntimeError as e:  # e.g. oneDNN's bfloat16 matmul on a CPU without AVX-512 BF16
                 return Decision(False, None, f"unsupported here: {str(e).splitlines()[0][:100]}")
             # in float32 (float64 for float64): the difference of two close floats is exact, and a norm's
@@ -1138,11 +1142,13 @@ def _probe(name: str, dtype: torch.dtype, timed: bool, shape: tuple[int, ...] | 
             # steadier by itself, 7: 15 made the VAE's 0.2 s rounds take 3 s on a first run held to AVX2, and
             # its answer, near 1, still differed between runs); per-shape probes run once per layer shape, a
             # loss or a gain of 10% or more at most shapes: a few rounds, two where both are 15% or more on
-            # one side
+            # one side, one where the calls are long (50 ms or more: the VAE's full-size maps, up to 0.5 s a
+            # round) and 30% or more on one side (one round of short calls varies too much for that)
             if shape is None:
                 t_fast, t_plain, ratio = _time(fast, plain, 7, 0.5, max_rounds=200, clear=(5, 0.05))
             else:
-                t_fast, t_plain, ratio = _time(fast, plain, 3, 0.1, max_rounds=15, clear=(2, 0.15))
+                clear = (1, 0.3) if first >= 0.05 else (2, 0.15)
+                t_fast, t_plain, ratio = _time(fast, plain, 3, 0.1, max_rounds=15, clear=clear)
     finally:
         if not on:
             _ON.discard((name, dtype))

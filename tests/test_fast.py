@@ -563,6 +563,25 @@ def test_time_stops_once_every_round_gives_the_same_plain_answer(monkeypatch):
     assert calls["fast"] == 2  # a per-shape probe's 20% gain: two rounds
 
 
+def test_a_per_shape_probe_of_long_calls_stops_after_one_clear_round(monkeypatch):
+    """Per-shape probes: one round settles it when the calls take 50 ms or more and differ by 30% or more (the
+    VAE's full-size maps); shorter calls take two rounds beyond 15%."""
+    rewrite = fast.REWRITES["winograd-conv"]
+    for durations, calls_fast in [
+        ({"fast": [0.060], "plain": [0.100]}, 2),  # the check and warm-up, then one round
+        ({"fast": [0.006], "plain": [0.010]}, 3),  # short calls: two rounds
+        ({"fast": [0.090], "plain": [0.100]}, 4),  # long, but 1.11x: the rounds asked (3)
+    ]:
+        f, plain, calls = _clocked(monkeypatch, durations)
+
+        def probe(dtype, shape, f=f, plain=plain):
+            return (lambda: plain() or torch.ones(4)), (lambda: f() or torch.ones(4))
+
+        monkeypatch.setitem(fast.REWRITES, "winograd-conv", dataclasses.replace(rewrite, shape_probe=probe))
+        assert fast._probe("winograd-conv", torch.float32, True, shape=(1, 2, 3)).pays
+        assert calls["fast"] == calls_fast, durations
+
+
 def test_probe_rows_caps_long_maps_at_a_multiple_of_64():
     row = 64 * 256 * 4  # a VAE row at the top level: 64 mel bins, 256 channels, float32
     assert fast._probe_rows(256, row) == 256  # within the budget: the shape itself
