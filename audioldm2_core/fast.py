@@ -66,6 +66,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -702,16 +703,38 @@ class Rewrite:
     timed: bool = True
 
 
-def _seeded(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
-    return module.to(dtype).eval()
+# Probes' random values are cut from one seeded draw, repeated: drawing each per-shape probe's weights and input
+# anew (up to 8M values at ~3.7 ns each), after the module's own initialisation, took 40-70 ms a shape at the
+# UNet's widest convolutions, ~1.2 s of a first run. The pool's size is a prime, so that its repeats line up
+# with no dimension or stride of a probe's tensors (an exactness check on periodic data could miss a shift).
+_POOL_SIZE = 1_048_573
+
+
+@functools.cache
+def _pool() -> Tensor:
+    return torch.randn(_POOL_SIZE, generator=torch.Generator().manual_seed(0))
+
+
+def _draw(shape: tuple[int, ...], start: int = 0) -> Tensor:
+    """Float32 values of ``shape`` from the pool, from position ``start`` on, round it as often as needed."""
+    n = math.prod(shape)
+    return _pool().repeat(-(-(start + n) // _POOL_SIZE))[start : start + n].view(shape)
+
+
+def _seeded(make: Callable[[], nn.Module], dtype: torch.dtype) -> nn.Module:
+    """The module ``make`` builds, its weights the pool's values scaled by their last dimension: built on the
+    meta device, without its own initialisation, and filled strictly, as a checkpoint is loaded."""
+    with loading.empty_init():
+        module = make()
+    state, start = {}, 0
+    for name, p in module.named_parameters():
+        state[name] = _draw(p.shape, start) * p.shape[-1] ** -0.5
+        start = (start + p.numel()) % _POOL_SIZE
+    return loading.load_strict(module, state, "a speed-layer probe", dtype=dtype)
 
 
 def _randn(dtype: torch.dtype, *shape: int) -> Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    return _draw(shape, _POOL_SIZE // 2).to(dtype)  # not where weights start
 
 
 def _twin_calls(plain: nn.Module, swaps: dict[type, type], *inputs) -> tuple[Callable, Callable]:
@@ -730,14 +753,16 @@ def _twin_calls(plain: nn.Module, swaps: dict[type, type], *inputs) -> tuple[Cal
 def _probe_linear(dtype):  # the first level's feed-forward as the plain model runs it (one 256 x 256 linear,
     # ~0.3 ms in bfloat16, was too short to time: its 2-5% gain there read as 1.00x)
     return _twin_calls(
-        _seeded(unet.FeedForward(256), dtype), REWRITES["onednn-linear"].swaps, _randn(dtype, 2, 1024, 256)
+        _seeded(lambda: unet.FeedForward(256), dtype),
+        REWRITES["onednn-linear"].swaps,
+        _randn(dtype, 2, 1024, 256),
     )
 
 
 def _probe_packed(dtype):  # the first level's feed-forward's GEMMs (the GEGLU's halves, the output) by
     # oneDNN's matmul on the weights as stored, then packed (weights made outside inference mode, as loaded)
     with torch.inference_mode(False):
-        ff = _seeded(unet.FeedForward(256), dtype)
+        ff = _seeded(lambda: unet.FeedForward(256), dtype)
     proj, out, x = ff.net[0].proj, ff.net[2], _randn(dtype, 2, 1024, 256)
     n = proj.weight.shape[0] // 2
 
@@ -752,25 +777,25 @@ def _probe_packed(dtype):  # the first level's feed-forward's GEMMs (the GEGLU's
 
 def _probe_geglu(dtype):
     return _twin_calls(
-        _seeded(unet.GEGLU(256, 1024), dtype), {unet.GEGLU: FastGEGLU}, _randn(dtype, 2, 1024, 256)
+        _seeded(lambda: unet.GEGLU(256, 1024), dtype), {unet.GEGLU: FastGEGLU}, _randn(dtype, 2, 1024, 256)
     )
 
 
 def _probe_folded(dtype):  # cross-attention to 8 GPT-2 states
-    m = _seeded(unet.Attention(256, 768, 8, 32), dtype)
+    m = _seeded(lambda: unet.Attention(256, 768, 8, 32), dtype)
     return _twin_calls(
         m, {unet.Attention: FastAttention}, _randn(dtype, 2, 1024, 256), _randn(dtype, 2, 8, 768)
     )
 
 
 def _probe_tokens(dtype):  # a whole first-level transformer: the gain is the copies around its blocks
-    m = _seeded(unet.Transformer2DModel(256, 8, 768, 1, 32), dtype)
+    m = _seeded(lambda: unet.Transformer2DModel(256, 8, 768, 1, 32), dtype)
     inputs = _randn(dtype, 2, 256, 128, 8), _randn(dtype, 2, 8, 768), None
     return _twin_calls(m, {unet.Transformer2DModel: FastTransformer2D}, *inputs)
 
 
 def _probe_upsample(dtype):
-    m = _seeded(unet.Upsample2D(256), dtype)
+    m = _seeded(lambda: unet.Upsample2D(256), dtype)
     return _twin_calls(m, {unet.Upsample2D: FastUNetUpsample}, _randn(dtype, 2, 256, 32, 4))
 
 
@@ -808,21 +833,26 @@ def _probe_vae(dtype):  # a resnet of the decoder's last level at 10.24 s, in ea
     # with its per-shape rewrites decided in each layout 1.04x, 1.58 -> 1.51 s on AVX-512)
     # (16-bit: the small map; without native bfloat16 its convolutions run reference kernels, ~1000x slower)
     H, W = (512, 64) if dtype in (torch.float32, torch.float64) else (128, 32)
-    block, x = _seeded(vae.ResnetBlock2D(128, 128, 32), dtype), _randn(dtype, 1, 128, H, W)
+    block, x = _seeded(lambda: vae.ResnetBlock2D(128, 128, 32), dtype), _randn(dtype, 1, 128, H, W)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     return (lambda: block(x)), (lambda: block(x_cl).contiguous())
 
 
 def _probe_vocoder(dtype):  # a narrow conv over a long signal stored (B, L, C), as the vocoder's input is
-    m = nn.Sequential(nn.Conv1d(64, 32, 7, padding=3), nn.LeakyReLU(0.1), nn.Conv1d(32, 32, 11, padding=5))
+    m = _seeded(
+        lambda: nn.Sequential(
+            nn.Conv1d(64, 32, 7, padding=3), nn.LeakyReLU(0.1), nn.Conv1d(32, 32, 11, padding=5)
+        ),
+        dtype,
+    )
     x = _randn(dtype, 1, 20000, 64).transpose(1, 2)
-    return _twin_calls(_seeded(m, dtype), {nn.Conv1d: FastConv1d}, x)
+    return _twin_calls(m, {nn.Conv1d: FastConv1d}, x)
 
 
 def _conv_and_input(dtype, B, C, H, W, O, channels_last, bias=True) -> tuple[nn.Conv2d, Tensor]:
     """A seeded 3x3 conv C -> O and a (B, C, H, W) input, channels-last or not, for the per-shape probes (random
     weights: the time does not depend on them)."""
-    conv = _seeded(nn.Conv2d(C, O, 3, padding=1, bias=bool(bias)), dtype)
+    conv = _seeded(lambda: nn.Conv2d(C, O, 3, padding=1, bias=bool(bias)), dtype)
     x = _randn(dtype, B, C, H, W)
     return conv, x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -852,7 +882,9 @@ def _probe_shared(dtype):  # a small two-level UNet: checked for exactness only 
     )  # fmt: skip
     x = _randn(dtype, 1, 8, 16, 16)
     inputs = torch.cat([x, x]), torch.tensor(500), _randn(dtype, 2, 8, 16)
-    return _twin_calls(_seeded(unet.AudioLDM2UNet(cfg), dtype), {unet.AudioLDM2UNet: FastUNet}, *inputs)
+    return _twin_calls(
+        _seeded(lambda: unet.AudioLDM2UNet(cfg), dtype), {unet.AudioLDM2UNet: FastUNet}, *inputs
+    )
 
 
 REWRITES: dict[str, Rewrite] = {
