@@ -717,8 +717,14 @@ def _pool() -> Tensor:
 
 def _draw(shape: tuple[int, ...], start: int = 0) -> Tensor:
     """Float32 values of ``shape`` from the pool, from position ``start`` on, round it as often as needed."""
-    n = math.prod(shape)
-    return _pool().repeat(-(-(start + n) // _POOL_SIZE))[start : start + n].view(shape)
+    n, pool = math.prod(shape), _pool()
+    out = torch.empty(n)
+    i = 0
+    while i < n:
+        chunk = pool[(start + i) % _POOL_SIZE :][: n - i]
+        out[i : i + len(chunk)] = chunk
+        i += len(chunk)
+    return out.view(shape)
 
 
 def _seeded(make: Callable[[], nn.Module], dtype: torch.dtype) -> nn.Module:

@@ -582,6 +582,22 @@ def test_a_per_shape_probe_of_long_calls_stops_after_one_clear_round(monkeypatch
         assert calls["fast"] == calls_fast, durations
 
 
+def test_probes_draw_from_one_pool_round_and_round():
+    """Probes' values are the pool's, from a position on, wrapping around; a seeded module is filled strictly
+    (nothing left on the meta device), its tensors each from where the last one ended."""
+    pool, P = fast._pool(), fast._POOL_SIZE
+    long = fast._draw((2 * P + 7,), P - 3)
+    assert (
+        torch.equal(long[:3], pool[-3:])
+        and torch.equal(long[3 : P + 3], pool)
+        and torch.equal(long[-4:], pool[:4])
+    )
+    conv = fast._seeded(lambda: nn.Conv2d(3, 4, 3), torch.float64)
+    assert conv.weight.dtype == torch.float64 and not conv.training
+    assert torch.equal(conv.weight.float().flatten(), pool[:108] * 3**-0.5)
+    assert torch.equal(conv.bias.float(), pool[108:112] * 4**-0.5)
+
+
 def test_probe_rows_caps_long_maps_at_a_multiple_of_64():
     row = 64 * 256 * 4  # a VAE row at the top level: 64 mel bins, 256 channels, float32
     assert fast._probe_rows(256, row) == 256  # within the budget: the shape itself
