@@ -1070,6 +1070,9 @@ def decide(
     return decision
 
 
+_TICK = 1 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01  # /proc/stat's unit, seconds
+
+
 def _clocks() -> tuple[float, float, float] | None:
     """(wall clock, all CPUs' busy time since boot, this process's CPU time), in seconds; None without
     ``/proc/stat`` (not Linux). Busy time counts user, nice, system, interrupt and steal time (a VM's vCPU
@@ -1079,8 +1082,7 @@ def _clocks() -> tuple[float, float, float] | None:
             user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
     except (OSError, ValueError):
         return None
-    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    return time.monotonic(), busy, time.process_time()
+    return time.monotonic(), (user + nice + system + irq + softirq + steal) * _TICK, time.process_time()
 
 
 # The busy answer and the clocks of the last look: a look covers the time since the previous one.
@@ -1105,7 +1107,7 @@ def _busy(min_window: float = 0.25) -> bool:
     wall = now[0] - then[0]
     if wall < min_window:
         return _LOOK["busy"]
-    others = (now[1] - then[1]) - (now[2] - then[2]) - cpus / os.sysconf("SC_CLK_TCK")  # less a tick per CPU
+    others = (now[1] - then[1]) - (now[2] - then[2]) - cpus * _TICK  # less a tick per CPU
     free = max(0, cpus - torch.get_num_threads())
     _LOOK.update(clocks=now, busy=others / wall > free + 0.25)
     return _LOOK["busy"]

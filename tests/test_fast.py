@@ -1034,7 +1034,7 @@ def test_busy_counts_other_processes_cpu_time_not_ours(monkeypatch):
     """Competition is other processes' CPU time since the last look, beyond what this process's threads leave
     free: our own threads running flat out are not "busy" (the load average counted them)."""
     monkeypatch.setattr(fast.os, "cpu_count", lambda: torch.get_num_threads())  # no CPU left free
-    tick = torch.get_num_threads() / os.sysconf("SC_CLK_TCK")  # the slack _busy allows for tick rounding
+    tick = torch.get_num_threads() * fast._TICK  # the slack _busy allows for tick rounding
     clocks = iter(
         [
             (1.0, 102.0, 12.0),  # 1 s: all CPU time was ours
@@ -1061,7 +1061,7 @@ def test_clocks_see_this_process_work():
         pass
     t1, busy1, own1 = fast._clocks()
     assert t1 - t0 >= 0.3 and own1 - own0 >= 0.2
-    assert busy1 - busy0 >= own1 - own0 - (os.cpu_count() or 1) * 2 / os.sysconf("SC_CLK_TCK")
+    assert busy1 - busy0 >= own1 - own0 - (os.cpu_count() or 1) * 2 * fast._TICK
 
 
 def test_a_decision_is_stored_busy_by_the_probe_own_window(tmp_path, monkeypatch):
