@@ -1102,7 +1102,7 @@ def _busy(min_window: float = 0.25) -> bool:
     if now is None or then is None:
         try:
             return os.getloadavg()[0] > cpus
-        except OSError:  # not available on this system
+        except (OSError, AttributeError):  # not available (Windows has no os.getloadavg)
             return False
     wall = now[0] - then[0]
     if wall < min_window:

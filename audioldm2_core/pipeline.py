@@ -118,6 +118,15 @@ def audio_shape(
     return height, keep
 
 
+def _libc() -> ctypes.CDLL | None:
+    """This process's C library (its global symbols: POSIX's ``dlopen(NULL)``), or None where there is none
+    to open by no name: on Windows ``ctypes.CDLL(None)`` raises ``TypeError``, and the heap is left as it is."""
+    try:
+        return ctypes.CDLL(None)
+    except (OSError, TypeError):
+        return None
+
+
 class _MallInfo2(ctypes.Structure):  # glibc >= 2.33's struct mallinfo2, fields in its order
     _fields_ = [
         (name, ctypes.c_size_t)
@@ -129,8 +138,10 @@ class _MallInfo2(ctypes.Structure):  # glibc >= 2.33's struct mallinfo2, fields 
 def _heap_state() -> tuple[int, int, int] | None:
     """(RSS, the process's peak RSS so far, the heap glibc holds free), bytes; None where unknown (not Linux
     with glibc >= 2.33)."""
+    libc = _libc()
+    if libc is None:
+        return None
     try:
-        libc = ctypes.CDLL(None)
         libc.mallinfo2.restype = _MallInfo2
         free = libc.mallinfo2().fordblks
         with open("/proc/self/status") as f:
@@ -156,15 +167,15 @@ def _return_freed_memory() -> None:
 
     Weights read in the file's dtype are memory maps and go back when unmapped; but tensors made by a cast
     (bfloat16 weights from a float32 file) and activations live on the C heap, and glibc keeps freed heap
-    memory for reuse unless asked to trim it. Not glibc (macOS, musl): nothing to do.
+    memory for reuse unless asked to trim it. Not glibc (macOS, musl, Windows): nothing to do.
     """
     state = _heap_state()
     if state is not None and not _return_pays(*state):
         return
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _libc()
+    if libc is not None:
+        with contextlib.suppress(AttributeError):  # not glibc's
+            libc.malloc_trim(0)
 
 
 @contextlib.contextmanager

@@ -1049,6 +1049,8 @@ def test_busy_counts_other_processes_cpu_time_not_ours(monkeypatch):
     monkeypatch.setattr(fast, "_clocks", lambda: None)  # no /proc/stat: the load average, as before
     monkeypatch.setattr(fast.os, "getloadavg", lambda: (torch.get_num_threads() + 1.0, 0.0, 0.0))
     assert fast._busy()
+    monkeypatch.delattr(fast.os, "getloadavg")  # Windows: neither, so never busy
+    assert not fast._busy()
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux's /proc/stat")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import platform
 import re
+import types
 
 import numpy as np
 import pytest
@@ -211,6 +212,25 @@ def test_heap_goes_back_only_where_it_can_lower_the_peak(monkeypatch):
         monkeypatch.setattr(P, "_heap_state", lambda s=state: s)
         P._return_freed_memory()
         assert trims == want
+
+
+def test_heap_is_left_as_it_is_without_a_c_library_to_ask(monkeypatch):
+    """Windows has no ``dlopen(NULL)`` (``ctypes.CDLL(None)`` raises ``TypeError`` there) and musl or macOS no
+    ``malloc_trim``: the heap state is unknown and handing memory back does nothing, with no error, so a
+    generation runs there as it does on glibc."""
+    from audioldm2_core import pipeline as P
+
+    def windows_cdll(name, *args, **kwargs):  # as CPython's on Windows: ``'/' in name`` with name None
+        if name is None:
+            raise TypeError("argument of type 'NoneType' is not iterable")
+        raise OSError(name)
+
+    monkeypatch.setattr(P.ctypes, "CDLL", windows_cdll)
+    assert P._libc() is None and P._heap_state() is None
+    P._return_freed_memory()
+    monkeypatch.setattr(P.ctypes, "CDLL", lambda name: types.SimpleNamespace())  # a C library without them
+    assert P._heap_state() is None
+    P._return_freed_memory()
 
 
 def test_heap_state_reads_this_process():
