@@ -121,6 +121,13 @@ def _channels_last(x: Tensor) -> bool:
 # ---------------------------------------------------------------------------------- exact operations
 
 
+@functools.cache
+def _has_onednn_matmul() -> bool:
+    """Whether this PyTorch build has oneDNN's matmul op (x86 and ARM wheels do; a build without oneDNN
+    registers no ``mkldnn`` ops at all)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 def _onednn(x: Tensor, weight: Tensor) -> bool:
     """Whether oneDNN's matmul is used for this linear: decided for the dtype, off under autograd and
     torch.compile (no backward; the compiler picks its own GEMMs)."""
@@ -129,6 +136,7 @@ def _onednn(x: Tensor, weight: Tensor) -> bool:
         and x.dtype == weight.dtype
         and _enabled("onednn-linear", x.dtype)
         and torch.backends.mkldnn.enabled
+        and _has_onednn_matmul()
         and not torch.compiler.is_compiling()
         and _no_grad(x, weight)
     )
@@ -1140,6 +1148,8 @@ def _probe(name: str, dtype: torch.dtype, timed: bool, shape: tuple[int, ...] | 
                 True, None, f"{cpu_attention.isa()} build: where cpu_attention is enabled, timed per shape"
             )
         return Decision(False, None, f"needs AVX-512 or AVX2 (this CPU: {cpu_attention.isa()})")
+    if name in ("onednn-linear", "packed-linear") and not _has_onednn_matmul():
+        return Decision(False, None, "this PyTorch build has no oneDNN matmul")
     if name == "folded-attention" and dtype not in (torch.float32, torch.float64):
         return Decision(
             False, None, "full precision only (16-bit scores would be rounded before the softmax)"

@@ -221,6 +221,35 @@ def test_linear_respects_mkldnn_switched_off(monkeypatch):
         assert torch.equal(linear(x, w, b, gelu=True), F.gelu(F.linear(x, w, b)))
 
 
+def test_a_build_without_onednn_keeps_the_plain_linears(monkeypatch, tiny_base):
+    """A PyTorch built without oneDNN registers no ``mkldnn`` ops: the rewrites that need its matmul are
+    unsupported there (not a crash at load), ``linear`` is ``F.linear`` even where a kept decision says on,
+    and a generation gives the plain model's audio."""
+    from audioldm2_core import AudioLDM2
+
+    def generate(**kwargs):
+        pipe = AudioLDM2.from_pretrained(tiny_base, **kwargs)
+        g = torch.Generator().manual_seed(0)
+        return pipe("rain", num_inference_steps=2, audio_length_in_s=1.0, generator=g).audios
+
+    want = generate(fast=False)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    fast._has_onednn_matmul.cache_clear()
+    try:
+        torch.manual_seed(0)
+        x, w, b = torch.randn(3, 7, 24), torch.randn(40, 24), torch.randn(40)
+        with torch.no_grad():
+            assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+        for name, dtype in [("onednn-linear", torch.float32), ("packed-linear", torch.bfloat16)]:
+            decision = fast._probe(name, dtype, timed=True)
+            assert not decision.supported and "no oneDNN matmul" in decision.reason
+        assert rel_err(torch.as_tensor(generate()), torch.as_tensor(want)) < 1e-5
+    finally:
+        monkeypatch.undo()
+        fast._has_onednn_matmul.cache_clear()
+    assert fast._has_onednn_matmul()
+
+
 def test_uncached_leaves_nothing_behind():
     conv = _conv(4, 5)
     x = torch.randn(1, 4, 3, 5)
