@@ -135,9 +135,9 @@ def _onednn(x: Tensor, weight: Tensor) -> bool:
         x.device.type == "cpu"
         and x.dtype == weight.dtype
         and _enabled("onednn-linear", x.dtype)
+        and not torch.compiler.is_compiling()  # before the build check: torch 2.6's tracer cannot run it
         and torch.backends.mkldnn.enabled
         and _has_onednn_matmul()
-        and not torch.compiler.is_compiling()
         and _no_grad(x, weight)
     )
 
@@ -942,7 +942,8 @@ REWRITES: dict[str, Rewrite] = {
         Rewrite("cpu-attention", {unet.Attention: FastAttention}, None, shape_probe=_attention_shape_probe),
     ]
 }
-_KNOWN = {cls for r in REWRITES.values() for pair in r.swaps.items() for cls in pair}
+# a tuple, not a set: torch 2.6's tracer (torch.compile) cannot test a class's membership of a set
+_KNOWN = tuple({cls for r in REWRITES.values() for pair in r.swaps.items() for cls in pair})
 _FAST_TO_PLAIN = {fast: plain for r in REWRITES.values() for plain, fast in r.swaps.items()}
 
 # (rewrite, dtype) pairs that ``optimize`` turned on in this process; the fast modules read it on every call
