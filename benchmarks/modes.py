@@ -9,7 +9,10 @@ Modes (ours, speed layer on): ``float32`` (the reference), ``float32+kernel`` (t
 has native bfloat16 (AVX-512 BF16 or AMX: the pipeline's own test, oneDNN's bfloat16 matmul); elsewhere
 oneDNN runs reference kernels hundreds of times slower, and they are left out, saying so.
 
-For each prompt of ``PROMPTS`` (the first ``--prompts``), each mode generates one waveform from the same seed;
+For each prompt of ``PROMPTS`` (the first ``--prompts``), each mode generates one waveform from the same
+starting noise (drawn once in float32 from the seed and rounded to the mode's dtype: torch 2.6 draws bfloat16
+noise from a seed as other numbers than float32's, which would measure the draw, not the mode; 2.13 draws the
+same);
 reported per mode: the mean generation time and its speed against float32, the waveform's relative L2 error
 against float32's (mean and max over prompts), and the CLAP text-audio score of the audio (the checkpoint's
 CLAP, as the pipeline's re-ranking computes it, always in float32) with its change against float32's. Speed
@@ -78,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from audioldm2_core import cpu_attention
-    from audioldm2_core.pipeline import AudioLDM2
+    from audioldm2_core.pipeline import AudioLDM2, audio_shape
+    from audioldm2_core.samplers import randn
 
     torch.set_num_threads(args.threads)
     offered = [
@@ -102,6 +106,12 @@ def main(argv: list[str] | None = None) -> None:
     if any("kernel" in m for m in modes):
         cpu_attention.enable()  # built here if it is not yet, before anything is timed
 
+    ref = pipes["float32"]  # the starting noise of every mode, as the float32 pipeline draws it
+    scale = ref.vae_config.scale_factor
+    height, _ = audio_shape(args.length, ref._upsample_factor(), scale, ref.sample_rate)
+    shape = (1, ref.unet_config.in_channels, height // scale, ref.vocoder_config.model_in_dim // scale)
+    noise = randn(shape, torch.Generator().manual_seed(bench.SEED), dtype=torch.float32)
+
     def generate(mode: str, prompt: str, steps: int = args.steps):
         cpu_attention.enable("kernel" in mode)
         pipe = pipes["bfloat16" if "bfloat16" in mode else "float32"]
@@ -111,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
             num_inference_steps=steps,
             guidance_scale=args.guidance,
             audio_length_in_s=args.length,
+            latents=noise,
             generator=torch.Generator().manual_seed(bench.SEED),
         ).audios[0]
 
