@@ -270,6 +270,15 @@ def _mm(x, w, b=None):
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "none")
 
 
+# oneDNN's sums on a packed weight are the plain call's bit for bit from torch 2.13 (the pinned one) on; older
+# oneDNN (torch 2.6) runs another kernel on the blocked layout: the same to rounding
+PACKED_BIT_EXACT = torch.__version__ >= "2.13"
+
+
+def _same_sums(got, want, rounding):
+    return torch.equal(got, want) if PACKED_BIT_EXACT else rel_err(got, want) < rounding
+
+
 def test_packed_weight_is_the_same_numbers_kept_per_version():
     """oneDNN's blocked copy holds the same numbers and gives oneDNN's sums (float32 here, where the op
     exists on every x86 CPU; the rewrite itself is decided for 16-bit), is made once per parameter version and
@@ -279,7 +288,7 @@ def test_packed_weight_is_the_same_numbers_kept_per_version():
     import gc
 
     def same(packed, weight):
-        return torch.equal(packed.to_dense(), weight) and rel_err(_mm(x, packed), _mm(x, weight)) < 1e-6
+        return torch.equal(packed.to_dense(), weight) and _same_sums(_mm(x, packed), _mm(x, weight), 1e-6)
 
     torch.manual_seed(0)
     layer = nn.Linear(24, 40)
@@ -313,7 +322,7 @@ def test_packed_linear_is_decided_for_16_bit_only():
     if decision.supported:
         with torch.inference_mode():
             plain, packed = fast.REWRITES["packed-linear"].probe(torch.bfloat16)
-            assert rel_err(packed(), plain()) < 1e-4
+            assert _same_sums(packed(), plain(), 1e-4)
     else:
         assert decision.reason.startswith("unsupported here"), decision
 
