@@ -655,6 +655,21 @@ class AudioLDM2:
     def _upsample_factor(self) -> float:
         return math.prod(self.vocoder_config.upsample_rates) / self.vocoder_config.sampling_rate
 
+    def latent_shape(self, audio_length_in_s: float, batch: int = 1) -> tuple[int, int, int, int]:
+        """The shape of the latents a generation of ``audio_length_in_s`` starts from (``latents=``)."""
+        vae_scale = self.vae_config.scale_factor
+        height, _ = audio_shape(audio_length_in_s, self._upsample_factor(), vae_scale, self.sample_rate)
+        return self._latent_shape(height, batch)
+
+    def _latent_shape(self, height: int, batch: int) -> tuple[int, int, int, int]:
+        vae_scale = self.vae_config.scale_factor
+        return (
+            batch,
+            self.unet_config.in_channels,
+            height // vae_scale,
+            self.vocoder_config.model_in_dim // vae_scale,
+        )
+
     @torch.inference_mode()
     def __call__(
         self,
@@ -765,12 +780,7 @@ class AudioLDM2:
             transcription_is_phonemes=transcription_is_phonemes,
         )
         batch = prompt_embeds.shape[0] // (2 if guidance_scale > 1.0 else 1)
-        shape = (
-            batch,
-            self.unet_config.in_channels,
-            height // vae_scale,
-            self.vocoder_config.model_in_dim // vae_scale,
-        )
+        shape = self._latent_shape(height, batch)
         step_callback = None
         if callback is not None:
             step_callback = lambda i, t, x: callback(i, t, x) if i % callback_steps == 0 else None  # noqa: E731

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from audioldm2_core import cpu_attention
-    from audioldm2_core.pipeline import AudioLDM2, audio_shape
+    from audioldm2_core.pipeline import AudioLDM2
     from audioldm2_core.samplers import randn
 
     torch.set_num_threads(args.threads)
@@ -106,10 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     if any("kernel" in m for m in modes):
         cpu_attention.enable()  # built here if it is not yet, before anything is timed
 
-    ref = pipes["float32"]  # the starting noise of every mode, as the float32 pipeline draws it
-    scale = ref.vae_config.scale_factor
-    height, _ = audio_shape(args.length, ref._upsample_factor(), scale, ref.sample_rate)
-    shape = (1, ref.unet_config.in_channels, height // scale, ref.vocoder_config.model_in_dim // scale)
+    # the starting noise of every mode, as the float32 pipeline draws it
+    shape = pipes["float32"].latent_shape(args.length)
     noise = randn(shape, torch.Generator().manual_seed(bench.SEED), dtype=torch.float32)
 
     def generate(mode: str, prompt: str, steps: int = args.steps):

@@ -93,6 +93,12 @@ def test_given_latents(pipe, tiny_base):
         ValueError, match=r"latents have shape \(1, 8, 20, 16\); this request needs \(1, 8, 25, 16\)"
     ):
         ours(pipe, "wind chimes", latents=torch.zeros(1, 8, 20, 16), **kw)
+    # the shape a request needs, as the call draws it from a seed (DDIM, eta 0: no other draw)
+    assert pipe.latent_shape(1.0) == (1, 8, 25, 16) and pipe.latent_shape(1.0, batch=2) == (2, 8, 25, 16)
+    drawn = torch.randn(pipe.latent_shape(1.0), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(
+        ours(pipe, "wind chimes", seed=None, latents=drawn, **kw), ours(pipe, "wind chimes", seed=7, **kw)
+    )
 
 
 def test_output_types_and_dtype(pipe):
