@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ClapTextConfig, clap_config
-from .loading import Checkpoint, WeightsError, empty_init, load_strict
+from .errors import WeightsError
+from .loading import Checkpoint, empty_init, load_strict
 
 __all__ = ["ClapTextEncoder", "load_clap_text", "roberta_position_ids"]
 

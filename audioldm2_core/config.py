@@ -18,9 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import ConfigError, UnsupportedConfigError
+
 __all__ = [
-    "ConfigError",
-    "UnsupportedConfigError",
     "ClapTextConfig",
     "ClapAudioConfig",
     "ClapConfig",
@@ -44,14 +44,6 @@ __all__ = [
     "scheduler_config",
     "feature_extractor_config",
 ]
-
-
-class ConfigError(ValueError):
-    """A config file that cannot be read as the component it claims to be."""
-
-
-class UnsupportedConfigError(ConfigError):
-    """A config setting that is valid for the reference library but not implemented here."""
 
 
 def _require(d: dict[str, Any], component: str, key: str, expected: Any, default: Any = None) -> None:

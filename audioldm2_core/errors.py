@@ -25,7 +25,41 @@ import errno
 import socket
 from collections.abc import Iterator
 
-__all__ = ["explain", "OOM_ADVICE"]
+__all__ = [
+    "AudioLDM2Error",
+    "UsageError",
+    "CheckpointError",
+    "WeightsError",
+    "ConfigError",
+    "UnsupportedConfigError",
+    "explain",
+    "OOM_ADVICE",
+]
+
+
+class AudioLDM2Error(Exception):
+    """A failure the user can act on: its message's first line is what they are shown."""
+
+
+class UsageError(AudioLDM2Error, ValueError):
+    """A request, argument or input that cannot be run as given (a ValueError, as diffusers raises)."""
+
+
+class CheckpointError(AudioLDM2Error, ValueError):
+    """A checkpoint that cannot be found, read or used."""
+
+
+class WeightsError(CheckpointError):
+    """A weight file that is unreadable or does not match the module it should fill."""
+
+
+class ConfigError(CheckpointError):
+    """A config file that cannot be read as the component it claims to be."""
+
+
+class UnsupportedConfigError(ConfigError):
+    """A config setting that is valid for the reference library but not implemented here."""
+
 
 OOM_ADVICE = "try --low-memory, fewer candidates, shorter audio (--length), or --dtype float16 on a GPU"
 
@@ -118,9 +152,7 @@ def explain(error: BaseException, repo_id: str | None = None, revision: str | No
     """
     import torch
 
-    from .loading import CheckpointError
-
-    if isinstance(error, CheckpointError):  # already a line for the user (hub_errors made it from its cause)
+    if isinstance(error, AudioLDM2Error):  # already a line for the user (hub_errors made it from its cause)
         return _first_line(error)
     message = str(error)
     if isinstance(error, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)):  # CUDA's

@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GPT2Config, gpt2_config
-from .loading import Checkpoint, WeightsError, empty_init, load_strict
+from .errors import WeightsError
+from .loading import Checkpoint, empty_init, load_strict
 
 __all__ = ["GPT2", "KVCache", "generate", "load_gpt2"]
 

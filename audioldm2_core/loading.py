@@ -31,9 +31,9 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .errors import CheckpointError, WeightsError
+
 __all__ = [
-    "CheckpointError",
-    "WeightsError",
     "Checkpoint",
     "open_checkpoint",
     "hub_patterns",
@@ -45,14 +45,6 @@ __all__ = [
     "empty_init",
     "COMPONENTS",
 ]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be found, read or used."""
-
-
-class WeightsError(CheckpointError):
-    """A weight file that is unreadable or does not match the module it should fill."""
 
 
 # Component -> the classes of model_index.json we implement. What is not here is an error at open time.
@@ -416,7 +408,7 @@ def read_weights(
         if not path.is_file():
             raise WeightsError(f"{path}: weight file is missing")
         if path.suffix == ".safetensors":
-            with _gc_paused():
+            with gc_paused():
                 state.update(_read_safetensors(path, select))
         else:
             try:
@@ -457,7 +449,7 @@ def check_keys(module: nn.Module, state: dict[str, torch.Tensor], source: str) -
 
 
 @contextlib.contextmanager
-def _gc_paused():
+def gc_paused():
     """Pause Python's cyclic garbage collector. Building and filling a model's thousands of small modules
     allocates enough objects to trigger it over and over, each time scanning every object torch has
     created, with nothing to collect: that was a third of the load time."""
@@ -508,7 +500,7 @@ def empty_init():
     initialisers are skipped by a torch function mode, as ``torch.device("meta")`` is one: it applies to this
     thread only, and ``torch.nn.init`` is left as it is for everyone else.
     """
-    with torch.device("meta"), _SkipInit(), _gc_paused():
+    with torch.device("meta"), _SkipInit(), gc_paused():
         yield
 
 
@@ -527,7 +519,7 @@ def load_strict(
     file and every missing, unexpected and mis-shaped key; it runs only then, since its own walk of the
     module would add half to the time of every successful call.
     """
-    with _gc_paused():
+    with gc_paused():
         loaded = {}
         for k, v in state.items():
             cast = dtype if dtype is not None and v.is_floating_point() else v.dtype

@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import T5Config, t5_config
-from .loading import Checkpoint, WeightsError, empty_init, load_strict, release_pages
+from .errors import WeightsError
+from .loading import Checkpoint, empty_init, load_strict, release_pages
 
 __all__ = ["T5Encoder", "load_t5", "relative_position_bucket"]
 

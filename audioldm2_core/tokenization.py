@@ -51,7 +51,8 @@ from typing import Any, Literal
 import torch
 from tokenizers import Encoding, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 
-from .loading import Checkpoint, CheckpointError
+from .errors import CheckpointError
+from .loading import Checkpoint
 
 __all__ = [
     "TokenBatch",

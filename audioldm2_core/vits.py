@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VitsConfig, vits_config
-from .loading import Checkpoint, WeightsError, empty_init, load_strict
+from .errors import WeightsError
+from .loading import Checkpoint, empty_init, load_strict
 
 __all__ = ["VitsPhonemeEncoder", "load_vits"]
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from audioldm2_core.clap_text import load_clap_text, roberta_position_ids
-from audioldm2_core.loading import CheckpointError, open_checkpoint
+from audioldm2_core.errors import CheckpointError
+from audioldm2_core.loading import open_checkpoint
 from tests.checkpoints import TensorReadSpy, edit_weights, perturb, write_component
 from tests.helpers import rel_err
 

@@ -13,7 +13,8 @@ import torch
 from huggingface_hub import constants
 
 from audioldm2_core import cli, errors, pipeline
-from audioldm2_core.loading import CheckpointError, hub_snapshot
+from audioldm2_core.errors import CheckpointError
+from audioldm2_core.loading import hub_snapshot
 
 REPO = "someone/some-model"
 

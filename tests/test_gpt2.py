@@ -16,8 +16,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from audioldm2_core.errors import CheckpointError
 from audioldm2_core.gpt2 import generate, load_gpt2
-from audioldm2_core.loading import CheckpointError, open_checkpoint
+from audioldm2_core.loading import open_checkpoint
 from tests.checkpoints import TensorReadSpy, edit_weights, perturb, write_component
 from tests.helpers import rel_err
 

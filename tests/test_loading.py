@@ -15,10 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from audioldm2_core.errors import CheckpointError, WeightsError
 from audioldm2_core.loading import (
     Checkpoint,
-    CheckpointError,
-    WeightsError,
     empty_init,
     hub_patterns,
     load_strict,
@@ -372,7 +371,8 @@ def test_speech_checkpoint_pairs_vits_with_its_tokenizer(tiny_gigaspeech, tmp_pa
     import json
     import shutil
 
-    from audioldm2_core.loading import CheckpointError, open_checkpoint
+    from audioldm2_core.errors import CheckpointError
+    from audioldm2_core.loading import open_checkpoint
 
     assert open_checkpoint(tiny_gigaspeech).is_speech
     mixed = tmp_path / "mixed"

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from audioldm2_core.loading import CheckpointError, open_checkpoint
+from audioldm2_core.errors import CheckpointError
+from audioldm2_core.loading import open_checkpoint
 from audioldm2_core.projection import load_projection
 from tests.checkpoints import edit_weights, perturb, write_component
 from tests.helpers import rel_err

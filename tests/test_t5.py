@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from audioldm2_core.loading import CheckpointError, open_checkpoint
+from audioldm2_core.errors import CheckpointError
+from audioldm2_core.loading import open_checkpoint
 from audioldm2_core.t5 import load_t5, relative_position_bucket
 from tests.checkpoints import edit_weights, perturb, write_component
 from tests.helpers import rel_err

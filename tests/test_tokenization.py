@@ -274,7 +274,7 @@ def test_checkpoint_tokenizers_match_pipeline(tiny_base):
 
 
 def test_folder_errors(tokenizer_roots, tmp_path):
-    from audioldm2_core.loading import CheckpointError
+    from audioldm2_core.errors import CheckpointError
 
     hub = tokenizer_roots["hub"]
     with pytest.raises(CheckpointError, match="not supported"):
@@ -406,7 +406,7 @@ def test_phonemes_truncated_with_warning(tmp_path, caplog):
 
 
 def test_phoneme_folder_errors(tmp_path):
-    from audioldm2_core.loading import CheckpointError
+    from audioldm2_core.errors import CheckpointError
     from audioldm2_core.tokenization import phoneme_tokenizer_from_folder
 
     for key, value, match in (

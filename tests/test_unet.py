@@ -11,7 +11,8 @@ import torch
 
 from audioldm2_core import fast
 from audioldm2_core.config import unet_config
-from audioldm2_core.loading import WeightsError, load_strict, open_checkpoint
+from audioldm2_core.errors import WeightsError
+from audioldm2_core.loading import load_strict, open_checkpoint
 from audioldm2_core.unet import AudioLDM2UNet, load_unet
 from tests.checkpoints import edit_weights, perturb, write_component
 from tests.helpers import rel_err

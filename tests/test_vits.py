@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from audioldm2_core.config import UnsupportedConfigError, vits_config
-from audioldm2_core.loading import WeightsError, open_checkpoint
+from audioldm2_core.config import vits_config
+from audioldm2_core.errors import UnsupportedConfigError, WeightsError
+from audioldm2_core.loading import open_checkpoint
 from audioldm2_core.vits import load_vits
 from tests.checkpoints import edit_weights, perturb, write_component
 from tests.helpers import rel_err

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from audioldm2_core.config import vocoder_config
-from audioldm2_core.loading import CheckpointError, open_checkpoint
+from audioldm2_core.errors import CheckpointError
+from audioldm2_core.loading import open_checkpoint
 from audioldm2_core.vocoder import load_vocoder, num_samples
 from tests.checkpoints import edit_weights, write_component
 from tests.helpers import rel_err

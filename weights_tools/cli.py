@@ -16,8 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from audioldm2_core.config import ConfigError
-from audioldm2_core.loading import CheckpointError
+from audioldm2_core.errors import CheckpointError, ConfigError
 
 from . import ToolError, convert, fetch, inspection, make_tiny_cmd, parity
 

@@ -17,7 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from audioldm2_core.loading import Checkpoint, CheckpointError, hub_errors, hub_patterns, hub_snapshot
+from audioldm2_core.errors import CheckpointError
+from audioldm2_core.loading import Checkpoint, hub_errors, hub_patterns, hub_snapshot
 
 from .files import human_bytes
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from audioldm2_core.loading import CheckpointError, hub_snapshot, read_weights
+from audioldm2_core.errors import CheckpointError
+from audioldm2_core.loading import hub_snapshot, read_weights
 
 from . import ToolError
 

@@ -28,8 +28,9 @@ import torch
 from audioldm2_core.clap_audio import load_clap_audio
 from audioldm2_core.clap_text import load_clap_text
 from audioldm2_core.config import feature_extractor_config, scheduler_config
+from audioldm2_core.errors import CheckpointError
 from audioldm2_core.gpt2 import load_gpt2
-from audioldm2_core.loading import COMPONENTS, Checkpoint, CheckpointError
+from audioldm2_core.loading import COMPONENTS, Checkpoint
 from audioldm2_core.projection import load_projection
 from audioldm2_core.t5 import load_t5
 from audioldm2_core.tokenization import load_tokenizer
