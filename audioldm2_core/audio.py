@@ -154,7 +154,7 @@ def fit_length(wave: torch.Tensor, max_length: int, padding: str) -> torch.Tenso
     return torch.nn.functional.pad(wave, (0, max_length - wave.shape[-1]))
 
 
-def _hz_to_mel(f: torch.Tensor) -> torch.Tensor:
+def hz_to_mel(f: torch.Tensor) -> torch.Tensor:
     """Slaney mel scale: linear (3 mels per 200 Hz) below 1 kHz, logarithmic above."""
     log_region = 15.0 + torch.log(f.clamp_min(1e-300) / 1000.0) * (27.0 / math.log(6.4))
     return torch.where(f >= 1000.0, log_region, 3.0 * f / 200.0)
@@ -167,8 +167,8 @@ def _mel_to_hz(m: torch.Tensor) -> torch.Tensor:
 def _mel_edges(sample_rate: int, n_mels: int, f_min: float, f_max: float) -> torch.Tensor:
     """(n_mels + 2,) float64: filter j rises from edge j to its peak at edge j + 1 and falls to edge j + 2."""
     f64 = torch.float64
-    lo = float(_hz_to_mel(torch.tensor(float(f_min), dtype=f64)))
-    hi = float(_hz_to_mel(torch.tensor(float(f_max), dtype=f64)))
+    lo = float(hz_to_mel(torch.tensor(float(f_min), dtype=f64)))
+    hi = float(hz_to_mel(torch.tensor(float(f_max), dtype=f64)))
     return _mel_to_hz(torch.linspace(lo, hi, n_mels + 2, dtype=f64))
 
 

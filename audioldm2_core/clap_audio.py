@@ -53,8 +53,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .clap_text import ProjectionHead
-from .config import ClapAudioConfig, UnsupportedConfigError, clap_config
-from .loading import Checkpoint, WeightsError, empty_init, load_strict
+from .config import ClapAudioConfig, clap_config
+from .errors import UnsupportedConfigError, WeightsError
+from .loading import Checkpoint, empty_init, load_strict
 
 __all__ = ["ClapAudio", "load_clap_audio", "is_audio_key", "relative_position_index"]
 

@@ -40,7 +40,8 @@ from torch import Tensor
 
 from .audio import F_MAX, SAMPLE_RATE
 from .config import SchedulerConfig
-from .samplers import Callback, Generators, SamplerFn, add_noise, randn, schedule
+from .noise import Generators, randn
+from .samplers import Callback, SamplerFn, add_noise, schedule
 
 __all__ = ["start_index", "repaint_callback", "source_sample_rate", "super_resolution_cutoff"]
 

@@ -1026,7 +1026,7 @@ def _code_key(source: str) -> str:
 
 @functools.cache
 def _this_code() -> str:
-    with loading._gc_paused():  # its ~10k nodes would set off a full collection over torch's objects: 80 ms
+    with loading.gc_paused():  # its ~10k nodes would set off a full collection over torch's objects: 80 ms
         return _code_key(Path(__file__).read_text())
 
 

@@ -63,9 +63,10 @@ from .clap_text import load_clap_text
 from .config import feature_extractor_config, scheduler_config, unet_config, vae_config, vocoder_config
 from .gpt2 import load_gpt2
 from .loading import Checkpoint, open_checkpoint
+from .noise import randn
 from .projection import load_projection
 from .rerank import rank_within_prompts, score
-from .samplers import SamplerFn, add_noise, check_sampler, init_noise_sigma, randn, sample, schedule
+from .samplers import SamplerFn, add_noise, check_sampler, init_noise_sigma, sample, schedule
 from .t5 import load_t5
 from .tokenization import load_tokenizer
 from .unet import load_unet

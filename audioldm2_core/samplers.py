@@ -45,23 +45,24 @@ import torch
 from torch import Tensor
 
 from .config import SchedulerConfig
+from .noise import Generators, randn
 from .schedules import (
     DDIMSchedule,
     DPMSchedule,
     KSchedule,
     PNDMSchedule,
-    _alpha_sigma,
-    _lambda,
-    _scale,
-    _x0_ve,
-    _x0_vp,
+    alpha_sigma,
     alphas_cumprod,
     ddim_schedule,
     ddpm_schedule,
     dpm_schedule,
+    half_log_snr,
     k_schedule,
     kdpm2_schedule,
     pndm_schedule,
+    scale_model_input,
+    x0_ve,
+    x0_vp,
 )
 
 __all__ = [
@@ -77,48 +78,13 @@ __all__ = [
     "ddim_schedule",
     "dpm_schedule",
     "init_noise_sigma",
-    "randn",
     "sample",
     "schedule",
 ]
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x_t as the UNet takes it, t as a 0-dim tensor) -> eps or v
 Callback = Callable[[int, Tensor, Tensor], None]  # (step index, t, x after the step)
-Generators = torch.Generator | list[torch.Generator] | None
 Schedule = DDIMSchedule | DPMSchedule | KSchedule | PNDMSchedule
-
-
-# -------------------------------------------------------------------------------------------- noise
-
-
-def randn(
-    shape: tuple[int, ...],
-    generator: Generators = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> Tensor:
-    """N(0, I) noise drawn exactly as diffusers' ``randn_tensor``, so one generator gives the same numbers.
-
-    A CPU generator draws on the CPU and the result moves to ``device``; a list of generators draws one
-    sample of the batch from each, in order.
-    """
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if isinstance(generator, list) and len(generator) == 1:
-        generator = generator[0]
-    rand_device = device
-    if generator is not None:
-        gen_type = (generator[0] if isinstance(generator, list) else generator).device.type
-        if gen_type == "cpu":
-            rand_device = torch.device("cpu")
-        elif gen_type != device.type:
-            raise ValueError(f"cannot draw a {device.type} tensor from a {gen_type} generator")
-    if isinstance(generator, list):
-        if len(generator) != shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
-        one = (1, *shape[1:])
-        draws = [torch.randn(one, generator=g, device=rand_device, dtype=dtype) for g in generator]
-        return torch.cat(draws, dim=0).to(device)
-    return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
 
 
 def _noise_like(out: Tensor, generator: Generators, dtype: torch.dtype | None = None) -> Tensor:
@@ -264,10 +230,10 @@ def sample_dpmpp_2m(
     for i in range(start, n):
         t = timesteps[i]
         out = model(x, t)
-        alpha_s, sigma_s = _alpha_sigma(sched.sigmas[i])  # 0-dim float32, as diffusers indexes
-        alpha_t, sigma_t = _alpha_sigma(sched.sigmas[i + 1])
-        x0 = _x0_vp(out, x, alpha_s, sigma_s, sched.prediction_type)
-        lambda_s, lambda_t = _lambda(alpha_s, sigma_s), _lambda(alpha_t, sigma_t)
+        alpha_s, sigma_s = alpha_sigma(sched.sigmas[i])  # 0-dim float32, as diffusers indexes
+        alpha_t, sigma_t = alpha_sigma(sched.sigmas[i + 1])
+        x0 = x0_vp(out, x, alpha_s, sigma_s, sched.prediction_type)
+        lambda_s, lambda_t = half_log_snr(alpha_s, sigma_s), half_log_snr(alpha_t, sigma_t)
         h = lambda_t - lambda_s
         # diffusers steps in float32 and casts back to the model output's dtype
         x_next = sigma_t / sigma_s * x.to(torch.float32) - alpha_t * (torch.exp(-h) - 1.0) * x0
@@ -296,11 +262,11 @@ def sample_dpmpp_2m_sde(
     for i in range(start, n):
         t = timesteps[i]
         out = model(x, t)
-        alpha_s, sigma_s = _alpha_sigma(sched.sigmas[i])
-        alpha_t, sigma_t = _alpha_sigma(sched.sigmas[i + 1])
-        x0 = _x0_vp(out, x, alpha_s, sigma_s, sched.prediction_type)
+        alpha_s, sigma_s = alpha_sigma(sched.sigmas[i])
+        alpha_t, sigma_t = alpha_sigma(sched.sigmas[i + 1])
+        x0 = x0_vp(out, x, alpha_s, sigma_s, sched.prediction_type)
         noise = _noise_like(out, generator, torch.float32)
-        lambda_s, lambda_t = _lambda(alpha_s, sigma_s), _lambda(alpha_t, sigma_t)
+        lambda_s, lambda_t = half_log_snr(alpha_s, sigma_s), half_log_snr(alpha_t, sigma_t)
         h = lambda_t - lambda_s
         x_next = (
             sigma_t / sigma_s * torch.exp(-h) * x.to(torch.float32) + alpha_t * (1 - torch.exp(-2.0 * h)) * x0
@@ -338,17 +304,17 @@ def sample_dpmpp_2s(
     for i in range(start, len(timesteps)):
         t = timesteps[i]
         out = model(x, t)
-        alpha_s0, sigma_s0 = _alpha_sigma(sched.sigmas[i])
-        alpha_t, sigma_t = _alpha_sigma(sched.sigmas[i + 1])
-        x0 = _x0_vp(out, x, alpha_s0, sigma_s0, sched.prediction_type)
-        lambda_t, lambda_s0 = _lambda(alpha_t, sigma_t), _lambda(alpha_s0, sigma_s0)
+        alpha_s0, sigma_s0 = alpha_sigma(sched.sigmas[i])
+        alpha_t, sigma_t = alpha_sigma(sched.sigmas[i + 1])
+        x0 = x0_vp(out, x, alpha_s0, sigma_s0, sched.prediction_type)
+        lambda_t, lambda_s0 = half_log_snr(alpha_t, sigma_t), half_log_snr(alpha_s0, sigma_s0)
         if orders[i] == 1 or i == start:  # no previous x0 yet at ``start``
             x_pair = x
             h = lambda_t - lambda_s0
             x = sigma_t / sigma_s0 * x - alpha_t * (torch.exp(-h) - 1.0) * x0
         else:
-            alpha_s1, sigma_s1 = _alpha_sigma(sched.sigmas[i - 1])
-            lambda_s1 = _lambda(alpha_s1, sigma_s1)
+            alpha_s1, sigma_s1 = alpha_sigma(sched.sigmas[i - 1])
+            lambda_s1 = half_log_snr(alpha_s1, sigma_s1)
             h = lambda_t - lambda_s1
             d1 = 1.0 / ((lambda_s0 - lambda_s1) / h) * (x0 - x0_prev)
             e = alpha_t * (torch.exp(-h) - 1.0)
@@ -384,16 +350,16 @@ def sample_unipc(
     the previous step (UniC, no extra call), then predicts the next (UniP); first order at both ends."""
     dev, n = x.device, len(sched.timesteps)
     timesteps = sched.timesteps.to(dev)
-    lam = lambda k: _lambda(*_alpha_sigma(sched.sigmas[k].to(dev)))  # noqa: E731
+    lam = lambda k: half_log_snr(*alpha_sigma(sched.sigmas[k].to(dev)))  # noqa: E731
     ms: list[Tensor] = []  # data predictions of the last steps, newest last
     x_last = order = None
     for i in range(start, n):
         t = timesteps[i]
         out = model(x, t)
-        m = _x0_vp(out, x, *_alpha_sigma(sched.sigmas[i]), sched.prediction_type)
+        m = x0_vp(out, x, *alpha_sigma(sched.sigmas[i]), sched.prediction_type)
         if i > start:  # UniC: redo the previous step from x_last with m, at the order it was predicted
-            alpha_t, sigma_t = _alpha_sigma(sched.sigmas[i].to(dev))
-            _, sigma_s0 = _alpha_sigma(sched.sigmas[i - 1].to(dev))
+            alpha_t, sigma_t = alpha_sigma(sched.sigmas[i].to(dev))
+            _, sigma_s0 = alpha_sigma(sched.sigmas[i - 1].to(dev))
             h = lam(i) - lam(i - 1)
             rks, d1s = [], []
             if order == 2:
@@ -410,8 +376,8 @@ def sample_unipc(
         order = min(2, n - i, i - start + 1)
         x_last = x
         # UniP: x_{i+1} from x_i with m (and the previous m at order 2)
-        alpha_t, sigma_t = _alpha_sigma(sched.sigmas[i + 1].to(dev))
-        _, sigma_s0 = _alpha_sigma(sched.sigmas[i].to(dev))
+        alpha_t, sigma_t = alpha_sigma(sched.sigmas[i + 1].to(dev))
+        _, sigma_s0 = alpha_sigma(sched.sigmas[i].to(dev))
         h = lam(i + 1) - lam(i)
         h_phi_1 = b_h = torch.expm1(-h)  # phi_1(-h) h and B(h) of "bh2"
         x_t = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m
@@ -445,15 +411,15 @@ def sample_deis(
     for i in range(start, n):
         t = timesteps[i]
         out = model(x, t)
-        alpha_s0, sigma_s0 = _alpha_sigma(sched.sigmas[i])
-        alpha_t, sigma_t = _alpha_sigma(sched.sigmas[i + 1])
-        x0 = _x0_vp(out, x, alpha_s0, sigma_s0, sched.prediction_type)
+        alpha_s0, sigma_s0 = alpha_sigma(sched.sigmas[i])
+        alpha_t, sigma_t = alpha_sigma(sched.sigmas[i + 1])
+        x0 = x0_vp(out, x, alpha_s0, sigma_s0, sched.prediction_type)
         eps = (x - alpha_s0 * x0) / sigma_s0
         if i == start or (i == n - 1 and n < 15):
-            h = _lambda(alpha_t, sigma_t) - _lambda(alpha_s0, sigma_s0)
+            h = half_log_snr(alpha_t, sigma_t) - half_log_snr(alpha_s0, sigma_s0)
             x = alpha_t / alpha_s0 * x - sigma_t * (torch.exp(h) - 1.0) * eps
         else:  # integrate the linear interpolation of eps in rho = sigma / alpha, in log rho
-            alpha_s1, sigma_s1 = _alpha_sigma(sched.sigmas[i - 1])
+            alpha_s1, sigma_s1 = alpha_sigma(sched.sigmas[i - 1])
             rho_t, rho_s0, rho_s1 = sigma_t / alpha_t, sigma_s0 / alpha_s0, sigma_s1 / alpha_s1
             coef1 = ind(rho_t, rho_s0, rho_s1) - ind(rho_s0, rho_s0, rho_s1)
             coef2 = ind(rho_t, rho_s1, rho_s0) - ind(rho_s0, rho_s1, rho_s0)
@@ -478,9 +444,9 @@ def sample_euler(
     timesteps, s = sched.timesteps.to(x.device), sched.sigmas
     for i in range(start, len(timesteps)):
         t = timesteps[i]
-        out = model(_scale(x, s[i]), t)
+        out = model(scale_model_input(x, s[i]), t)
         x = x.to(torch.float32)
-        d = (x - _x0_ve(out, x, s[i], sched.prediction_type)) / s[i]
+        d = (x - x0_ve(out, x, s[i], sched.prediction_type)) / s[i]
         x = (x + d * (s[i + 1] - s[i])).to(out.dtype)
         _done(callback, i, t, x)
     return x
@@ -499,9 +465,9 @@ def sample_euler_ancestral(
     timesteps, s = sched.timesteps.to(x.device), sched.sigmas
     for i in range(start, len(timesteps)):
         t = timesteps[i]
-        out = model(_scale(x, s[i]), t)
+        out = model(scale_model_input(x, s[i]), t)
         x = x.to(torch.float32)
-        x0 = _x0_ve(out, x, s[i], sched.prediction_type)
+        x0 = x0_ve(out, x, s[i], sched.prediction_type)
         sigma_up = (s[i + 1] ** 2 * (s[i] ** 2 - s[i + 1] ** 2) / s[i] ** 2) ** 0.5
         sigma_down = (s[i + 1] ** 2 - sigma_up**2) ** 0.5
         x = x + (x - x0) / s[i] * (sigma_down - s[i])
@@ -524,15 +490,15 @@ def sample_heun(
     n = len(timesteps)
     for i in range(start, n):
         t = timesteps[i]
-        out = model(_scale(x, s[i]), t)
-        d = (x - _x0_ve(out, x, s[i], sched.prediction_type)) / s[i]
+        out = model(scale_model_input(x, s[i]), t)
+        d = (x - x0_ve(out, x, s[i], sched.prediction_type)) / s[i]
         dt = s[i + 1] - s[i]
         if i == n - 1:
             x = x + d * dt
         else:
             x_2 = x + d * dt
-            out = model(_scale(x_2, s[i + 1]), timesteps[i + 1])
-            d_2 = (x_2 - _x0_ve(out, x_2, s[i + 1], sched.prediction_type)) / s[i + 1]
+            out = model(scale_model_input(x_2, s[i + 1]), timesteps[i + 1])
+            d_2 = (x_2 - x0_ve(out, x_2, s[i + 1], sched.prediction_type)) / s[i + 1]
             x = x + (d + d_2) / 2 * dt
         _done(callback, i, t, x)
     return x
@@ -552,14 +518,14 @@ def sample_kdpm2(
     n = len(timesteps)
     for i in range(start, n):
         t, mid = timesteps[i], sched.sigmas_mid[i]
-        out = model(_scale(x, s[i]), t)
-        d = (x - _x0_ve(out, x, s[i], sched.prediction_type)) / s[i]
+        out = model(scale_model_input(x, s[i]), t)
+        d = (x - x0_ve(out, x, s[i], sched.prediction_type)) / s[i]
         if i == n - 1:
             x = x + d * (mid - s[i])
         else:
             x_2 = x + d * (mid - s[i])
-            out = model(_scale(x_2, mid), sched.timesteps_mid[i].to(x.device))
-            d_2 = (x_2 - _x0_ve(out, x_2, mid, sched.prediction_type)) / mid
+            out = model(scale_model_input(x_2, mid), sched.timesteps_mid[i].to(x.device))
+            d_2 = (x_2 - x0_ve(out, x_2, mid, sched.prediction_type)) / mid
             x = x + d_2 * (s[i + 1] - s[i])
         _done(callback, i, t, x)
     return x
@@ -579,14 +545,14 @@ def sample_kdpm2_ancestral(
     n = len(timesteps)
     for i in range(start, n):
         t, mid = timesteps[i], sched.sigmas_mid[i]
-        out = model(_scale(x, s[i]), t)
-        d = (x - _x0_ve(out, x, s[i], sched.prediction_type)) / s[i]
+        out = model(scale_model_input(x, s[i]), t)
+        d = (x - x0_ve(out, x, s[i], sched.prediction_type)) / s[i]
         if i == n - 1:
             x = x + d * (mid - s[i])
         else:
             x_2 = x + d * (mid - s[i])
-            out = model(_scale(x_2, mid), sched.timesteps_mid[i].to(x.device))
-            d_2 = (x_2 - _x0_ve(out, x_2, mid, sched.prediction_type)) / mid
+            out = model(scale_model_input(x_2, mid), sched.timesteps_mid[i].to(x.device))
+            d_2 = (x_2 - x0_ve(out, x_2, mid, sched.prediction_type)) / mid
             x = x + d_2 * (sched.sigmas_down[i] - s[i])
             x = x + _noise_like(out, generator) * sched.sigmas_up[i]
         _done(callback, i, t, x)
@@ -621,8 +587,8 @@ def sample_lms(
     ds: list[Tensor] = []  # slopes (x - x_0) / sigma of the last steps, newest last
     for i in range(start, len(timesteps)):
         t = timesteps[i]
-        out = model(_scale(x, s[i]), t)
-        ds = [*ds[-3:], (x - _x0_ve(out, x, s[i], sched.prediction_type)) / s[i]]
+        out = model(scale_model_input(x, s[i]), t)
+        ds = [*ds[-3:], (x - x0_ve(out, x, s[i], sched.prediction_type)) / s[i]]
         # diffusers' order counts from index 0 even after ``start``; the unknown slopes then drop out
         order = min(i + 1, 4)
         coeffs = [_lms_coefficient(s, order, i, j) for j in range(order)]
@@ -712,7 +678,7 @@ def add_noise(
     if isinstance(sched, KSchedule):
         return x0 + noise * sched.sigmas.to(x0.dtype)[index]
     if isinstance(sched, DPMSchedule):
-        alpha, sigma = _alpha_sigma(sched.sigmas.to(x0.dtype)[index].to(x0.device))
+        alpha, sigma = alpha_sigma(sched.sigmas.to(x0.dtype)[index].to(x0.device))
         return alpha * x0 + sigma * noise
     table = alphas_cumprod(cfg).to(x0.device, x0.dtype)
     abar = table[sched.timesteps[index]]

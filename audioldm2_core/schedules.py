@@ -171,31 +171,31 @@ def _karras(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) ->
 # ------------------------------------------------------------------- conversions between parametrisations
 
 
-def _alpha_sigma(sigma: Tensor) -> tuple[Tensor, Tensor]:
+def alpha_sigma(sigma: Tensor) -> tuple[Tensor, Tensor]:
     """From the VE noise level sigma = sqrt((1 - abar) / abar) to the VP pair (sqrt(abar), sqrt(1 - abar))."""
     alpha_t = 1 / (sigma**2 + 1) ** 0.5
     return alpha_t, sigma * alpha_t
 
 
-def _lambda(alpha: Tensor, sigma: Tensor) -> Tensor:
+def half_log_snr(alpha: Tensor, sigma: Tensor) -> Tensor:
     return torch.log(alpha) - torch.log(sigma)  # half log-SNR; +inf at sigma=0
 
 
-def _x0_vp(out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
+def x0_vp(out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
     """x_0 from a VP x_t = alpha x_0 + sigma eps and the model's eps (or v = alpha eps - sigma x_0)."""
     if prediction_type == "epsilon":
         return (x - sigma * out) / alpha
     return alpha * x - sigma * out
 
 
-def _x0_ve(out: Tensor, x: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
+def x0_ve(out: Tensor, x: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
     """x_0 from a VE x = x_0 + sigma eps (the model saw x / sqrt(sigma^2 + 1)) and its eps or v."""
     if prediction_type == "epsilon":
         return x - sigma * out
     return out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
 
 
-def _scale(x: Tensor, sigma: Tensor) -> Tensor:
+def scale_model_input(x: Tensor, sigma: Tensor) -> Tensor:
     """VE x -> the VP x_t the UNet was trained on (diffusers' ``scale_model_input``)."""
     return x / ((sigma**2 + 1) ** 0.5)
 

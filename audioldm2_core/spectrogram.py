@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import F_MAX, F_MIN, HOP_LENGTH, SAMPLE_RATE, _hz_to_mel, mel_spectrogram, resample
+from .audio import F_MAX, F_MIN, HOP_LENGTH, SAMPLE_RATE, hz_to_mel, mel_spectrogram, resample
 from .outputs import write_atomic
 
 __all__ = ["log_mel", "spectrogram_png", "save_spectrogram", "require_matplotlib"]
@@ -79,7 +79,7 @@ def spectrogram_png(
     if m.ndim != 2 or 0 in m.shape:
         raise ValueError(f"spectrogram_png takes a (frames, n_mels) log mel, got shape {m.shape}")
     db = m.T * _DB_PER_NEPER  # (n_mels, frames)
-    lo, hi = (float(_hz_to_mel(torch.tensor(f, dtype=torch.float64))) for f in (f_min, f_max))
+    lo, hi = (float(hz_to_mel(torch.tensor(f, dtype=torch.float64))) for f in (f_min, f_max))
     seconds = m.shape[0] * hop_length / sample_rate
     half_row = (hi - lo) / (m.shape[1] + 1) / 2  # row i is the filter centred at lo + (i + 1) 2 half_row mels
     fig = Figure(figsize=size, dpi=dpi, layout="constrained")
@@ -98,7 +98,7 @@ def spectrogram_png(
     )
     ticks = [f for f in (0, 250, 500, 1000, 2000, 4000, 8000, 16000, 24000) if f_min <= f <= f_max]
     ax.set_ylim(lo, hi)
-    ax.set_yticks([float(_hz_to_mel(torch.tensor(float(f), dtype=torch.float64))) for f in ticks])
+    ax.set_yticks([float(hz_to_mel(torch.tensor(float(f), dtype=torch.float64))) for f in ticks])
     ax.set_yticklabels([f"{f // 1000}k" if f >= 1000 else str(f) for f in ticks])
     ax.set_xlabel("time (s)")
     ax.set_ylabel("frequency (Hz)")

@@ -54,8 +54,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VAEConfig, vae_config
-from .loading import Checkpoint, WeightsError, empty_init, load_strict
-from .samplers import randn
+from .errors import WeightsError
+from .loading import Checkpoint, empty_init, load_strict
+from .noise import randn
 
 __all__ = ["AutoencoderKLDecoder", "AutoencoderKLEncoder", "DiagonalGaussian", "load_vae", "load_vae_encoder"]
 

@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from audioldm2_core import cpu_attention
+    from audioldm2_core.noise import randn
     from audioldm2_core.pipeline import AudioLDM2
-    from audioldm2_core.samplers import randn
 
     torch.set_num_threads(args.threads)
     offered = [

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from audioldm2_core.clap_audio import is_audio_key, load_clap_audio, relative_position_index
-from audioldm2_core.config import UnsupportedConfigError, clap_config
-from audioldm2_core.loading import Checkpoint, WeightsError, open_checkpoint
+from audioldm2_core.config import clap_config
+from audioldm2_core.errors import UnsupportedConfigError, WeightsError
+from audioldm2_core.loading import Checkpoint, open_checkpoint
 from tests.checkpoints import edit_weights, write_component
 from tests.helpers import rel_err
 

@@ -20,7 +20,8 @@ import torch
 from audioldm2_core import AudioLDM2
 from audioldm2_core.audio import latent_mask, load_audio, log_mel, mel_frames
 from audioldm2_core.editing import start_index, super_resolution_cutoff
-from audioldm2_core.samplers import SAMPLERS, add_noise, randn
+from audioldm2_core.noise import randn
+from audioldm2_core.samplers import SAMPLERS, add_noise
 from tests.helpers import rel_err
 from tests.oracle import reference_pipeline
 

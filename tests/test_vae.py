@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from audioldm2_core import fast
-from audioldm2_core.loading import CheckpointError, open_checkpoint
+from audioldm2_core.errors import CheckpointError
+from audioldm2_core.loading import open_checkpoint
 from audioldm2_core.vae import load_vae, load_vae_encoder
 from tests.checkpoints import edit_weights, perturb, write_component
 from tests.helpers import rel_err
