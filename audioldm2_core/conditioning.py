@@ -67,6 +67,7 @@ import torch
 from torch import nn
 
 from .clap_text import ClapTextEncoder, load_clap_text
+from .errors import UsageError, UsageTypeError
 from .gpt2 import GPT2, generate, load_gpt2
 from .loading import Checkpoint
 from .projection import AudioLDM2Projection, load_projection
@@ -127,15 +128,15 @@ def _prompt_list(value: str | Sequence[str] | None, name: str) -> list[str] | No
         return [value]
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         if not value:
-            raise ValueError(f"`{name}` is an empty list")
+            raise UsageError(f"`{name}` is an empty list")
         return list(value)
-    raise TypeError(f"`{name}` must be a str or a list of str, got {type(value).__name__}: {value!r}")
+    raise UsageTypeError(f"`{name}` must be a str or a list of str, got {type(value).__name__}: {value!r}")
 
 
 def _check_tensor(t: torch.Tensor | None, name: str, ndim: int) -> None:
     if t is not None and (not isinstance(t, torch.Tensor) or t.ndim != ndim):
         what = f"a {t.ndim}-D tensor" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise TypeError(f"`{name}` must be a {ndim}-D tensor, got {what}")
+        raise UsageTypeError(f"`{name}` must be a {ndim}-D tensor, got {what}")
 
 
 def _encode_texts(
@@ -198,6 +199,32 @@ def _encode_speech(
     return states, generate(stack.gpt2, hidden, mask, max_new_tokens)
 
 
+@dataclass(frozen=True)
+class Side:
+    """One side of the guidance batch (the prompts' or the negative prompts'): T5 (speech: VITS) states, their
+    mask and GPT-2's states; None where it is to be encoded from text."""
+
+    embeds: torch.Tensor | None = None  # (B, L, d_t5)
+    mask: torch.Tensor | None = None  # (B, L)
+    generated: torch.Tensor | None = None  # (B, new, d_lm)
+
+
+@dataclass(frozen=True)
+class PromptInputs:
+    """``encode_prompt``'s arguments, checked: which side comes from text and which from tensors."""
+
+    prompts: list[str] | None  # None: the positive side is given as tensors
+    negatives: list[str] | None  # the negative side's texts, when it is encoded from text (guided)
+    transcriptions: list[str] | None  # speech: the words to say, one per prompt
+    is_phonemes: bool
+    batch_size: int
+    num_waveforms_per_prompt: int
+    guided: bool
+    max_new_tokens: int
+    positive: Side
+    negative: Side
+
+
 def encode_prompt(
     stack: TextStack,
     prompt: str | Sequence[str] | None,
@@ -224,9 +251,6 @@ def encode_prompt(
     (g * B * n, L, d_t5), their mask (g * B * n, L) int64, GPT-2 states (g * B * n, max_new_tokens, d_lm);
     with guidance the first B * n rows are the negative prompts'. See the module docstring for the rules.
     """
-    device = torch.device(device)
-    prompts = _prompt_list(prompt, "prompt")
-    negatives = _prompt_list(negative_prompt, "negative_prompt")
     for t, name, ndim in (
         (prompt_embeds, "prompt_embeds", 3),
         (negative_prompt_embeds, "negative_prompt_embeds", 3),
@@ -236,210 +260,199 @@ def encode_prompt(
         (negative_attention_mask, "negative_attention_mask", 2),
     ):
         _check_tensor(t, name, ndim)
-    if isinstance(num_waveforms_per_prompt, bool) or not isinstance(num_waveforms_per_prompt, int):
-        raise TypeError(f"`num_waveforms_per_prompt` must be an int, got {num_waveforms_per_prompt!r}")
-    if num_waveforms_per_prompt < 1:
-        raise ValueError(f"`num_waveforms_per_prompt` must be at least 1, got {num_waveforms_per_prompt}")
+    inputs = _inputs(
+        stack, _prompt_list(prompt, "prompt"), _prompt_list(negative_prompt, "negative_prompt"),
+        isinstance(negative_prompt, str), _prompt_list(transcription, "transcription"), transcription_is_phonemes,
+        num_waveforms_per_prompt, do_classifier_free_guidance, max_new_tokens,
+        Side(prompt_embeds, attention_mask, generated_prompt_embeds),
+        Side(negative_prompt_embeds, negative_attention_mask, negative_generated_prompt_embeds),
+    )  # fmt: skip
+    device = torch.device(device)
+    positive, negative, seq_len = (_speech_sides if stack.speech else _text_sides)(stack, inputs, device)
+    return _finish(stack, inputs, seq_len, device, positive, negative)
+
+
+def _inputs(stack, prompts, negatives, one_negative, transcriptions, is_phonemes, n, guided, max_new_tokens,
+            positive: Side, negative: Side) -> PromptInputs:  # fmt: skip
+    """The checks of ``encode_prompt``'s arguments (diffusers' ``check_inputs`` and ours), in its order."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise UsageTypeError(f"`num_waveforms_per_prompt` must be an int, got {n!r}")
+    if n < 1:
+        raise UsageError(f"`num_waveforms_per_prompt` must be at least 1, got {n}")
     max_new_tokens = stack.max_new_tokens if max_new_tokens is None else max_new_tokens
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}")
-
-    # --- which side comes from text, which from tensors
+        raise UsageError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}")
     if prompts is not None:
-        if prompt_embeds is not None or generated_prompt_embeds is not None or attention_mask is not None:
-            raise ValueError(
+        if positive != Side(None, None, None):
+            raise UsageError(
                 "pass either `prompt` or precomputed `prompt_embeds` + `generated_prompt_embeds` (+ optional "
                 "`attention_mask`), not both"
             )
-    elif prompt_embeds is None or generated_prompt_embeds is None:
-        raise ValueError("pass `prompt`, or both `prompt_embeds` and `generated_prompt_embeds`")
-    batch_size = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+    elif positive.embeds is None or positive.generated is None:
+        raise UsageError("pass `prompt`, or both `prompt_embeds` and `generated_prompt_embeds`")
+    batch_size = len(prompts) if prompts is not None else positive.embeds.shape[0]
+    _check_speech(stack, prompts, transcriptions, is_phonemes, batch_size)
+    if guided:
+        negatives = _negatives(negatives, one_negative, negative, batch_size)
+    return PromptInputs(prompts, negatives, transcriptions, is_phonemes, batch_size, n, guided, max_new_tokens,
+                        positive, negative)  # fmt: skip
 
-    # --- speech: the transcription takes T5's place
-    transcriptions = _prompt_list(transcription, "transcription")
-    if not isinstance(transcription_is_phonemes, bool):
-        raise TypeError(f"`transcription_is_phonemes` must be a bool, got {transcription_is_phonemes!r}")
-    if not stack.speech and (transcriptions is not None or transcription_is_phonemes):
-        raise ValueError(
+
+def _check_speech(stack, prompts, transcriptions, is_phonemes, batch_size: int) -> None:
+    """Speech: the transcription takes T5's place; it goes with a text prompt, one per prompt."""
+    if not isinstance(is_phonemes, bool):
+        raise UsageTypeError(f"`transcription_is_phonemes` must be a bool, got {is_phonemes!r}")
+    if not stack.speech and (transcriptions is not None or is_phonemes):
+        raise UsageError(
             "`transcription` is for the text-to-speech checkpoints (anhnct/audioldm2_gigaspeech, "
             "anhnct/audioldm2_ljspeech); this checkpoint's second text encoder is T5, which reads the prompt"
         )
     if stack.speech and prompts is not None:
         if transcriptions is None:
-            raise ValueError(
+            raise UsageError(
                 "this is a text-to-speech checkpoint: pass `transcription=` (the words to speak; the prompt "
                 "describes the voice), one per prompt"
             )
         if len(transcriptions) != batch_size:
-            raise ValueError(
+            raise UsageError(
                 f"`transcription` has {len(transcriptions)} entries for {batch_size} prompts; give one per prompt"
             )
     elif stack.speech and transcriptions is not None:
-        raise ValueError(
+        raise UsageError(
             "`transcription` goes with `prompt`; precomputed `prompt_embeds` already hold the phoneme states"
         )
 
-    negative_from_text = do_classifier_free_guidance and negative_prompt_embeds is None
-    if do_classifier_free_guidance:
-        if negative_prompt_embeds is not None:
-            if negatives is not None:
-                raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
-            if negative_generated_prompt_embeds is None:
-                raise ValueError("`negative_prompt_embeds` needs `negative_generated_prompt_embeds`")
-        elif negative_generated_prompt_embeds is not None or negative_attention_mask is not None:
-            raise ValueError(
-                "`negative_generated_prompt_embeds` / `negative_attention_mask` need `negative_prompt_embeds`"
-            )
-        if negative_from_text:
-            if negatives is None:
-                negatives = [""] * batch_size  # the unconditional branch encodes empty prompts
-            elif len(negatives) == 1 and batch_size > 1 and isinstance(negative_prompt, str):
-                negatives = negatives * batch_size
-            if len(negatives) != batch_size:
-                raise ValueError(
-                    f"`negative_prompt` has batch size {len(negatives)}, but `prompt` has batch size "
-                    f"{batch_size}; they must match"
-                )
 
-    if stack.speech:
-        return _encode_prompt_speech(
-            stack, prompts, transcriptions, transcription_is_phonemes, negatives, negative_from_text,
-            batch_size, device, num_waveforms_per_prompt, do_classifier_free_guidance, max_new_tokens,
-            prompt_embeds, negative_prompt_embeds, generated_prompt_embeds, negative_generated_prompt_embeds,
-            attention_mask, negative_attention_mask,
-        )  # fmt: skip
+def _negatives(negatives, one_negative: bool, given: Side, batch_size: int) -> list[str] | None:
+    """Under guidance: the negative side's texts (empty prompts by default), or None when it is given as
+    tensors."""
+    if given.embeds is not None:
+        if negatives is not None:
+            raise UsageError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
+        if given.generated is None:
+            raise UsageError("`negative_prompt_embeds` needs `negative_generated_prompt_embeds`")
+        return None
+    if given.generated is not None or given.mask is not None:
+        raise UsageError(
+            "`negative_generated_prompt_embeds` / `negative_attention_mask` need `negative_prompt_embeds`"
+        )
+    if negatives is None:
+        return [""] * batch_size  # the unconditional branch encodes empty prompts
+    if len(negatives) == 1 and batch_size > 1 and one_negative:
+        negatives = negatives * batch_size
+    if len(negatives) != batch_size:
+        raise UsageError(
+            f"`negative_prompt` has batch size {len(negatives)}, but `prompt` has batch size {batch_size}; "
+            "they must match"
+        )
+    return negatives
 
-    # --- tokenize; the negative T5 tokens take the prompt's T5 length
+
+def _text_sides(stack: TextStack, inputs: PromptInputs, device: torch.device) -> tuple[Side, Side, int]:
+    """Both sides through CLAP, T5, the projection and GPT-2 in one batch; the negative T5 tokens take the
+    prompt's T5 length. Returns (positive, negative, L)."""
     texts: list[str] = []
     t5_tokens = []
-    if prompts is not None:
-        tokens = stack.tokenizer_2(prompts)  # padded to the longest prompt, at most model_max_length
+    if inputs.prompts is not None:
+        tokens = stack.tokenizer_2(inputs.prompts)  # padded to the longest prompt, at most model_max_length
         seq_len = tokens.input_ids.shape[1]
-        texts, t5_tokens = prompts, [tokens]
+        texts, t5_tokens = inputs.prompts, [tokens]
     else:
-        seq_len = prompt_embeds.shape[1]
-    if negative_from_text:
+        seq_len = inputs.positive.embeds.shape[1]
+    if inputs.negatives is not None:
         note = " (the prompt's T5 length; diffusers pads or truncates negative prompts to it)"
-        tokens = stack.tokenizer_2(negatives, padding="max_length", max_length=seq_len, truncation_note=note)
-        texts, t5_tokens = negatives + texts, [tokens] + t5_tokens  # negative rows first
-
-    # --- encode both sides in one batch: N = (B if negative from text) + (B if prompt from text)
-    if texts:
+        tokens = stack.tokenizer_2(
+            inputs.negatives, padding="max_length", max_length=seq_len, truncation_note=note
+        )
+        texts, t5_tokens = inputs.negatives + texts, [tokens] + t5_tokens  # negative rows first
+    positive, negative = inputs.positive, inputs.negative
+    if texts:  # N = (B if negative from text) + (B if prompt from text)
         t5_ids = torch.cat([t.input_ids for t in t5_tokens])
         t5_mask = torch.cat([t.attention_mask for t in t5_tokens])
-        states, generated = _encode_texts(stack, texts, t5_ids, t5_mask, device, max_new_tokens)
+        states, generated = _encode_texts(stack, texts, t5_ids, t5_mask, device, inputs.max_new_tokens)
         t5_mask = t5_mask.to(device)
-        if prompts is not None:  # the last B rows
-            prompt_embeds, attention_mask = states[-batch_size:], t5_mask[-batch_size:]
-            generated_prompt_embeds = generated[-batch_size:]
-        if negative_from_text:  # the first B rows
-            negative_prompt_embeds, negative_attention_mask = states[:batch_size], t5_mask[:batch_size]
-            negative_generated_prompt_embeds = generated[:batch_size]
-
-    return _finish(
-        stack, batch_size, seq_len, device, num_waveforms_per_prompt, do_classifier_free_guidance,
-        (prompt_embeds, attention_mask, generated_prompt_embeds),
-        (negative_prompt_embeds, negative_attention_mask, negative_generated_prompt_embeds),
-    )  # fmt: skip
+        positive, negative = _split(inputs, states, generated, t5_mask[-inputs.batch_size :], t5_mask)
+    return positive, negative, seq_len
 
 
-def _encode_prompt_speech(
-    stack: TextStack,
-    prompts: list[str] | None,
-    transcriptions: list[str] | None,
-    transcription_is_phonemes: bool,
-    negatives: list[str] | None,
-    negative_from_text: bool,
-    batch_size: int,
-    device: torch.device,
-    num_waveforms_per_prompt: int,
-    do_classifier_free_guidance: bool,
-    max_new_tokens: int,
-    prompt_embeds: torch.Tensor | None,
-    negative_prompt_embeds: torch.Tensor | None,
-    generated_prompt_embeds: torch.Tensor | None,
-    negative_generated_prompt_embeds: torch.Tensor | None,
-    attention_mask: torch.Tensor | None,
-    negative_attention_mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``encode_prompt`` of a speech checkpoint (module docstring): the inputs are checked already."""
-    seq_len = stack.tokenizer_2.model_max_length if prompts is not None else prompt_embeds.shape[1]
+def _speech_sides(stack: TextStack, inputs: PromptInputs, device: torch.device) -> tuple[Side, Side, int]:
+    """``_text_sides`` of a speech checkpoint (module docstring): the positives' phonemes through VITS, the
+    negatives' zero states."""
+    seq_len = (
+        stack.tokenizer_2.model_max_length if inputs.prompts is not None else inputs.positive.embeds.shape[1]
+    )
     texts: list[str] = []
     phoneme_ids = phoneme_mask = zero_mask = None
-    if negative_from_text:
-        texts += negatives
-        zero_mask = torch.zeros(batch_size, seq_len, dtype=_dtype(stack.t5), device=device)
-    if prompts is not None:
+    if inputs.negatives is not None:
+        texts += inputs.negatives
+        zero_mask = torch.zeros(inputs.batch_size, seq_len, dtype=_dtype(stack.t5), device=device)
+    if inputs.prompts is not None:
         if stack.t5.cfg.vocab_size <= PHONEME_END_ID:
-            raise ValueError(
+            raise UsageError(
                 f"the VITS encoder has {stack.t5.cfg.vocab_size} symbols; the end token {PHONEME_END_ID} that "
                 "diffusers writes needs at least 183"
             )
-        tokens = stack.tokenizer_2(transcriptions, is_phonemes=transcription_is_phonemes)
+        tokens = stack.tokenizer_2(inputs.transcriptions, is_phonemes=inputs.is_phonemes)
         phoneme_ids, phoneme_mask = mark_phoneme_end(tokens.input_ids, tokens.attention_mask)
         phoneme_ids, phoneme_mask = phoneme_ids.to(device), phoneme_mask.to(device)
-        texts += prompts
+        texts += inputs.prompts
+    positive, negative = inputs.positive, inputs.negative
     if texts:
         states, generated = _encode_speech(
-            stack, texts, phoneme_ids, phoneme_mask, zero_mask, device, max_new_tokens
+            stack, texts, phoneme_ids, phoneme_mask, zero_mask, device, inputs.max_new_tokens
         )
-        if prompts is not None:  # the last B rows
-            prompt_embeds, attention_mask = states[-batch_size:], phoneme_mask
-            generated_prompt_embeds = generated[-batch_size:]
-        if negative_from_text:  # the first B rows
-            negative_prompt_embeds, negative_attention_mask = states[:batch_size], zero_mask
-            negative_generated_prompt_embeds = generated[:batch_size]
-    return _finish(
-        stack, batch_size, seq_len, device, num_waveforms_per_prompt, do_classifier_free_guidance,
-        (prompt_embeds, attention_mask, generated_prompt_embeds),
-        (negative_prompt_embeds, negative_attention_mask, negative_generated_prompt_embeds),
-    )  # fmt: skip
+        positive, negative = _split(inputs, states, generated, phoneme_mask, zero_mask)
+    return positive, negative, seq_len
+
+
+def _split(inputs: PromptInputs, states, generated, positive_mask, negative_mask) -> tuple[Side, Side]:
+    """The rows of one encoded batch, [negative (B, if from text), positive (B, if from text)], as sides
+    (the masks: the positives' (B, L), and the negatives' in their first B rows)."""
+    B = inputs.batch_size
+    positive, negative = inputs.positive, inputs.negative
+    if inputs.prompts is not None:  # the last B rows
+        positive = Side(states[-B:], positive_mask, generated[-B:])
+    if inputs.negatives is not None:  # the first B rows
+        negative = Side(states[:B], negative_mask[:B], generated[:B])
+    return positive, negative
 
 
 def _finish(
-    stack: TextStack,
-    batch_size: int,
-    seq_len: int,
-    device: torch.device,
-    num_waveforms_per_prompt: int,
-    do_classifier_free_guidance: bool,
-    positive: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor],
-    negative: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+    stack: TextStack, inputs: PromptInputs, seq_len: int, device: torch.device, positive: Side, negative: Side
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Check both sides' shapes, cast, repeat each row ``num_waveforms_per_prompt`` times, and concatenate
     ``[negative, positive]`` under guidance."""
     t5_dtype, lm_dtype = _dtype(stack.t5), _dtype(stack.gpt2)
+    batch_size, n = inputs.batch_size, inputs.num_waveforms_per_prompt
 
-    def finish(
-        embeds: torch.Tensor, mask: torch.Tensor | None, generated: torch.Tensor, side: str
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def finish(side: Side, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        embeds, mask, generated = side.embeds, side.mask, side.generated
         if embeds.shape[0] != batch_size or generated.shape[0] != batch_size:
-            raise ValueError(
-                f"{side} batch sizes differ: embeds {tuple(embeds.shape)}, generated {tuple(generated.shape)}, "
+            raise UsageError(
+                f"{name} batch sizes differ: embeds {tuple(embeds.shape)}, generated {tuple(generated.shape)}, "
                 f"expected {batch_size} rows"
             )
         if embeds.shape[1] != seq_len:
-            raise ValueError(f"{side} embeds have {embeds.shape[1]} positions, the prompt's have {seq_len}")
+            raise UsageError(f"{name} embeds have {embeds.shape[1]} positions, the prompt's have {seq_len}")
         if mask is None:
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
         elif mask.shape != embeds.shape[:2]:
-            raise ValueError(
-                f"{side} attention mask {tuple(mask.shape)} does not match embeds {tuple(embeds.shape)}"
+            raise UsageError(
+                f"{name} attention mask {tuple(mask.shape)} does not match embeds {tuple(embeds.shape)}"
             )
-        n = num_waveforms_per_prompt
         return (
             embeds.to(device=device, dtype=t5_dtype).repeat_interleave(n, dim=0),  # (B * n, L, d_t5)
             mask.to(device=device).repeat_interleave(n, dim=0),  # (B * n, L)
             generated.to(device=device, dtype=lm_dtype).repeat_interleave(n, dim=0),  # (B * n, new, d_lm)
         )
 
-    out = finish(*positive, "prompt")
-    if not do_classifier_free_guidance:
+    out = finish(positive, "prompt")
+    if not inputs.guided:
         return out
-    negative = finish(*negative, "negative")
-    if negative[0].shape != out[0].shape or negative[2].shape != out[2].shape:
-        raise ValueError(
-            f"negative and positive conditions differ in shape: {tuple(negative[0].shape)} vs "
-            f"{tuple(out[0].shape)}, {tuple(negative[2].shape)} vs {tuple(out[2].shape)}"
+    neg = finish(negative, "negative")
+    if neg[0].shape != out[0].shape or neg[2].shape != out[2].shape:
+        raise UsageError(
+            f"negative and positive conditions differ in shape: {tuple(neg[0].shape)} vs "
+            f"{tuple(out[0].shape)}, {tuple(neg[2].shape)} vs {tuple(out[2].shape)}"
         )
-    return tuple(torch.cat([neg, pos]) for neg, pos in zip(negative, out, strict=True))  # type: ignore[return-value]
+    return tuple(torch.cat([a, b]) for a, b in zip(neg, out, strict=True))  # type: ignore[return-value]
