@@ -38,26 +38,43 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .audio import F_MAX, SAMPLE_RATE
-from .config import SchedulerConfig
+from .audio import F_MAX, HOP_LENGTH, N_MELS, SAMPLE_RATE, latent_mask
+from .config import SchedulerConfig, VAEConfig, VocoderConfig
+from .errors import UsageError, UsageTypeError
 from .noise import Generators, randn
+from .request import AudioEdit
 from .samplers import Callback, SamplerFn, add_noise, schedule
 
-__all__ = ["start_index", "repaint_callback", "source_sample_rate", "super_resolution_cutoff"]
+__all__ = [
+    "check_model",
+    "latent_mask_of",
+    "repaint_callback",
+    "source_sample_rate",
+    "super_resolution_cutoff",
+]
 
 
-def start_index(steps: int, strength: float) -> int:
-    """The first step to run for ``strength`` in (0, 1]: diffusers img2img's ``get_timesteps`` (1: step 0,
-    almost pure noise; 0.5: the second half of the steps). A strength that leaves no step is an error."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-        raise ValueError(f"strength must be a number in (0, 1] (1: from noise), got {strength!r}")
-    init = min(int(steps * strength), steps)
-    if init == 0:
-        raise ValueError(
-            f"strength {strength} with {steps} steps runs no step (int({steps} * {strength}) = 0): "
-            "nothing would change the input; raise the strength or the steps"
+def check_model(vocoder: VocoderConfig, vae: VAEConfig) -> None:
+    """Audio in needs the model the front end (``audio.log_mel``) was made for: 16 kHz, 64 mel bins, hop 160."""
+    if (vocoder.sampling_rate, vocoder.hop_length, vocoder.model_in_dim, vae.in_channels) != (
+        SAMPLE_RATE, HOP_LENGTH, N_MELS, 1,
+    ):  # fmt: skip
+        raise UsageError(
+            f"audio input needs a 16 kHz model with 64 mel bins and a hop of 160 samples; this checkpoint has "
+            f"{vocoder.sampling_rate} Hz, {vocoder.model_in_dim} bins, a hop of {vocoder.hop_length}"
         )
-    return steps - init
+
+
+def latent_mask_of(edit: AudioEdit, frames: int, scale: int) -> Tensor | None:
+    """An edit's latent mask (frames / scale, 16), True = regenerate: its spans and bands, and above the
+    super-resolution cutoff (``audio.latent_mask``); None for style transfer."""
+    bands = list(edit.bands_hz)
+    if edit.super_resolution:
+        rate = source_sample_rate(edit.audio, edit.sample_rate)
+        bands.append((super_resolution_cutoff(rate, edit.cutoff_hz), F_MAX))
+    if not edit.spans_s and not bands:
+        return None
+    return latent_mask(frames // scale, list(edit.spans_s), bands, scale=scale)
 
 
 def repaint_callback(
@@ -96,9 +113,9 @@ def source_sample_rate(audio: str | os.PathLike | np.ndarray | Tensor, sample_ra
         try:
             return int(sf.info(str(Path(audio).expanduser())).samplerate)
         except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-            raise ValueError(f"cannot read audio file {audio}: {e}") from e
+            raise UsageError(f"cannot read audio file {audio}: {e}") from e
     if sample_rate is None:
-        raise ValueError("a waveform array or tensor needs its sample rate (audio_sample_rate=...)")
+        raise UsageError("a waveform array or tensor needs its sample rate (audio_sample_rate=...)")
     return int(sample_rate)
 
 
@@ -107,12 +124,12 @@ def super_resolution_cutoff(source_rate: int, cutoff_hz: float | None = None) ->
     Nyquist frequency (half its own sample rate), which must lie below the model's top frequency (8 kHz)."""
     if cutoff_hz is not None:
         if isinstance(cutoff_hz, bool) or not isinstance(cutoff_hz, (int, float)):
-            raise TypeError(f"cutoff_hz must be a number of Hz, got {cutoff_hz!r}")
+            raise UsageTypeError(f"cutoff_hz must be a number of Hz, got {cutoff_hz!r}")
         if not (math.isfinite(cutoff_hz) and 0 < cutoff_hz < F_MAX):
-            raise ValueError(f"cutoff_hz must be between 0 and {F_MAX:.0f} Hz, got {cutoff_hz}")
+            raise UsageError(f"cutoff_hz must be between 0 and {F_MAX:.0f} Hz, got {cutoff_hz}")
         return float(cutoff_hz)
     if source_rate >= SAMPLE_RATE:
-        raise ValueError(
+        raise UsageError(
             f"super-resolution: the input's sample rate is {source_rate} Hz, so nothing below the model's "
             f"{F_MAX:.0f} Hz is missing; give the cutoff (cutoff_hz=, --super-resolution HZ) for band-limited "
             "audio stored at a higher rate"

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 __all__ = [
     "AudioLDM2Error",
     "UsageError",
+    "UsageTypeError",
     "CheckpointError",
     "WeightsError",
     "ConfigError",
@@ -42,7 +43,16 @@ class AudioLDM2Error(Exception):
 
 
 class UsageError(AudioLDM2Error, ValueError):
-    """A request, argument or input that cannot be run as given (a ValueError, as diffusers raises)."""
+    """A request, argument or input that cannot be run as given (a ValueError, as diffusers raises).
+    ``field``: the argument it is about, as the Python API names it (a front end names its flag instead)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class UsageTypeError(UsageError, TypeError):
+    """An argument of the wrong type (a TypeError too, as Python's own)."""
 
 
 class CheckpointError(AudioLDM2Error, ValueError):

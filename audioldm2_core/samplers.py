@@ -46,6 +46,7 @@ from torch import Tensor
 
 from .config import SchedulerConfig
 from .noise import Generators, randn
+from .request import SAMPLERS, check_sampler_name
 from .schedules import (
     DDIMSchedule,
     DPMSchedule,
@@ -599,25 +600,7 @@ def sample_lms(
 
 # --------------------------------------------------------------------------------------- by name
 
-SAMPLERS: dict[str, str] = {
-    "ddim": "DDIM (Song et al. 2021); eta=0 deterministic, eta=1 DDPM-like; the AudioLDM 2 default",
-    "dpmpp-2m": "DPM-Solver++(2M) (Lu et al. 2022), multistep second order",
-    "dpmpp-2m-karras": "DPM-Solver++(2M) on the Karras et al. 2022 sigma spacing (rho=7)",
-    "dpmpp-2m-sde": "DPM-Solver++(2M) SDE (Lu et al. 2022), stochastic",
-    "dpmpp-2m-sde-karras": "DPM-Solver++(2M) SDE on Karras sigmas",
-    "unipc": "UniPC (Zhao et al. 2023), bh2 predictor-corrector, order 2",
-    "deis": "DEIS (Zhang & Chen 2022), exponential integrator, order 2",
-    "dpmpp-2s": "DPM-Solver++(2S) (Lu et al. 2022), singlestep second order",
-    "euler": "Euler (Karras et al. 2022)",
-    "euler-a": "Euler ancestral (k-diffusion), stochastic",
-    "heun": "Heun (Karras et al. 2022), two UNet calls per step",
-    "kdpm2": "DPM-Solver-2 (Karras et al. 2022 / k-diffusion), two UNet calls per step",
-    "kdpm2-a": "DPM-Solver-2 ancestral (k-diffusion), two UNet calls per step, stochastic",
-    "lms": "linear multistep, order 4 (k-diffusion)",
-    "pndm": "PNDM (Liu et al. 2022), Runge-Kutta warm-up then PLMS",
-    "ddpm": "DDPM (Ho et al. 2020) ancestral sampling, stochastic",
-}
-
+# Each name of ``request.SAMPLERS`` (which describes them) -> (the sampler, its schedule).
 _METHODS: dict[str, tuple[Callable[..., Tensor], Callable[[SchedulerConfig, int], Schedule]]] = {
     "ddim": (sample_ddim, ddim_schedule),
     "dpmpp-2m": (sample_dpmpp_2m, dpm_schedule),
@@ -636,20 +619,14 @@ _METHODS: dict[str, tuple[Callable[..., Tensor], Callable[[SchedulerConfig, int]
     "pndm": (sample_pndm, pndm_schedule),
     "ddpm": (sample_ddpm, ddpm_schedule),
 }
+assert _METHODS.keys() == SAMPLERS.keys()
 
 SamplerFn = Callable[..., Tensor]  # fn(model, x, sched, generator=, callback=, start=) -> x_0
 
 
-def check_sampler(sampler: str | SamplerFn) -> None:
-    """A clear error for a sampler that is neither a known name nor a callable."""
-    if callable(sampler) or (isinstance(sampler, str) and sampler in SAMPLERS):
-        return
-    raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}, or pass a function")
-
-
 def schedule(sampler: str | SamplerFn, cfg: SchedulerConfig, steps: int) -> Schedule:
     """The schedule sampler ``sampler`` runs on (a user's function gets the VP ``dpm_schedule``)."""
-    check_sampler(sampler)
+    check_sampler_name(sampler)
     return dpm_schedule(cfg, steps) if callable(sampler) else _METHODS[sampler][1](cfg, steps)
 
 

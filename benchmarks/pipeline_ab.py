@@ -23,6 +23,7 @@ plain reference model (in float32 it maps the same weight files, so it costs lit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -70,8 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
     import torch
 
-    from audioldm2_core import cpu_attention
-    from audioldm2_core import pipeline as P
+    from audioldm2_core import cpu_attention, fast
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     pipe, call = bench._ours(spec, dtype, _NoStageTimes())
     # Each variant of ours: (its pipeline's call, the pipeline, kernel on, CUDA graphs on, UNet module), the
     # last three set before each of its generations.
-    unet = pipe._get("unet")
+    unet = pipe.unet
     variants = {
-        "ours, plain": (plain_call, plain, False, False, plain._get("unet")),
+        "ours, plain": (plain_call, plain, False, False, plain.unet),
         "ours": (call, pipe, False, False, unet),
     }
     if args.cpu_attention:
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cuda_graphs:
         variants["ours, CUDA graphs"] = (call, pipe, False, True, unet)
     if args.compile:  # as compile=True does it; with the kernel when --cpu-attention is given
-        compiled = P._compiled(unet, {}, torch.device(args.device))
+        compiled = fast.compiled(unet, {}, torch.device(args.device))
         variants["ours, compiled"] = (call, pipe, args.cpu_attention, False, compiled)
         if args.cuda_graphs:
             variants["ours, compiled + CUDA graphs"] = (call, pipe, False, True, compiled)
@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         if name == "diffusers":
             return np.asarray(diffusers(**overrides), dtype=np.float64)
         variant_call, ours, kernel, cuda_graphs, unet_module = variants[name]
-        ours.cuda_graphs, ours._modules["unet"] = cuda_graphs, unet_module
+        ours.options = dataclasses.replace(ours.options, cuda_graphs=cuda_graphs)
+        ours.residency.modules["unet"] = unet_module
         cpu_attention.enable(kernel)
         return np.asarray(variant_call(**overrides), dtype=np.float64)
 

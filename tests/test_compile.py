@@ -8,11 +8,13 @@ function on the static buffers; the real capture is tests/test_gpu.py (``-m gpu`
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from audioldm2_core import AudioLDM2, pipeline
-from audioldm2_core.pipeline import CudaGraphDenoiser
+from audioldm2_core import AudioLDM2, fast
+from audioldm2_core.fast import CudaGraphDenoiser
 from tests.helpers import rel_err
 from tests.oracle import run_reference
 
@@ -112,9 +114,10 @@ class ReplayedByRerunning(CudaGraphDenoiser):
 def test_cuda_graph_denoiser_bookkeeping(tiny_base, eager, monkeypatch):
     """First step: the warm-up's own result; later steps: the static buffers refilled and the graph replayed,
     a fresh output tensor each time. The same audio, bit for bit."""
-    monkeypatch.setattr(pipeline, "CudaGraphDenoiser", ReplayedByRerunning)
+    monkeypatch.setattr(fast, "CudaGraphDenoiser", ReplayedByRerunning)
     pipe = AudioLDM2.from_pretrained(tiny_base)
-    pipe.cuda_graphs = True  # the constructor refuses it on the CPU (below); the stand-in needs no CUDA
+    pipe.options = dataclasses.replace(pipe.options, cuda_graphs=True)  # refused on the CPU (below); the
+    # stand-in needs no CUDA
     ReplayedByRerunning.calls = 0
     got = generate(pipe)
     assert ReplayedByRerunning.calls == KW["num_inference_steps"] - 1

@@ -19,8 +19,9 @@ import torch
 
 from audioldm2_core import AudioLDM2
 from audioldm2_core.audio import latent_mask, load_audio, log_mel, mel_frames
-from audioldm2_core.editing import start_index, super_resolution_cutoff
+from audioldm2_core.editing import super_resolution_cutoff
 from audioldm2_core.noise import randn
+from audioldm2_core.request import AudioEdit
 from audioldm2_core.samplers import SAMPLERS, add_noise
 from tests.helpers import rel_err
 from tests.oracle import reference_pipeline
@@ -91,6 +92,10 @@ def test_style_transfer_matches_diffusers_parts(pipe, tiny_base, sampler, steps,
     )
     assert got.shape == want.shape == (1, load_audio(audio, 22050).shape[0])  # the input's length
     assert rel_err(got, want) <= WAVE_TOL
+
+
+def start_index(steps, strength):
+    return AudioEdit("in.wav", strength=strength).start_index(steps)
 
 
 def test_start_index_is_get_timesteps():

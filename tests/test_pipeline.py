@@ -158,54 +158,63 @@ def test_large_unet_shape(tiny_large):
 
 def test_low_memory_mode_is_identical(tiny_base, pipe):
     lean = AudioLDM2.from_pretrained(tiny_base, low_memory=True)
-    assert lean._modules == {}
+    assert lean.residency.modules == {}
     kw = dict(num_inference_steps=3, audio_length_in_s=1.0)
     assert torch.equal(ours(lean, "a kettle whistles", **kw), ours(pipe, "a kettle whistles", **kw))
-    assert lean._modules == {}  # everything released after its stage
+    assert lean.residency.modules == {}  # everything released after its stage
 
 
 def test_freed_heap_goes_back_after_each_stage_on_the_cpu(pipe, monkeypatch):
     """Resident too: after conditioning, denoising, the VAE and the vocoder the heap their activations freed is
     handed back (glibc's malloc_trim), so that it does not sit under the next stage's peak; the components
     stay loaded."""
-    from audioldm2_core import pipeline as P
+    from audioldm2_core import residency
 
     trims = []
-    monkeypatch.setattr(P, "_return_freed_memory", lambda: trims.append(1))
-    loaded = set(pipe._modules)
+    monkeypatch.setattr(residency, "return_freed_memory", lambda: trims.append(1))
+    loaded = set(pipe.residency.modules)
     ours(pipe, "a kettle whistles", num_inference_steps=2, audio_length_in_s=1.0)
-    assert len(trims) >= 4 and set(pipe._modules) == loaded
+    assert len(trims) >= 4 and set(pipe.residency.modules) == loaded
 
 
-def test_decoder_stages_hand_back_the_heap_and_leave_no_hooks(pipe, monkeypatch):
+def test_decoder_stages_hand_back_the_heap_by_removable_hooks(pipe, monkeypatch):
     """On the CPU the heap goes back to the system before each of the VAE's up blocks and the vocoder's
-    upsampling stages, for every waveform, by pre-hooks that are gone after the call; the audio is the
-    decoders' own."""
-    from audioldm2_core import pipeline as P
+    upsampling stages, for every waveform, by pre-hooks the pipeline installed on those modules when it loaded
+    them (their handles in ``heap_hooks``, so that a user can remove them); the audio is the decoders' own."""
+    from audioldm2_core import residency
 
     trims = []
-    monkeypatch.setattr(P, "_return_freed_memory", lambda: trims.append(1))
+    monkeypatch.setattr(residency, "return_freed_memory", lambda: trims.append(1))
     latents = torch.randn(2, 8, 25, 16, generator=torch.Generator().manual_seed(0))
+    stages = [*pipe.vae.decoder.up_blocks, *pipe.vocoder.upsampler]
+    hooked = [m for m in [*pipe.vae.modules(), *pipe.vocoder.modules()] if m._forward_pre_hooks]
+    assert {id(m) for m in hooked} == {id(m) for m in stages}
     with torch.inference_mode():
         got = pipe.decode(latents)
+        assert len(trims) == 2 * len(stages) + 1  # per waveform and stage; then once at the end of the stage
+        for h in [*pipe.vae.heap_hooks, *pipe.vocoder.heap_hooks]:
+            h.remove()
         mels = [pipe.vae.decode(z) for z in latents.split(1)]
         want = torch.cat([pipe.vocoder(m.squeeze(1)) for m in mels])
-    stages = len(pipe.vae.decoder.up_blocks) + len(pipe.vocoder.upsampler)
-    assert len(trims) == 2 * stages + 2  # per waveform and stage; then after the VAE and after the vocoder
     assert not any(m._forward_pre_hooks for m in [*pipe.vae.modules(), *pipe.vocoder.modules()])
+    assert len(trims) == 2 * len(stages) + 1  # removed: no more trims
     assert torch.equal(got, want)
+    pipe.vae.heap_hooks = residency.return_heap_before(
+        pipe.vae.decoder.up_blocks
+    )  # as loaded, for the others
+    pipe.vocoder.heap_hooks = residency.return_heap_before(pipe.vocoder.upsampler)
 
 
 def test_heap_goes_back_only_where_it_can_lower_the_peak(monkeypatch):
     """malloc_trim runs when the RSS plus the heap glibc holds free reaches the process's peak so far (the
     float32 generation, whose peak grows stage by stage), not when the peak is far above (a bfloat16 load's
     conversions), where a trim only costs page faults; where the state is unknown it trims as before."""
-    from audioldm2_core import pipeline as P
+    from audioldm2_core import residency as P
 
     MB = 1 << 20
-    assert P._return_pays(rss=4076 * MB, peak=4164 * MB, free=488 * MB)  # float32, 10.24 s, measured
-    assert not P._return_pays(rss=2261 * MB, peak=3295 * MB, free=80 * MB)  # bfloat16, measured
-    assert P._return_pays(rss=100 * MB, peak=100 * MB, free=0)
+    assert P.return_pays(rss=4076 * MB, peak=4164 * MB, free=488 * MB)  # float32, 10.24 s, measured
+    assert not P.return_pays(rss=2261 * MB, peak=3295 * MB, free=80 * MB)  # bfloat16, measured
+    assert P.return_pays(rss=100 * MB, peak=100 * MB, free=0)
 
     trims = []
 
@@ -215,8 +224,8 @@ def test_heap_goes_back_only_where_it_can_lower_the_peak(monkeypatch):
 
     monkeypatch.setattr(P.ctypes, "CDLL", lambda name: Libc())
     for state, want in [((10 * MB, 100 * MB, MB), []), ((99 * MB, 100 * MB, MB), [0]), (None, [0, 0])]:
-        monkeypatch.setattr(P, "_heap_state", lambda s=state: s)
-        P._return_freed_memory()
+        monkeypatch.setattr(P, "heap_state", lambda s=state: s)
+        P.return_freed_memory()
         assert trims == want
 
 
@@ -224,7 +233,7 @@ def test_heap_is_left_as_it_is_without_a_c_library_to_ask(monkeypatch):
     """Windows has no ``dlopen(NULL)`` (``ctypes.CDLL(None)`` raises ``TypeError`` there) and musl or macOS no
     ``malloc_trim``: the heap state is unknown and handing memory back does nothing, with no error, so a
     generation runs there as it does on glibc."""
-    from audioldm2_core import pipeline as P
+    from audioldm2_core import residency as P
 
     def windows_cdll(name, *args, **kwargs):  # as CPython's on Windows: ``'/' in name`` with name None
         if name is None:
@@ -232,19 +241,19 @@ def test_heap_is_left_as_it_is_without_a_c_library_to_ask(monkeypatch):
         raise OSError(name)
 
     monkeypatch.setattr(P.ctypes, "CDLL", windows_cdll)
-    assert P._libc() is None and P._heap_state() is None
-    P._return_freed_memory()
+    assert P.libc() is None and P.heap_state() is None
+    P.return_freed_memory()
     monkeypatch.setattr(P.ctypes, "CDLL", lambda name: types.SimpleNamespace())  # a C library without them
-    assert P._heap_state() is None
-    P._return_freed_memory()
+    assert P.heap_state() is None
+    P.return_freed_memory()
 
 
 def test_heap_state_reads_this_process():
     """RSS, peak and free heap where glibc >= 2.33 gives them (Linux); None elsewhere, where the trim runs."""
-    from audioldm2_core import pipeline as P
+    from audioldm2_core import residency as P
 
     libc, version = platform.libc_ver()
-    state = P._heap_state()
+    state = P.heap_state()
     if libc != "glibc" or tuple(int(v) for v in version.split(".")[:2]) < (2, 33):
         assert state is None
         return
@@ -334,9 +343,9 @@ def test_ranking_stays_within_each_prompt(pipe):
 def test_audio_branch_unloaded_without_candidates(tiny_base):
     pipe = AudioLDM2.from_pretrained(tiny_base)
     pipe("rain", num_inference_steps=1, audio_length_in_s=1.0)
-    assert "clap_audio" not in pipe._modules
+    assert "clap_audio" not in pipe.residency.modules
     pipe("rain", num_inference_steps=1, audio_length_in_s=1.0, num_waveforms_per_prompt=2)
-    assert "clap_audio" in pipe._modules
+    assert "clap_audio" in pipe.residency.modules
     with pytest.raises(ValueError, match="re-ranking needs the prompt text"):
         e, m, g = pipe.encode_prompt("rain", do_classifier_free_guidance=False)
         pipe(
@@ -487,12 +496,12 @@ def test_text_to_audio_never_reads_the_encoder(tiny_base, monkeypatch):
     real = vae._vae_keys
     monkeypatch.setattr(vae, "_vae_keys", lambda ckpt, half: halves.append(half) or real(ckpt, half))
     full = AudioLDM2.from_pretrained(tiny_base)  # loads every component text-to-audio uses
-    assert halves == ["decoder"] and "vae_encoder" not in full._modules
+    assert halves == ["decoder"] and "vae_encoder" not in full.residency.modules
     full.encode_audio(np.zeros(16000, dtype=np.float32), 16000)
-    assert halves == ["decoder", "encoder"] and "vae_encoder" in full._modules
+    assert halves == ["decoder", "encoder"] and "vae_encoder" in full.residency.modules
     lean = AudioLDM2.from_pretrained(tiny_base, low_memory=True)
     lean.encode_audio(np.ones(8000, dtype=np.float32), 16000)
-    assert lean._modules == {}
+    assert lean.residency.modules == {}
 
 
 @pytest.mark.parametrize(
