@@ -25,7 +25,6 @@ Gradio ``transform``.
 
 from __future__ import annotations
 
-import argparse
 import math
 import shutil
 import sys
@@ -37,7 +36,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .samplers import SAMPLERS
+from .errors import UsageError, explain
+from .frontend import (
+    DEMO,
+    device_line,
+    error_line,
+    fail,
+    load_options,
+    load_pipeline,
+    parse,
+    parse_ranges,
+    resolve_device_and_dtype,
+)
+from .request import SAMPLERS, AudioEdit, GenerationRequest
 
 __all__ = ["Candidate", "generate", "transform", "build_app", "main", "MAX_CANDIDATES", "MODES"]
 
@@ -63,11 +74,47 @@ class Candidate:
 
 
 def _whole(value, name: str, low: int, high: int) -> int:
+    """A whole number from a control (Gradio gives floats), within the page's bounds."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
+        raise UsageError(f"{name} must be a whole number, got {value!r}")
     if value != int(value) or not low <= value <= high:
-        raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value}")
+        raise UsageError(f"{name} must be a whole number from {low} to {high}, got {value}")
     return int(value)
+
+
+def _request(
+    prompt, negative_prompt, length, steps, sampler, guidance, candidates, edit=None
+) -> GenerationRequest:
+    """The controls' values as a checked request, within the page's bounds (``MAX_*``)."""
+    steps = _whole(steps, "steps", 1, MAX_STEPS)
+    candidates = _whole(candidates, "candidates", 1, MAX_CANDIDATES)
+    if length is not None and not (isinstance(length, (int, float)) and 0 <= length <= MAX_LENGTH_S):
+        raise UsageError(f"length must be from 0 (the model's default) to {MAX_LENGTH_S} s, got {length!r}")
+    request = GenerationRequest(
+        prompt.strip() if isinstance(prompt, str) else prompt, float(length) if length else None, steps,
+        float(guidance), (negative_prompt or "").strip() or None, candidates, sampler=sampler,
+        rerank=True,  # the score is shown even for one candidate
+        edit=edit, text_required=True,
+    )  # fmt: skip
+    request.check()
+    return request
+
+
+def _run(pipe, request: GenerationRequest, seed, out_dir, progress: Callable[[int, int], None] | None):
+    """Generate, reporting the steps that run; write the candidates."""
+    import torch
+
+    seed = _whole(seed, "seed", 0, 2**63 - 1)
+    steps = request.num_inference_steps
+    done = (
+        request.edit.start_index(steps) if request.edit is not None else 0
+    )  # the steps before the first run
+    out = pipe(
+        **request.arguments(),
+        generator=torch.Generator().manual_seed(seed),
+        callback=(lambda i, t, x: progress(i + 1 - done, steps - done)) if progress is not None else None,
+    )
+    return _write_candidates(out, out_dir)
 
 
 def generate(
@@ -86,31 +133,9 @@ def generate(
 ) -> list[Candidate]:
     """Generate ``candidates`` waveforms for ``prompt`` and write each as a WAV and a spectrogram PNG in
     ``out_dir``, best CLAP score first. ``length`` None or 0: the model's default. ``progress(step, steps)``
-    is called after each denoising step. Bad input raises ValueError with a message for the user."""
-    import torch
-
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("the prompt is empty")
-    steps = _whole(steps, "steps", 1, MAX_STEPS)
-    seed = _whole(seed, "seed", 0, 2**63 - 1)
-    candidates = _whole(candidates, "candidates", 1, MAX_CANDIDATES)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if length is not None and not (isinstance(length, (int, float)) and 0 <= length <= MAX_LENGTH_S):
-        raise ValueError(f"length must be from 0 (the model's default) to {MAX_LENGTH_S} s, got {length!r}")
-    out = pipe(
-        prompt.strip(),
-        negative_prompt=(negative_prompt or "").strip() or None,
-        audio_length_in_s=float(length) if length else None,
-        num_inference_steps=steps,
-        sampler=sampler,
-        guidance_scale=float(guidance),
-        num_waveforms_per_prompt=candidates,
-        generator=torch.Generator().manual_seed(seed),
-        rerank=True,  # the score is shown even for one candidate
-        callback=(lambda i, t, x: progress(i + 1, steps)) if progress is not None else None,
-    )
-    return _write_candidates(out, out_dir)
+    is called after each denoising step. Bad input raises ``UsageError`` (a ValueError) for the user."""
+    request = _request(prompt, negative_prompt, length, steps, sampler, guidance, candidates)
+    return _run(pipe, request, seed, out_dir, progress)
 
 
 MODES = {  # the audio tab's modes -> what they regenerate
@@ -140,43 +165,16 @@ def transform(
     """The audio tab's handler: edit the audio file ``audio`` toward ``prompt`` in ``mode`` (a key of ``MODES``)
     and write the candidates as ``generate`` does. ``spans``: for "Inpaint spans", seconds as ``1-2, 3.5-5``.
     ``strength`` in (0, 1] (inpainting and super-resolution are best at 1: from noise where regenerated)."""
-    import torch
-
-    from .cli import parse_ranges
-
     if audio is None or (isinstance(audio, str) and not audio):
-        raise ValueError("upload or record the input audio first")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("the prompt is empty")
+        raise UsageError("upload or record the input audio first")
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    steps = _whole(steps, "steps", 1, MAX_STEPS)
-    seed = _whole(seed, "seed", 0, 2**63 - 1)
-    candidates = _whole(candidates, "candidates", 1, MAX_CANDIDATES)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        raise UsageError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "Inpaint spans" and not (spans or "").strip():
-        raise ValueError("give the spans to regenerate, in seconds: 1-2, 3.5-5")
-    spans_s = parse_ranges([spans], "spans", "seconds") if mode == "Inpaint spans" else None
-    from .editing import start_index
-
-    done = start_index(steps, float(strength))  # the steps before the first one run
-    out = pipe(
-        prompt.strip(),
-        audio=str(audio),
-        strength=float(strength),
-        inpaint_spans_s=spans_s,
-        super_resolution=mode == "Super-resolution",
-        negative_prompt=(negative_prompt or "").strip() or None,
-        num_inference_steps=steps,
-        sampler=sampler,
-        guidance_scale=float(guidance),
-        num_waveforms_per_prompt=candidates,
-        generator=torch.Generator().manual_seed(seed),
-        rerank=True,
-        callback=(lambda i, t, x: progress(i + 1 - done, steps - done)) if progress is not None else None,
-    )
-    return _write_candidates(out, out_dir)
+        raise UsageError("give the spans to regenerate, in seconds: 1-2, 3.5-5")
+    spans_s = tuple(parse_ranges([spans], "spans", "seconds")) if mode == "Inpaint spans" else ()
+    edit = AudioEdit(str(audio), None, float(strength), spans_s, super_resolution=mode == "Super-resolution")
+    request = _request(prompt, negative_prompt, None, steps, sampler, guidance, candidates, edit)
+    return _run(pipe, request, seed, out_dir, progress)
 
 
 def _write_candidates(out, out_dir: str | Path) -> list[Candidate]:
@@ -218,31 +216,105 @@ class _Outputs:
         return folder
 
 
-def _default_length(pipe) -> float:
-    return round(pipe.unet_config.sample_size * pipe.vae_config.scale_factor * pipe._upsample_factor(), 2)
-
-
-def build_app(pipe, title: str = "AudioLDM 2", *, steps: int = 200, candidates: int = 3):
-    """The Gradio ``Blocks`` of the demo around a loaded :class:`~audioldm2_core.AudioLDM2`, queued with a
-    concurrency of one. ``steps``, ``candidates``: the controls' initial values (diffusers' 200 steps, the
-    original demo's 3 candidates). ``app.launch()`` serves it."""
+def _lay_out(audios, images, scores):
+    """An endpoint's result -> the players: one group per candidate, the others hidden."""
     import gradio as gr
 
-    from .cli import error_line
-    from .errors import explain
+    audios, images, scores = audios or [], images or [], scores or []
+    groups, players, pictures = [], [], []
+    for i in range(MAX_CANDIDATES):
+        shown = i < len(audios)
+        label = f"#{i + 1}" + (f" · CLAP score {scores[i]:.3f}" if shown and scores[i] is not None else "")
+        groups.append(gr.update(visible=shown))
+        players.append(gr.update(value=audios[i] if shown else None, label=label))
+        pictures.append(gr.update(value=images[i] if shown else None))
+    return *groups, *players, *pictures
+
+
+def _results():
+    """One tab's output column: a player and a spectrogram per candidate, and the endpoint's hidden outputs
+    (read by ``_lay_out`` and returned to API clients)."""
+    import gradio as gr
+
+    groups, players, pictures = [], [], []
+    for i in range(MAX_CANDIDATES):
+        with gr.Group(visible=i == 0) as group:
+            players.append(gr.Audio(label=f"#{i + 1}", type="filepath", interactive=False))
+            pictures.append(gr.Image(label="log-mel spectrogram", type="filepath", interactive=False))
+        groups.append(group)
+    hidden = [
+        gr.File(file_count="multiple", visible=False, label="audio"),
+        gr.File(file_count="multiple", visible=False, label="spectrograms"),
+        gr.JSON(visible=False, label="scores"),
+    ]
+    return [*groups, *players, *pictures], hidden
+
+
+def _controls(steps: int, candidates: int, sampler: str):
+    """The generation controls both tabs share: negative prompt, steps, sampler, guidance, seed, candidates."""
+    import gradio as gr
+
+    return [
+        gr.Textbox(label="Negative prompt", value="Low quality."),
+        gr.Slider(1, MAX_STEPS, value=steps, step=1, label="Denoising steps"),
+        gr.Dropdown(list(SAMPLERS), value=sampler, label="Sampler"),
+        gr.Slider(1.0, 10.0, value=3.5, step=0.1, label="Guidance scale"),
+        gr.Number(value=0, precision=0, minimum=0, label="Seed"),
+        gr.Slider(1, MAX_CANDIDATES, value=candidates, step=1, label="Candidates"),
+    ]
+
+
+def _text_tab(default_length: float, controls):
+    """The "Text to audio" tab: (inputs, button and prompt (the triggers), shown outputs, hidden outputs)."""
+    import gradio as gr
+
+    with gr.Row():
+        with gr.Column():
+            prompt = gr.Textbox(label="Prompt", lines=2, placeholder="A dog barking in the rain")
+            length = gr.Slider(1.0, MAX_LENGTH_S, value=default_length, step=0.01, label="Length (s)")
+            negative, *rest = controls()
+            button = gr.Button("Generate", variant="primary")
+        with gr.Column():
+            shown, hidden = _results()
+    gr.Examples([[p, n] for p, n in EXAMPLES], inputs=[prompt, negative])
+    return [prompt, negative, length, *rest], [button.click, prompt.submit], shown, hidden
+
+
+def _audio_tab(controls):
+    """The "Audio to audio" tab, as ``_text_tab``."""
+    import gradio as gr
+
+    with gr.Row():
+        with gr.Column():
+            source = gr.Audio(label="Input audio", sources=["upload", "microphone"], type="filepath")
+            prompt = gr.Textbox(label="Target prompt", lines=2, placeholder="A jazz version")
+            mode = gr.Radio(list(MODES), value="Style transfer", label="Mode",
+                            info="; ".join(f"{k}: {v}" for k, v in MODES.items()))  # fmt: skip
+            strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05,
+                                 label="Strength (1: from noise; 1 suits inpainting and super-resolution)")  # fmt: skip
+            spans = gr.Textbox(label="Spans to regenerate (s), for inpainting", placeholder="1-2, 3.5-5")
+            rest = controls()
+            button = gr.Button("Transform", variant="primary")
+        with gr.Column():
+            shown, hidden = _results()
+    return [source, prompt, mode, strength, spans, *rest], [button.click], shown, hidden
+
+
+def build_app(
+    pipe, title: str = "AudioLDM 2", *, steps: int = 200, candidates: int = 3, sampler: str = "ddim"
+):
+    """The Gradio ``Blocks`` of the demo around a loaded :class:`~audioldm2_core.AudioLDM2`, queued with a
+    concurrency of one. ``steps``, ``candidates``, ``sampler``: the controls' initial values.
+    ``app.launch()`` serves it."""
+    import gradio as gr
 
     outputs = _Outputs()
-    default_length = _default_length(pipe)
-
-    initial_steps, initial_candidates = steps, candidates
 
     def answer(handler, *args, progress):
         """Run a handler; one line in the browser on failure (a bug's traceback in the server's log too)."""
         try:
-            found = handler(
-                pipe, *args, out_dir=outputs.new(),
-                progress=lambda i, n: progress((i, n), desc="denoising", unit="steps"),
-            )  # fmt: skip
+            found = handler(pipe, *args, out_dir=outputs.new(),
+                            progress=lambda i, n: progress((i, n), desc="denoising", unit="steps"))  # fmt: skip
         except Exception as e:
             if explain(e) is None:
                 traceback.print_exc()
@@ -260,47 +332,6 @@ def build_app(pipe, title: str = "AudioLDM 2", *, steps: int = 200, candidates: 
         return answer(transform, audio, prompt, mode, strength, spans, negative, steps, sampler, guidance,
                       seed, candidates, progress=progress)  # fmt: skip
 
-    def lay_out(audios, images, scores):
-        """The endpoint's result -> the players: one group per candidate, the others hidden."""
-        audios, images, scores = audios or [], images or [], scores or []
-        groups, players, pictures = [], [], []
-        for i in range(MAX_CANDIDATES):
-            shown = i < len(audios)
-            label = f"#{i + 1}" + (
-                f" · CLAP score {scores[i]:.3f}" if shown and scores[i] is not None else ""
-            )
-            groups.append(gr.update(visible=shown))
-            players.append(gr.update(value=audios[i] if shown else None, label=label))
-            pictures.append(gr.update(value=images[i] if shown else None))
-        return *groups, *players, *pictures
-
-    def results():
-        """One tab's output column: a player and a spectrogram per candidate, and the endpoint's hidden
-        outputs (read by lay_out and returned to API clients)."""
-        groups, players, pictures = [], [], []
-        for i in range(MAX_CANDIDATES):
-            with gr.Group(visible=i == 0) as group:
-                players.append(gr.Audio(label=f"#{i + 1}", type="filepath", interactive=False))
-                pictures.append(gr.Image(label="log-mel spectrogram", type="filepath", interactive=False))
-            groups.append(group)
-        hidden = [
-            gr.File(file_count="multiple", visible=False, label="audio"),
-            gr.File(file_count="multiple", visible=False, label="spectrograms"),
-            gr.JSON(visible=False, label="scores"),
-        ]
-        return [*groups, *players, *pictures], hidden
-
-    def controls():
-        """The generation controls both tabs share: negative prompt, steps, sampler, guidance, seed, candidates."""
-        return [
-            gr.Textbox(label="Negative prompt", value="Low quality."),
-            gr.Slider(1, MAX_STEPS, value=initial_steps, step=1, label="Denoising steps"),
-            gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler"),
-            gr.Slider(1.0, 10.0, value=3.5, step=0.1, label="Guidance scale"),
-            gr.Number(value=0, precision=0, minimum=0, label="Seed"),
-            gr.Slider(1, MAX_CANDIDATES, value=initial_candidates, step=1, label="Candidates"),
-        ]
-
     with gr.Blocks(title=title, delete_cache=(3600, 3600)) as app:
         gr.Markdown(
             f"# {title}\nText to audio and audio editing with [AudioLDM 2](https://arxiv.org/abs/2308.05734) "
@@ -309,106 +340,44 @@ def build_app(pipe, title: str = "AudioLDM 2", *, steps: int = 200, candidates: 
         )
         with gr.Tabs():
             with gr.Tab("Text to audio"):
-                with gr.Row():
-                    with gr.Column():
-                        prompt = gr.Textbox(label="Prompt", lines=2, placeholder="A dog barking in the rain")
-                        length = gr.Slider(
-                            1.0, MAX_LENGTH_S, value=default_length, step=0.01, label="Length (s)"
-                        )
-                        negative, *rest = controls()
-                        button = gr.Button("Generate", variant="primary")
-                    with gr.Column():
-                        shown, hidden = results()
-                inputs = [prompt, negative, length, *rest]
-                gr.Examples([[p, n] for p, n in EXAMPLES], inputs=[prompt, negative])
+                text = _text_tab(round(pipe.default_length, 2), lambda: _controls(steps, candidates, sampler))
             with gr.Tab("Audio to audio"):
-                with gr.Row():
-                    with gr.Column():
-                        source = gr.Audio(
-                            label="Input audio", sources=["upload", "microphone"], type="filepath"
-                        )
-                        audio_prompt = gr.Textbox(
-                            label="Target prompt", lines=2, placeholder="A jazz version"
-                        )
-                        mode = gr.Radio(list(MODES), value="Style transfer", label="Mode",
-                                        info="; ".join(f"{k}: {v}" for k, v in MODES.items()))  # fmt: skip
-                        strength = gr.Slider(
-                            0.05,
-                            1.0,
-                            value=0.6,
-                            step=0.05,
-                            label="Strength (1: from noise; 1 suits inpainting and super-resolution)",
-                        )
-                        spans = gr.Textbox(
-                            label="Spans to regenerate (s), for inpainting", placeholder="1-2, 3.5-5"
-                        )
-                        audio_controls = controls()
-                        audio_button = gr.Button("Transform", variant="primary")
-                    with gr.Column():
-                        audio_shown, audio_hidden = results()
-                audio_inputs = [source, audio_prompt, mode, strength, spans, *audio_controls]
-        for trigger, handler, ins, outs, name in [
-            ([button.click, prompt.submit], run, inputs, (shown, hidden), "generate"),
-            ([audio_button.click], run_audio, audio_inputs, (audio_shown, audio_hidden), "transform"),
+                sound = _audio_tab(lambda: _controls(steps, candidates, sampler))
+        for handler, (ins, triggers, shown, hidden), name in [
+            (run, text, "generate"),
+            (run_audio, sound, "transform"),
         ]:
-            event = gr.on(trigger, handler, ins, outs[1], api_name=name, concurrency_limit=1,
-                          concurrency_id="model")  # fmt: skip
-            event.success(
-                lay_out, outs[1], outs[0], api_visibility="private"
-            )  # a failed run keeps the players
+            event = gr.on(
+                triggers, handler, ins, hidden, api_name=name, concurrency_limit=1, concurrency_id="model"
+            )
+            event.success(_lay_out, hidden, shown, api_visibility="private")  # a failed run keeps the players
     return app.queue(default_concurrency_limit=1)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from .cli import DEFAULT_MODEL
-
-    p = argparse.ArgumentParser(prog="audioldm2-demo", description="A web demo of AudioLDM 2 on Gradio.")
-    p.add_argument(
-        "--model", default=DEFAULT_MODEL, help="hub repo id or local folder (default: %(default)s)"
-    )
-    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of --model")
-    p.add_argument("--host", default="127.0.0.1", help="address to serve on; 0.0.0.0 for every interface")
-    p.add_argument("--port", type=int, default=7860, help="port to serve on (default: %(default)s)")
-    p.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then the CPU), cpu, cuda, mps")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="compute dtype; auto: float16 on CUDA, float32 elsewhere",
-    )
-    p.add_argument("--low-memory", action="store_true", help="load each component only while it runs")
-    p.add_argument("--debug", action="store_true", help="on an error at start, show the traceback too")
-    return p.parse_args(argv)
+DESCRIPTION = "A web demo of AudioLDM 2 on Gradio."
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import device_line, error_line, resolve_device_and_dtype
-
-    args = parse_args(argv)
+    args = parse(DEMO, argv, DESCRIPTION)
     try:
         try:
             import gradio  # noqa: F401
         except ImportError as e:
             raise ImportError('the demo needs gradio: pip install "audioldm2-core[demo]"') from e
-        from .pipeline import AudioLDM2
         from .spectrogram import require_matplotlib
 
         require_matplotlib()
         device, dtype = resolve_device_and_dtype(args.device, args.dtype)
         print(f"audioldm2-demo: {device_line(device, dtype)}", file=sys.stderr)
-        pipe = AudioLDM2.from_pretrained(
-            args.model, revision=args.revision, device=device, dtype=dtype, low_memory=args.low_memory
+        pipe = load_pipeline(
+            "audioldm2-demo", load_options(args, device, dtype, low_memory=bool(args.low_memory))
         )
         app = build_app(pipe)
         app.launch(server_name=args.host, server_port=args.port, share=args.share)
     except KeyboardInterrupt:
         return 130
     except Exception as e:
-        if args.debug:
-            traceback.print_exception(e)
-        print(f"audioldm2-demo: error: {error_line(e)}", file=sys.stderr)
-        return 1
+        return fail("audioldm2-demo", e, args.debug, 1)
     return 0
 
 

@@ -42,26 +42,7 @@ runs on ``cuda:LOCAL_RANK``. ``--shard i/n`` does the same without torchrun (SLU
 indexed jobs); with both, shard i is split among the torchrun ranks (global rank ``i * WORLD_SIZE +
 RANK`` of ``n * WORLD_SIZE``). No collective is needed: ranks share only the output folder.
 
-The manifest, and why a kill loses nothing. Each rank appends to its own ``out/manifest.rank<R>.jsonl``,
-one line per item, after that item's WAV is in place: the WAV is written to a temp file beside it
-(``.<id>.wav.<random>.tmp``), fsynced and renamed, then the line is appended with one ``write`` and fsynced.
-A line is the item's record: id, prompt, negative prompt, seed, steps, sampler, guidance, length, eta,
-candidates, dtype, model and revision (and the hub commit), sample rate, file, sha256, CLAP score (when
-``--candidates`` > 1 ranked them), seconds (the batch's time over its size), batch size, the item's index in
-the file, and the item's extra fields. An item is done when a line names it and its WAV's sha256 is the
-line's. So a kill (any rank, any moment) can leave: a temp file (removed by the rank that reruns the item),
-a WAV without a line (rewritten, with the same bytes, when rerun; no line was there to duplicate), or a
-torn last line (no newline: ignored by every reader, cut off by its rank before it appends again). A rerun
-of the same command skips what is done and redoes the rest. A rerun with other settings for an item that
-is done (another prompt, seed, steps, model, ...) is refused, naming the item and the setting: one output
-folder holds one dataset.
-
-Merging. When a rank has finished its items it reads every rank's lines and, if every item of the file
-has a line and a WAV, writes ``out/manifest.jsonl`` (temp file and rename): one line per item, in file
-order, the latest record of each. Each rank checks after its own last line is written, so the rank that
-finishes last always sees everything; two ranks finishing together write the same file. No markers, no
-barrier: a crashed rank simply leaves the merge to the rerun. ``audioldm2 --merge-manifests out/`` merges
-by hand: it checks each record's sha256 against its WAV and keeps the latest matching one per id.
+The manifest and its merge: ``manifest.py``.
 
 Left out on purpose: work stealing between ranks (the split is static; round robin balances a sorted
 file), a lock against two processes running the same shard, and retrying a failed item (the rank stops
@@ -70,22 +51,39 @@ with the error; rerunning resumes).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import inspect
 import json
-import math
 import os
 import sys
 import time
-import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .errors import UsageError
+from .frontend import (
+    MANY,
+    check_writable,
+    device_line,
+    fail,
+    load_options,
+    load_pipeline,
+    parse,
+    resolve_device_and_dtype,
+    save_spectrogram,
+)
+from .manifest import (
+    MANIFEST,
+    RANK_MANIFEST,
+    RankLog,
+    latest_records,
+    merge_manifests,
+    remove_temp_files,
+    sha256_file,
+)
 from .outputs import wav_bytes, write_atomic
-from .samplers import SAMPLERS
+from .request import GenerationRequest, LoadOptions
 
 __all__ = [
     "Context",
@@ -102,13 +100,12 @@ __all__ = [
     "plan",
     "synthesize",
     "merge_manifests",
-    "run_cli",
+    "RunOptions",
+    "run",
+    "main",
 ]
 
 MAX_ID_LENGTH = 200
-MAX_AUDIO_LENGTH_S = 600.0  # pipeline.MAX_AUDIO_LENGTH_S, repeated here so that parsing needs no torch
-MANIFEST = "manifest.jsonl"
-RANK_MANIFEST = "manifest.rank{}.jsonl"
 
 # Optional item fields and the pipeline arguments they set (the same names as diffusers' call).
 ITEM_FIELDS = (
@@ -163,28 +160,22 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
-
-
 def _check_fields(fields: dict[str, Any], where: str) -> None:
-    """Types and ranges of the optional fields, with no model needed (the model's minimum length is
-    checked by the pipeline)."""
-    checks = {
-        "negative_prompt": (lambda v: v is None or isinstance(v, str), "a string or null"),
-        "transcription": (lambda v: v is None or isinstance(v, str), "a string or null"),
-        "seed": (lambda v: v is None or (_is_int(v) and 0 <= v < 2**64), "an integer in [0, 2**64)"),
-        "audio_length_in_s": (
-            lambda v: v is None or (_is_number(v) and 0 < v <= MAX_AUDIO_LENGTH_S),
-            f"a number of seconds in (0, {MAX_AUDIO_LENGTH_S:g}]",
-        ),
-        "num_inference_steps": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1"),
-        "guidance_scale": (lambda v: v is None or (_is_number(v) and v >= 0), "a finite number >= 0"),
-        "sampler": (lambda v: v is None or v in SAMPLERS, f"one of {', '.join(SAMPLERS)}"),
-    }
-    for name, (ok, what) in checks.items():
-        if name in fields and not ok(fields[name]):
-            raise ValueError(f"{where}: {name} must be {what}, got {fields[name]!r}")
+    """The optional fields' types and ranges, before any model: the request's own checks
+    (``GenerationRequest.check``; the model's minimum length is checked by the pipeline), and the items file's:
+    one prompt per item, a seed ``torch.Generator`` takes."""
+    for name in ("negative_prompt", "transcription"):
+        if fields.get(name) is not None and not isinstance(fields[name], str):
+            raise UsageError(f"{where}: {name} must be a string or null, got {fields[name]!r}")
+    seed = fields.get("seed")
+    if seed is not None and not (_is_int(seed) and 0 <= seed < 2**64):
+        raise UsageError(f"{where}: seed must be an integer in [0, 2**64), got {seed!r}")
+    known = {k: fields[k] for k in ("audio_length_in_s", "num_inference_steps", "guidance_scale", "sampler")
+             if fields.get(k) is not None}  # fmt: skip
+    try:
+        GenerationRequest("-", **known).check()
+    except UsageError as e:
+        raise type(e)(f"{where}: {e}") from None  # named by its place, not by a flag
 
 
 def _json_item(text: str, where: str, index: int, line: int) -> Item:
@@ -282,25 +273,24 @@ class Job:
         return (self.audio_length_in_s, self.num_inference_steps, self.guidance_scale, self.sampler)
 
 
-def resolve(items: list[Item], args: argparse.Namespace) -> list[Job]:
-    """Fill each item's unset fields from the command line; fix its seed (its own, or derived)."""
-    base = 0 if args.seed is None else args.seed
+def resolve(items: list[Item], defaults: GenerationRequest, seed: int | None = None) -> list[Job]:
+    """Fill each item's unset fields from the command line's request; fix its seed (its own, or derived from
+    the base ``seed``)."""
+    base = 0 if seed is None else seed
 
     def pick(value, default):
         return default if value is None else value
 
-    transcription = getattr(args, "transcription", None)  # --transcription: the default of every item
+    words = defaults.transcription  # --transcription: the default of every item
     return [
         Job(
-            item=it
-            if it.transcription is not None or transcription is None
-            else replace(it, transcription=transcription),
+            item=it if it.transcription is not None or words is None else replace(it, transcription=words),
             seed=it.seed if it.seed is not None else derive_seed(base, it.id),
-            audio_length_in_s=pick(it.audio_length_in_s, args.length),
-            num_inference_steps=pick(it.num_inference_steps, args.steps),
-            guidance_scale=float(pick(it.guidance_scale, args.guidance)),
-            sampler=pick(it.sampler, args.sampler),
-            negative_prompt=pick(it.negative_prompt, args.negative),
+            audio_length_in_s=pick(it.audio_length_in_s, defaults.audio_length_in_s),
+            num_inference_steps=pick(it.num_inference_steps, defaults.num_inference_steps),
+            guidance_scale=float(pick(it.guidance_scale, defaults.guidance_scale)),
+            sampler=pick(it.sampler, defaults.sampler),
+            negative_prompt=pick(it.negative_prompt, defaults.negative_prompt),
         )
         for it in items
     ]
@@ -370,94 +360,6 @@ def rank_device(device: str | None, layout: Layout) -> str:
     return device
 
 
-# ---------------------------------------------------------------------------- files and manifest lines
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_records(path: Path) -> Iterator[dict[str, Any]]:
-    """The complete lines of a manifest: a last line without its newline (a kill mid-append) is skipped,
-    and so is any line that is not a JSON object with an id (not ours to trust)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return
-    lines = data.split(b"\n")[:-1]  # the part after the last newline is torn or empty
-    for raw in lines:
-        try:
-            rec = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("id"), str):
-            yield rec
-
-
-def manifest_files(folder: Path) -> list[Path]:
-    """Every rank's manifest in a folder (any world size: a rerun may use another), then the merged one."""
-    return sorted(folder.glob(RANK_MANIFEST.format("*"))) + [folder / MANIFEST]
-
-
-def latest_records(folder: Path) -> dict[str, dict[str, Any]]:
-    """id -> the last record naming it (rank files in name order, then the merged manifest)."""
-    out: dict[str, dict[str, Any]] = {}
-    for path in manifest_files(folder):
-        for rec in read_records(path):
-            out[rec["id"]] = rec
-    return out
-
-
-def all_records(folder: Path) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
-    for path in manifest_files(folder):
-        for rec in read_records(path):
-            out.setdefault(rec["id"], []).append(rec)
-    return out
-
-
-class RankLog:
-    """This rank's manifest: opened for appending, a torn last line cut off first, one ``write`` per line."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        size = os.fstat(self.fd).st_size
-        if size:
-            data = path.read_bytes()
-            keep = data.rfind(b"\n") + 1
-            if keep != size:  # the previous run was killed mid-line: that item was not done
-                os.ftruncate(self.fd, keep)
-
-    def drop(self, ids: set[str]) -> None:
-        """Rewrite the log without lines naming ``ids`` (their WAVs are gone or changed: redone now)."""
-        if not ids:
-            return
-        lines = self.path.read_bytes().split(b"\n")[:-1]
-        kept = []
-        for raw in lines:
-            try:
-                stale = json.loads(raw).get("id") in ids
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                stale = False
-            if not stale:
-                kept.append(raw + b"\n")
-        os.close(self.fd)
-        write_atomic(self.path, b"".join(kept))
-        self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND, 0o644)
-
-    def append(self, record: dict[str, Any]) -> None:
-        os.write(self.fd, (json.dumps(record, ensure_ascii=False) + "\n").encode())
-        os.fsync(self.fd)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
 # ------------------------------------------------------------------------------------------ planning
 
 
@@ -520,26 +422,7 @@ def plan(jobs: list[Job], folder: Path, ctx: Context) -> tuple[list[Job], set[st
     return todo, stale
 
 
-def remove_temp_files(folder: Path, ids: set[str]) -> None:
-    """Delete the temp WAVs (``.<id>.wav.<random>.tmp``, ``.<id>.rank<k>.wav...``) a killed run left for
-    these ids."""
-    for entry in os.scandir(folder):
-        name = entry.name
-        if name.startswith(".") and name.endswith(".tmp"):
-            stem = name[1:-4].rpartition(".")[0]  # "<id>.wav" or "<id>.rank<k>.wav"
-            base = stem.removesuffix(".wav")
-            if stem.endswith(".wav") and (base in ids or base.rpartition(".rank")[0] in ids):
-                Path(entry.path).unlink(missing_ok=True)
-
-
 # -------------------------------------------------------------------------------------- generation
-
-
-def default_length(pipe) -> float:
-    """The model's own length in seconds (10.24 for the official checkpoints), as ``pipe()`` computes it."""
-    v = pipe.vocoder_config
-    factor = math.prod(v.upsample_rates) / v.sampling_rate  # seconds per mel frame
-    return pipe.unet_config.sample_size * pipe.vae_config.scale_factor * factor  # the pipeline's order
 
 
 def _pad(t, length: int):
@@ -654,7 +537,7 @@ def synthesize(
     n = ctx.candidates
     for group in batches(jobs, batch_size):
         if group[0].audio_length_in_s is None:  # the model's default length, recorded as a number
-            group = [replace(j, audio_length_in_s=default_length(pipe)) for j in group]
+            group = [replace(j, audio_length_in_s=pipe.default_length) for j in group]
         start = time.perf_counter()
         try:
             audio, scores = generate_batch(pipe, group, ctx)
@@ -677,198 +560,149 @@ def synthesize(
                 progress.update(1)
 
 
-# --------------------------------------------------------------------------------------------- merge
-
-
-def merge_manifests(folder: Path, items: list[Item] | None = None, verify: bool = True) -> tuple[int, int]:
-    """Write ``folder/manifest.jsonl``: one line per id, the latest record whose WAV is there (and, with
-    ``verify``, has the record's sha256). With ``items``: only if every item has one (else nothing is
-    written), in file order; without: every id found, by item index. Returns (lines written, ids
-    dropped); (0, 0) when ``items`` are not all done yet."""
-    folder = Path(folder)
-    found = all_records(folder)
-    chosen: dict[str, dict[str, Any]] = {}
-    dropped = 0
-    for item_id, recs in found.items():
-        wav = folder / f"{item_id}.wav"
-        digest = sha256_file(wav) if verify and wav.is_file() else None
-        ok = [r for r in recs if wav.is_file() and (not verify or r.get("sha256") == digest)]
-        if ok:
-            chosen[item_id] = ok[-1]
-        else:
-            dropped += 1
-    if items is not None:
-        if any(it.id not in chosen for it in items):
-            return 0, 0
-        lines = [chosen[it.id] for it in items]
-    else:
-        lines = sorted(chosen.values(), key=lambda r: (r.get("index", 0), r["id"]))
-    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines)
-    write_atomic(folder / MANIFEST, body.encode())
-    return len(lines), dropped
-
-
 # ----------------------------------------------------------------------------------------------- CLI
 
-
-def _error(message: str, layout: Layout | None = None) -> None:
-    who = f"rank {layout.rank}: " if layout is not None and layout.world > 1 else ""
-    print(f"audioldm2: error: {who}{message}", file=sys.stderr)
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    """The command line's defaults for the items, checked as an item's fields are."""
-    for flag, name, value in (
-        ("--steps", "num_inference_steps", args.steps),
-        ("--length", "audio_length_in_s", args.length),
-        ("--guidance", "guidance_scale", args.guidance),
-        ("--sampler", "sampler", args.sampler),
-        ("--seed", "seed", args.seed),
-    ):
-        _check_fields({name: value}, flag)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.candidates < 1:
-        raise ValueError(f"--candidates must be at least 1, got {args.candidates}")
-    if not 0 <= args.eta <= 1:
-        raise ValueError(f"--eta must be in [0, 1], got {args.eta}")
-    if args.cuda_graphs and not str(args.device).startswith("cuda"):
-        raise ValueError(f"--cuda-graphs needs a CUDA --device, not {args.device!r}")
+DESCRIPTION = (
+    "Dataset synthesis with AudioLDM 2: one WAV per item of a prompts file, a resumable manifest, sharded "
+    "under torchrun or --shard (docs/synthesis.md)."
+)
 
 
-def run_cli(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class RunOptions:
+    """A dataset run, as ``audioldm2 --prompts-file`` gives it."""
+
+    items_file: Path
+    folder: Path
+    defaults: GenerationRequest  # every item's settings where it gives none (its prompt is a placeholder)
+    seed: int | None  # the base of the items' derived seeds
+    load: LoadOptions
+    batch_size: int = 1
+    shard: str | None = None  # "i/n"
+    all_candidates: bool = False
+    spectrogram: Path | None = None  # a folder for one PNG per WAV
+    quiet: bool = False
+    cpu_attention: bool = False
+
+    def context(self) -> Context:
+        d = self.defaults
+        return Context(self.load.model, self.load.revision, self.load.dtype, d.eta, d.num_waveforms_per_prompt,
+                       d.max_new_tokens, d.transcription_is_phonemes)  # fmt: skip
+
+    def check(self) -> None:
+        """The run's settings, checked as an item's fields are (a flag's error names the flag)."""
+        self.defaults.check()
+        if self.seed is not None:
+            _check_fields({"seed": self.seed}, "--seed")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UsageError(f"output {self.folder} is a file; give a folder with --prompts-file")
+        if self.spectrogram is not None:
+            from .spectrogram import require_matplotlib
+
+            require_matplotlib()
+            if self.spectrogram.exists() and not self.spectrogram.is_dir():
+                raise UsageError(f"--spectrogram {self.spectrogram}: with --prompts-file give an output folder "
+                                 "for the pictures")  # fmt: skip
+            check_writable(self.spectrogram)
+        self.load.check()
+
+
+def options_from(args, layout: Layout) -> RunOptions:
+    """The run the flags ask for (the device is this rank's)."""
+    defaults = GenerationRequest(
+        "-", args.audio_length_in_s, args.num_inference_steps, args.guidance_scale, args.negative_prompt,
+        args.num_waveforms_per_prompt, args.eta, "pt", args.sampler, max_new_tokens=args.max_new_tokens,
+        transcription=args.transcription, transcription_is_phonemes=args.transcription_is_phonemes,
+    )  # fmt: skip
+    device, dtype = resolve_device_and_dtype(rank_device(args.device, layout), args.dtype)
+    return RunOptions(args.prompts_file, Path(args.output or "."), defaults, args.seed,
+                      load_options(args, device, dtype, low_memory=bool(args.low_memory)), args.batch_size,
+                      args.shard, args.all_candidates, args.spectrogram, args.quiet, args.cpu_attention)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
     """``audioldm2 --prompts-file ...`` and ``--merge-manifests``: everything checked before a model loads."""
+    args = parse(MANY, argv, DESCRIPTION)
     if args.merge_manifests is not None:
-        folder = Path(args.merge_manifests)
-        if not folder.is_dir():
-            _error(f"{folder} is not a folder")
-            return 2
-        written, dropped = merge_manifests(folder)
-        note = f" ({dropped} ids dropped: WAV missing or changed)" if dropped else ""
-        print(f"{folder / MANIFEST}: {written} items{note}")
-        return 0
+        return _merge_command(args.merge_manifests)
     layout = None
     try:
+        if args.prompts_file is None:
+            raise UsageError("give --prompts-file (or --merge-manifests DIR)")
         layout = layout_from_env(args.shard)
-        _check_args(args)
-        items = read_items(args.prompts_file)
-        jobs = resolve(items, args)
-        folder = Path(args.output or ".")
-        if folder.exists() and not folder.is_dir():
-            raise ValueError(f"output {folder} is a file; give a folder with --prompts-file")
-        pictures = _check_spectrogram(args)
-        from .cli import resolve_device_and_dtype
+        options = options_from(args, layout)
+        options.check()
+    except Exception as e:
+        return fail("audioldm2", e, args.debug, 2, _who(layout))
+    return run(options, layout, args.debug)
 
-        args.device, args.dtype = resolve_device_and_dtype(rank_device(args.device, layout), args.dtype)
-        ctx = Context(
-            args.model,
-            args.revision,
-            args.dtype,
-            args.eta,
-            args.candidates,
-            getattr(args, "max_new_tokens", None),
-            bool(getattr(args, "phonemes", False)),
-        )
-        mine = shard(jobs, layout)
-        todo, stale = plan(mine, folder, ctx)
-        if any(j.item.transcription is not None for j in todo):
-            from .pipeline import AudioLDM2
 
-            if "transcription" not in inspect.signature(AudioLDM2.__call__).parameters:
-                line = next(j.item.line for j in todo if j.item.transcription is not None)
-                raise ValueError(
-                    f"{args.prompts_file}:{line}: a transcription, but this version has no speech path"
-                )
-    except ValueError as e:
-        _error(str(e), layout)
-        return 2
-    if not args.quiet:
-        from .cli import device_line
-
-        print(f"audioldm2: {device_line(args.device, args.dtype)}", file=sys.stderr)
+def run(options: RunOptions, layout: Layout | None = None, debug: bool = False) -> int:
+    """Plan this rank's share of the items (all checked first), generate what is not done, merge."""
+    layout = layout or layout_from_env(options.shard)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        log = RankLog(folder / RANK_MANIFEST.format(layout.rank))
+        items = read_items(options.items_file)
+        mine = shard(resolve(items, options.defaults, options.seed), layout)
+        todo, stale = plan(mine, options.folder, options.context())
+    except Exception as e:
+        return fail("audioldm2", e, debug, 2, _who(layout))
+    if not options.quiet:
+        print(f"audioldm2: {device_line(options.load.device, options.load.dtype)}", file=sys.stderr)
+    try:
+        options.folder.mkdir(parents=True, exist_ok=True)
+        log = RankLog(options.folder / RANK_MANIFEST.format(layout.rank))
         log.drop(stale)
-        remove_temp_files(folder, {j.id for j in todo})
+        remove_temp_files(options.folder, {j.id for j in todo})
         try:
             if todo:
-                _generate(args, layout, folder, log, ctx, mine, todo, pictures)
+                _generate(options, layout, log, len(mine), todo)
         finally:
             log.close()
-        merge_manifests(folder, items, verify=False)
+        merge_manifests(options.folder, [it.id for it in items], verify=False)
     except KeyboardInterrupt:
-        _error("interrupted", layout)
+        print(f"audioldm2: error: {_who(layout)}interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # one line (errors.explain: hub, disk, memory, bad input), --debug the traceback
-        from .cli import error_line
-
-        if getattr(args, "debug", False):
-            traceback.print_exception(e)
-        _error(error_line(e), layout)
-        return 1
+        return fail("audioldm2", e, debug, 1, _who(layout))
     return 0
 
 
-def _check_spectrogram(args: argparse.Namespace) -> Path | None:
-    """``--spectrogram DIR`` with a prompts file: one ``ID.png`` per written WAV; checked before any work."""
-    if getattr(args, "spectrogram", None) is None:
-        return None
-    from .cli import _check_writable
-    from .spectrogram import require_matplotlib
-
-    require_matplotlib()
-    folder = Path(args.spectrogram)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(
-            f"--spectrogram {folder}: with --prompts-file give an output folder for the pictures"
-        )
-    _check_writable(folder)
-    return folder
+def _who(layout: Layout | None) -> str:
+    return f"rank {layout.rank}: " if layout is not None and layout.world > 1 else ""
 
 
-def _generate(
-    args, layout: Layout, folder: Path, log: RankLog, ctx: Context, mine, todo, pictures: Path | None
-) -> None:
+def _merge_command(folder: Path) -> int:
+    if not folder.is_dir():
+        print(f"audioldm2: error: {folder} is not a folder", file=sys.stderr)
+        return 2
+    written, dropped = merge_manifests(folder)
+    note = f" ({dropped} ids dropped: WAV missing or changed)" if dropped else ""
+    print(f"{folder / MANIFEST}: {written} items{note}")
+    return 0
+
+
+def _generate(options: RunOptions, layout: Layout, log: RankLog, total: int, todo: list[Job]) -> None:
     import torch
+    from tqdm import tqdm
 
-    from .pipeline import AudioLDM2
-
-    device = args.device
-    if device.startswith("cuda:"):
-        torch.cuda.set_device(torch.device(device))
-    if args.cpu_attention:
+    if options.load.device.startswith("cuda:"):
+        torch.cuda.set_device(torch.device(options.load.device))
+    if options.cpu_attention:
         from . import cpu_attention
 
         cpu_attention.enable()
-    pipe = AudioLDM2.from_pretrained(
-        args.model,
-        revision=args.revision,
-        device=device,
-        dtype=args.dtype,
-        low_memory=bool(args.low_memory),
-        compile=args.compile,
-        cuda_graphs=args.cuda_graphs,
-        fast=not args.plain,
-    )
+    pipe = load_pipeline("audioldm2", options.load)  # before the bar: a load failure is the next line
+    pictures = options.spectrogram
 
     def written(wav: Path, job: Job, waveforms) -> None:
-        if pictures is not None:
-            from .cli import _save_spectrogram
-
-            for k, audio in enumerate(waveforms):
-                name = f"{job.id}.png" if k == 0 else f"{job.id}.rank{k + 1}.png"
-                _save_spectrogram(pictures / name, audio, pipe.sample_rate, job.item.prompt)
+        for k, audio in enumerate(waveforms if pictures is not None else []):
+            name = f"{job.id}.png" if k == 0 else f"{job.id}.rank{k + 1}.png"
+            save_spectrogram(pictures / name, audio, pipe.sample_rate, job.item.prompt)
         print(wav)
 
-    bar = None
-    if not args.quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="item", file=sys.stderr,
-                   desc=f"rank {layout.rank}/{layout.world}", position=layout.local_rank, dynamic_ncols=True)  # fmt: skip
-    try:
-        synthesize(pipe, todo, folder, log, ctx, args.batch_size, args.all_candidates, bar, written)
-    finally:
-        if bar is not None:
-            bar.close()
+    with tqdm(total=total, initial=total - len(todo), unit="item", file=sys.stderr, disable=options.quiet,
+              desc=f"rank {layout.rank}/{layout.world}", position=layout.local_rank, dynamic_ncols=True) as bar:  # fmt: skip
+        synthesize(pipe, todo, options.folder, log, options.context(), options.batch_size, options.all_candidates,
+                   bar, written)  # fmt: skip

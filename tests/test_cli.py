@@ -54,10 +54,12 @@ def test_same_seed_same_file_and_candidates(tiny_base, tmp_path):
                                   "unipc", "deis", "dpmpp-2s", "euler", "euler-a", "heun", "kdpm2", "kdpm2-a",
                                   "lms", "pndm", "ddpm"])  # fmt: skip
 def test_every_sampler_name_is_accepted(name, tmp_path):
-    from audioldm2_core.cli import _check_args, parse_args
+    from audioldm2_core.cli import DESCRIPTION, checked
+    from audioldm2_core.frontend import ONE, parse
 
-    args = parse_args(["rain", "-o", str(tmp_path / "x.wav"), "--sampler", name])
-    assert _check_args(args) == [("rain", tmp_path / "x.wav")]
+    args = parse(ONE, ["rain", "-o", str(tmp_path / "x.wav"), "--sampler", name], DESCRIPTION)
+    request, _, wav, picture = checked(args)
+    assert (request.prompt, request.sampler, wav, picture) == ("rain", name, tmp_path / "x.wav", None)
 
 
 def test_a_new_sampler_end_to_end(tiny_base, tmp_path):
@@ -118,13 +120,16 @@ def test_prompts_file(tiny_base, tmp_path):
     [
         (["", "-o", "x.wav"], "the prompt is empty"),
         (["   ", "-o", "x.wav"], "the prompt is empty"),
-        (["rain", "--steps", "0"], "--steps must be at least 1, got 0"),
-        (["rain", "--steps", "-5"], "--steps must be at least 1, got -5"),
-        (["rain", "--length", "0"], "--length must be a positive number of seconds, got 0.0"),
-        (["rain", "--length", "-3"], "--length must be a positive number of seconds, got -3.0"),
+        (["rain", "--steps", "0"], "--steps: num_inference_steps must be at least 1, got 0"),
+        (["rain", "--steps", "-5"], "--steps: num_inference_steps must be at least 1, got -5"),
+        (["rain", "--length", "0"], "--length: audio_length_in_s must be in (0, 600.0] s, got 0.0"),
+        (["rain", "--length", "-3"], "--length: audio_length_in_s must be in (0, 600.0] s, got -3.0"),
         (["rain", "--sampler", "eulr"], "unknown sampler 'eulr'; choose one of ddim, dpmpp-2m, "),
-        (["rain", "--candidates", "0"], "--candidates must be at least 1"),
-        (["rain", "--cuda-graphs"], "--cuda-graphs needs a CUDA --device, not 'cpu'"),
+        (
+            ["rain", "--candidates", "0"],
+            "--candidates: num_waveforms_per_prompt must be a positive int, got 0",
+        ),
+        (["rain", "--cuda-graphs"], "--cuda-graphs: cuda_graphs needs a CUDA device, not cpu"),
         (["rain", "-o", "/nonexistent-dir/x.wav"], "output folder /nonexistent-dir does not exist"),
         (["rain", "--model", "/no/such/folder"], "/no/such/folder: no such folder, and not a hub repo id"),
         (["rain", "--model", "nobody/no-such-model"], "nobody/no-such-model: not in the local hub cache"),
@@ -174,17 +179,17 @@ def test_spectrogram_per_written_wav_and_the_device_line(tiny_base, tmp_path):
 
 def test_spectrogram_folder_with_a_prompts_file(tiny_base, tmp_path, capsys):
     """With ``--prompts-file``, ``--spectrogram`` names a folder: one ID.png per written WAV (in-process)."""
-    from audioldm2_core import cli
+    from audioldm2_core.__main__ import main
 
     pytest.importorskip("matplotlib", reason="--spectrogram needs matplotlib")
     prompts, pictures, out = tmp_path / "prompts.txt", tmp_path / "pictures", tmp_path / "out"
     prompts.write_text("thunder|storm\nbirds\n", encoding="utf-8")
     pictures.mkdir()
     common = ["--prompts-file", str(prompts), "--model", str(tiny_base), "--steps", "2", "--length", "0.32"]
-    assert cli.main([*common, "-o", str(out), "--spectrogram", str(pictures), "--quiet"]) == 0
+    assert main([*common, "-o", str(out), "--spectrogram", str(pictures), "--quiet"]) == 0
     assert sorted(p.name for p in pictures.iterdir()) == ["0002.png", "storm.png"]
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in pictures.iterdir())
-    assert cli.main([*common, "-o", str(tmp_path / "o2"), "--spectrogram", str(tmp_path / "x")]) == 2
+    assert main([*common, "-o", str(tmp_path / "o2"), "--spectrogram", str(tmp_path / "x")]) == 2
     assert "output folder" in capsys.readouterr().err.splitlines()[-1]
 
 
@@ -192,7 +197,7 @@ def test_device_auto_resolution(monkeypatch):
     """``auto`` / None: CUDA, then MPS, then the CPU; AUDIOLDM2_DEVICE overrides; ``--dtype auto`` follows."""
     import torch
 
-    from audioldm2_core.cli import resolve_device_and_dtype
+    from audioldm2_core.frontend import resolve_device_and_dtype
     from audioldm2_core.pipeline import resolve_device
 
     monkeypatch.delenv("AUDIOLDM2_DEVICE", raising=False)
@@ -236,7 +241,7 @@ def test_speech_transcription_flags(tiny_ljspeech, tmp_path):
 
     for extra, message in (
         ([], "text-to-speech checkpoint: pass `transcription=`"),
-        (["--phonemes"], "--phonemes says how to read --transcription"),
+        (["--phonemes"], "--phonemes: transcription_is_phonemes says how to read the transcription"),
     ):
         r = run(*args, "-o", str(tmp_path / "x.wav"), "--quiet", *extra)
         assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -299,21 +304,23 @@ def test_audio_input_examples(tiny_base, tmp_path):
 
 
 def test_audio_flags_to_pipeline_arguments(tmp_path):
-    from audioldm2_core.cli import editing_options, parse_args
+    from audioldm2_core.cli import DESCRIPTION, edit_from
+    from audioldm2_core.frontend import ONE, parse
+    from audioldm2_core.request import AudioEdit
 
     def options(*flags):
-        return editing_options(parse_args(["x", "-o", str(tmp_path / "x.wav"), *flags]))
+        return edit_from(parse(ONE, ["x", "-o", str(tmp_path / "x.wav"), *flags], DESCRIPTION))
 
     wav = str(tmp_path / "in.wav")
-    assert options() == {}
-    assert options("--audio", wav) == dict(audio=Path(wav), strength=0.6, inpaint_spans_s=None,
-                                           inpaint_bands_hz=None, super_resolution=False, cutoff_hz=None)  # fmt: skip
+    assert options() is None
+    assert options("--audio", wav) == AudioEdit(Path(wav))
+    assert options("--audio", wav).resolved_strength == 0.6
     got = options("--audio", wav, "--inpaint", "3.5-5.0", "--inpaint", "1-2,6-7", "--inpaint-band", "0-500")
-    assert got["inpaint_spans_s"] == [(3.5, 5.0), (1.0, 2.0), (6.0, 7.0)] and got["strength"] == 1.0
-    assert got["inpaint_bands_hz"] == [(0.0, 500.0)]
+    assert got.spans_s == ((3.5, 5.0), (1.0, 2.0), (6.0, 7.0)) and got.resolved_strength == 1.0
+    assert got.bands_hz == ((0.0, 500.0),)
     got = options("--audio", wav, "--super-resolution", "3000", "--strength", "0.8")
-    assert got["super_resolution"] and got["cutoff_hz"] == 3000 and got["strength"] == 0.8
-    assert options("--audio", wav, "--super-resolution")["cutoff_hz"] is None
+    assert got.super_resolution and got.cutoff_hz == 3000 and got.resolved_strength == 0.8
+    assert options("--audio", wav, "--super-resolution").cutoff_hz is None
 
 
 def _wav(samples, rate=16000, subtype="FLOAT"):

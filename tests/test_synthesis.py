@@ -11,7 +11,6 @@ text encoding, is checked to be bit-identical (each item is encoded alone).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -26,7 +25,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from audioldm2_core import cli, synthesis
+from audioldm2_core import manifest, synthesis
+from audioldm2_core.__main__ import main
+from audioldm2_core.request import GenerationRequest
 from audioldm2_core.synthesis import Context, Layout, derive_seed, layout_from_env, read_items, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +86,7 @@ def assert_complete(out: Path) -> None:
     assert sorted(r["id"] for r in logs) == sorted(ids)
     assert [r["id"] for r in merged] == ids  # in file order
     for r in merged:
-        assert synthesis.sha256_file(out / r["file"]) == r["sha256"]
+        assert manifest.sha256_file(out / r["file"]) == r["sha256"]
         assert sf.read(out / r["file"])[0].shape == (int(r["audio_length_in_s"] * 16000),)
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
@@ -112,8 +113,8 @@ def test_items_fields_defaults_and_seeds(tmp_path):
     path = write_items(tmp_path / "items.jsonl", ITEMS)
     items = read_items(path)
     assert [it.id for it in items] == [it["id"] for it in ITEMS] and items[0].extra == {"label": "animal"}
-    args = argparse.Namespace(seed=1, length=1.0, steps=2, guidance=3.5, sampler="ddim", negative="noise")
-    jobs = resolve(items, args)
+    defaults = GenerationRequest("-", 1.0, 2, 3.5, "noise", sampler="ddim")  # the command line's
+    jobs = resolve(items, defaults, seed=1)
     assert jobs[2].seed == 7  # its own
     assert (
         jobs[0].seed
@@ -159,18 +160,18 @@ def test_items_fields_defaults_and_seeds(tmp_path):
         (['{"id": "a", "prompt": "x", "seed": true}'], ":1: seed must be an integer"),
         (
             ['{"id": "a", "prompt": "x", "audio_length_in_s": 0}'],
-            ":1: audio_length_in_s must be a number of seconds",
+            ":1: audio_length_in_s must be in (0, 600.0] s, got 0",
         ),
         (['{"id": "a", "prompt": "x", "audio_length_in_s": "5"}'], ":1: audio_length_in_s must be a number"),
         (
             ['{"id": "a", "prompt": "x", "num_inference_steps": 0}'],
-            ":1: num_inference_steps must be an integer >= 1",
+            ":1: num_inference_steps must be at least 1, got 0",
         ),
         (
             ['{"id": "a", "prompt": "x", "guidance_scale": -1}'],
-            ":1: guidance_scale must be a finite number >= 0",
+            ":1: guidance_scale must be >= 0 (1 disables guidance), got -1",
         ),
-        (['{"id": "a", "prompt": "x", "sampler": "eulr"}'], ":1: sampler must be one of ddim"),
+        (['{"id": "a", "prompt": "x", "sampler": "eulr"}'], ":1: unknown sampler 'eulr'; choose one of ddim"),
         (
             ['{"id": "a", "prompt": "x", "negative_prompt": 5}'],
             ":1: negative_prompt must be a string or null",
@@ -189,7 +190,7 @@ def test_malformed_items_refused_before_any_model(lines, message, tmp_path, caps
     path = tmp_path / "items.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = tmp_path / "out"
-    code = cli.main(["--prompts-file", str(path), "-o", str(out), "--model", str(tmp_path / "no-model")])
+    code = main(["--prompts-file", str(path), "-o", str(out), "--model", str(tmp_path / "no-model")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "Traceback" not in err[0]
     assert err[0].startswith(f"audioldm2: error: {path}") and message in err[0], err[0]
@@ -199,9 +200,9 @@ def test_malformed_items_refused_before_any_model(lines, message, tmp_path, caps
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--steps", "0"], "--steps: num_inference_steps must be an integer >= 1, got 0"),
-        (["--length", "-1"], "--length: audio_length_in_s must be a number of seconds"),
-        (["--sampler", "eulr"], "--sampler: sampler must be one of"),
+        (["--steps", "0"], "--steps: num_inference_steps must be at least 1, got 0"),
+        (["--length", "-1"], "--length: audio_length_in_s must be in (0, 600.0] s, got -1.0"),
+        (["--sampler", "eulr"], "--sampler: unknown sampler 'eulr'; choose one of"),
         (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
         (["--shard", "2/2"], "--shard must be i/n with 0 <= i < n (e.g. 0/4), got '2/2'"),
         (["--shard", "x"], "--shard must be i/n"),
@@ -209,7 +210,7 @@ def test_malformed_items_refused_before_any_model(lines, message, tmp_path, caps
 )
 def test_bad_options_refused(args, message, tmp_path, capsys):
     path = write_items(tmp_path / "items.jsonl", ITEMS[:1])
-    code = cli.main(["--prompts-file", str(path), "-o", str(tmp_path / "out"), *args])
+    code = main(["--prompts-file", str(path), "-o", str(tmp_path / "out"), *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
 
@@ -240,8 +241,8 @@ def test_batched_equals_single_and_single_prompt_call(tiny_base, tmp_path):
     from audioldm2_core import AudioLDM2
 
     pipe = AudioLDM2.from_pretrained(tiny_base)
-    args = argparse.Namespace(seed=1, length=1.0, steps=2, guidance=3.5, sampler="ddim", negative=None)
-    jobs = [j for j in resolve(read_items(write_items(tmp_path / "i.jsonl", ITEMS)), args)][:3]
+    defaults = GenerationRequest("-", 1.0, 2, 3.5, None, sampler="ddim")
+    jobs = [j for j in resolve(read_items(write_items(tmp_path / "i.jsonl", ITEMS)), defaults, seed=1)][:3]
     ctx = Context("tiny", None, "float32", 0.0, 1)
     singles = [synthesis.generate_batch(pipe, [j], ctx)[0][0] for j in jobs]
     direct = pipe(jobs[1].item.prompt, negative_prompt=jobs[1].negative_prompt, audio_length_in_s=1.0,
@@ -345,7 +346,7 @@ def test_killed_run_resumes_without_duplicates(tiny_base, items_file, reference,
     assert_same_wavs(reference, out)
 
     before = log.read_bytes()  # the same folder with other settings: refused before any model loads
-    code = cli.main([*args[: -len(COMMON)], "--steps", "3", "--length", "1.0", "--seed", "1", "--quiet"])
+    code = main([*args[: -len(COMMON)], "--steps", "3", "--length", "1.0", "--seed", "1", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "item 'dog' is already in" in err and "num_inference_steps=2, not 3" in err
     assert log.read_bytes() == before
@@ -354,11 +355,11 @@ def test_killed_run_resumes_without_duplicates(tiny_base, items_file, reference,
 def test_rank_log_cuts_a_torn_line_and_readers_skip_it(tmp_path):
     log_path = tmp_path / "manifest.rank0.jsonl"
     log_path.write_bytes(b'{"id": "a", "sha256": "1"}\n{"id": "b", "sha2')
-    assert [r["id"] for r in synthesis.read_records(log_path)] == ["a"]
-    log = synthesis.RankLog(log_path)
+    assert [r["id"] for r in manifest.read_records(log_path)] == ["a"]
+    log = manifest.RankLog(log_path)
     log.append({"id": "c"})
     log.close()
-    assert [r["id"] for r in synthesis.read_records(log_path)] == ["a", "c"]
+    assert [r["id"] for r in manifest.read_records(log_path)] == ["a", "c"]
     assert log_path.read_bytes().endswith(b'{"id": "c"}\n')
 
 
@@ -377,7 +378,7 @@ def test_merge_keeps_the_latest_record_matching_its_wav(tmp_path):
     ]
     write_items(tmp_path / "manifest.rank0.jsonl", lines[:3])
     write_items(tmp_path / "manifest.rank1.jsonl", lines[3:] + [{"id": "a", "index": 0, "sha256": sha["a"]}])
-    assert synthesis.merge_manifests(tmp_path) == (2, 2)
+    assert manifest.merge_manifests(tmp_path) == (2, 2)
     assert [(r["id"], r.get("seconds")) for r in records(tmp_path / "manifest.jsonl")] == [
         ("a", None),
         ("b", 2),
@@ -391,7 +392,7 @@ def test_speech_items(tiny_ljspeech, tmp_path):
     import soundfile as sf
     import torch
 
-    from audioldm2_core import AudioLDM2, cli
+    from audioldm2_core import AudioLDM2
 
     items = [{"id": "own", "prompt": "a man speaks", "transcription": "wˈɜːld", "seed": 3},
              {"id": "default", "prompt": "a woman speaks", "seed": 4}]  # fmt: skip
@@ -400,7 +401,7 @@ def test_speech_items(tiny_ljspeech, tmp_path):
     args = ["--prompts-file", str(path), "-o", str(out), "--model", str(tiny_ljspeech), "--steps", "2",
             "--length", "0.64", "--plain", "--quiet", "--transcription", "həlˈoʊ", "--phonemes",
             "--max-new-tokens", "8"]  # fmt: skip
-    assert cli.main(args) == 0
+    assert main(args) == 0
     pipe = AudioLDM2.from_pretrained(tiny_ljspeech, fast=False)
     for item, words in ((items[0], "wˈɜːld"), (items[1], "həlˈoʊ")):
         want = pipe(item["prompt"], transcription=words, transcription_is_phonemes=True, max_new_tokens=8,

@@ -1,0 +1,468 @@
+"""What the three front ends share: their flags (one table), the device line, one-line errors, output checks.
+
+The front ends are ``audioldm2 PROMPT`` (``cli.py``), ``audioldm2 --prompts-file`` (``synthesis.py``) and
+``audioldm2-demo`` (``demo.py``); they build on the pipeline and on this module, never on each other
+(``__main__.py`` routes the ``audioldm2`` command to the first two). Each flag below names the programs it
+belongs to; a flag of the other program is refused in one line, before anything loads.
+
+Every failure a user can meet exits non-zero with one line on stderr (``error_line``: ``errors.explain``'s
+line, or for anything else, a bug, its type and message and a pointer to ``--debug``) and no traceback;
+``--debug`` shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError, explain
+from .request import DEFAULT_STRENGTH, SAMPLERS, LoadOptions
+
+__all__ = ["DEFAULT_MODEL", "FLAGS", "parse", "error_line", "fail", "device_line", "resolve_device_and_dtype"]
+
+DEFAULT_MODEL = "cvssp/audioldm2"
+ONE, MANY, DEMO = "audioldm2 PROMPT", "audioldm2 --prompts-file", "audioldm2-demo"
+_GEN = (ONE, MANY)  # the two generation commands
+_ALL = (ONE, MANY, DEMO)
+
+# (flag names, argparse keywords, the programs it belongs to). ``dest`` is the field of request.py it sets,
+# where the names differ, so that a failed check names the flag.
+FLAGS: list[tuple[tuple[str, ...], dict[str, Any], tuple[str, ...]]] = [
+    (("prompt",), dict(nargs="?", help="text describing the sound"), (ONE,)),
+    (
+        ("-o", "--output"),
+        dict(default=None, help="WAV file to write (default: audioldm2.wav); with --prompts-file a folder"),
+        _GEN,
+    ),  # fmt: skip
+    (
+        ("--prompts-file",),
+        dict(
+            type=Path,
+            help='JSON Lines items ({"id", "prompt", ...}) or \'text|name\' lines; '
+            "one WAV each, resumable (docs/synthesis.md)",
+        ),
+        (MANY,),
+    ),  # fmt: skip
+    (("--batch-size",), dict(type=int, default=1, help="items per pipeline call (same settings)"), (MANY,)),
+    (
+        ("--shard",),
+        dict(default=None, help="i/n: generate only share i of n of the items (SLURM arrays, k8s jobs)"),
+        (MANY,),
+    ),  # fmt: skip
+    (
+        ("--merge-manifests",),
+        dict(type=Path, metavar="DIR", help="merge DIR's per-rank manifests into DIR/manifest.jsonl"),
+        (MANY,),
+    ),  # fmt: skip
+    (
+        ("--model",),
+        dict(default=DEFAULT_MODEL, help="hub repo id or local folder (default: %(default)s)"),
+        _ALL,
+    ),
+    (("--revision",), dict(default=None, help="hub revision (branch, tag or commit) of --model"), _ALL),
+    (
+        ("--negative",),
+        dict(
+            default=None, dest="negative_prompt", help="negative prompt: what the audio should not sound like"
+        ),
+        _GEN,
+    ),  # fmt: skip
+    (
+        ("--transcription",),
+        dict(
+            default=None,
+            help="speech checkpoints (anhnct/audioldm2_gigaspeech, _ljspeech): "
+            "the words to speak (the prompt describes the voice); English text, phonemised "
+            'with espeak-ng (pip install ".[speech]")',
+        ),
+        _GEN,
+    ),  # fmt: skip
+    (
+        ("--max-new-tokens",),
+        dict(
+            type=int,
+            default=None,
+            help="GPT-2 states to generate (default: the "
+            "checkpoint's; 8, and 512 for the speech checkpoints)",
+        ),
+        _GEN,
+    ),  # fmt: skip
+    (
+        ("--phonemes",),
+        dict(
+            action="store_true",
+            dest="transcription_is_phonemes",
+            help='--transcription is IPA phonemes already (no espeak-ng needed), e.g. "həlˈoʊ wˈɜːld"',
+        ),
+        _GEN,
+    ),  # fmt: skip
+    (
+        ("--steps",),
+        dict(
+            type=int, default=200, dest="num_inference_steps", help="denoising steps (default: %(default)s)"
+        ),
+        _GEN,
+    ),  # fmt: skip
+    (
+        ("--sampler",),
+        dict(
+            default="ddim",
+            help=f"one of {', '.join(SAMPLERS)}: the diffusers scheduler of that "
+            "name, same seed same audio (default: %(default)s)",
+        ),
+        _GEN,
+    ),  # fmt: skip
+    (
+        ("--guidance",),
+        dict(
+            type=float,
+            default=3.5,
+            dest="guidance_scale",
+            help="classifier-free guidance scale; 1 disables it",
+        ),
+        _GEN,
+    ),  # fmt: skip
+    (
+        ("--length",),
+        dict(
+            type=float,
+            default=None,
+            dest="audio_length_in_s",
+            help="audio length in seconds "
+            "(default: the model's, 10.24; with --audio the input's: a longer input is cut, a shorter "
+            "one padded with silence)",
+        ),
+        _GEN,
+    ),  # fmt: skip
+    (
+        ("--audio",),
+        dict(
+            type=Path,
+            default=None,
+            metavar="WAV",
+            help="input audio (WAV, FLAC, OGG, MP3; any rate, "
+            "mono or stereo): alone, style transfer (SDEdit) toward the prompt; with --inpaint or "
+            "--super-resolution, regenerate those parts and keep the rest",
+        ),
+        (ONE,),
+    ),  # fmt: skip
+    (
+        ("--strength",),
+        dict(
+            type=float,
+            default=None,
+            help="with --audio: how far from the input, in (0, 1]: the "
+            "share of the steps run from the input noised to that level; 1 starts from noise "
+            f"(default: {DEFAULT_STRENGTH} for style transfer, 1 with --inpaint or "
+            "--super-resolution)",
+        ),
+        (ONE,),
+    ),  # fmt: skip
+    (
+        ("--inpaint",),
+        dict(
+            action="append",
+            default=[],
+            metavar="START-END",
+            help="with --audio: regenerate these "
+            "seconds and keep the rest, e.g. 3.5-5.0; repeat the flag or separate with commas for "
+            "several spans (1-2,4-5)",
+        ),
+        (ONE,),
+    ),  # fmt: skip
+    (
+        ("--inpaint-band",),
+        dict(
+            action="append",
+            default=[],
+            metavar="LOW-HIGH",
+            help="with --audio: regenerate "
+            "this frequency band in Hz, e.g. 2000-4000 (within the --inpaint spans if given, else "
+            "over the whole input); repeatable, comma-separated",
+        ),
+        (ONE,),
+    ),  # fmt: skip
+    (
+        ("--super-resolution",),
+        dict(
+            nargs="?",
+            const="auto",
+            default=None,
+            metavar="HZ",
+            help="with --audio: "
+            "regenerate the missing top band of band-limited audio, above HZ (default: half "
+            "the input file's own sample rate, e.g. 4000 for an 8 kHz recording)",
+        ),
+        (ONE,),
+    ),  # fmt: skip
+    (("--eta",), dict(type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like noise"), _GEN),
+    (
+        ("--seed",),
+        dict(type=int, default=None, help="random seed (same seed, same audio as diffusers)"),
+        _GEN,
+    ),
+    (
+        ("--candidates",),
+        dict(
+            type=int,
+            default=1,
+            dest="num_waveforms_per_prompt",
+            help="waveforms per prompt, ranked by CLAP; best is written",
+        ),
+        _GEN,
+    ),  # fmt: skip
+    (
+        ("--all-candidates",),
+        dict(action="store_true", help="also write every candidate, named by rank"),
+        _GEN,
+    ),
+    (
+        ("--device",),
+        dict(
+            default="auto",
+            help="torch device: auto (CUDA, then MPS, then the CPU), cpu, cuda, "
+            "cuda:1, mps (default: %(default)s)",
+        ),
+        _ALL,
+    ),  # fmt: skip
+    (
+        ("--dtype",),
+        dict(
+            default="auto",
+            choices=["auto", "float32", "bfloat16", "float16"],
+            help="compute dtype; auto: float16 on CUDA, float32 elsewhere (default: %(default)s)",
+        ),
+        _ALL,
+    ),  # fmt: skip
+    (
+        ("--spectrogram",),
+        dict(
+            type=Path,
+            default=None,
+            metavar="PNG",
+            help="also draw each written WAV's log-mel "
+            "spectrogram to this PNG (named like the WAVs: x.png, x.rank1.png; a folder with "
+            "--prompts-file); needs matplotlib",
+        ),
+        _GEN,
+    ),  # fmt: skip
+    (
+        ("--low-memory",),
+        dict(
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="load each component only "
+            "while it runs (default: on for one prompt, off for a prompts file and the demo)",
+        ),
+        _ALL,
+    ),  # fmt: skip
+    (
+        ("--cpu-attention",),
+        dict(
+            action="store_true",
+            help="the C++ attention kernel for the UNet on the CPU where "
+            "it is faster here (built on first use, needs a C++ compiler)",
+        ),
+        _ALL,
+    ),  # fmt: skip
+    (
+        ("--compile",),
+        dict(
+            action="store_true",
+            help="run the UNet under torch.compile (minutes to compile first: "
+            "for many steps or prompts, on a GPU)",
+        ),
+        _GEN,
+    ),  # fmt: skip
+    (
+        ("--cuda-graphs",),
+        dict(action="store_true", help="replay each denoising loop from a CUDA graph (CUDA devices only)"),
+        _GEN,
+    ),  # fmt: skip
+    (
+        ("--plain",),
+        dict(
+            action="store_true",
+            help="the plain reference model, without the speed layer's exact rewrites (audioldm2_core.fast)",
+        ),
+        _GEN,
+    ),  # fmt: skip
+    (
+        ("--host",),
+        dict(default="127.0.0.1", help="address to serve on; 0.0.0.0 for every interface"),
+        (DEMO,),
+    ),
+    (("--port",), dict(type=int, default=7860, help="port to serve on (default: %(default)s)"), (DEMO,)),
+    (("--share",), dict(action="store_true", help="also serve through a public gradio.live link"), (DEMO,)),
+    (("--quiet",), dict(action="store_true", help="no progress bar"), _GEN),
+    (("--debug",), dict(action="store_true", help="on an error, show the traceback too"), _ALL),
+]
+# request field -> the flag that sets it
+FLAG_OF = {
+    kw.get("dest", names[-1].lstrip("-").replace("-", "_")): names[-1]
+    for names, kw, _ in FLAGS
+    if names[0].startswith("-")
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, as every other error (argparse prints its usage first)
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+def parse(program: str, argv: list[str] | None, description: str) -> argparse.Namespace:
+    """The flags of ``program`` (ONE, MANY or DEMO). A generation command refuses the other one's flags."""
+    prog = "audioldm2-demo" if program == DEMO else "audioldm2"
+    p = _Parser(prog=prog, description=description, allow_abbrev=False)
+    for names, kwargs, programs in FLAGS:
+        if program in programs:
+            p.add_argument(*names, **kwargs)
+        elif program != DEMO and set(programs) & set(_GEN) and names[0].startswith("-"):
+            p.add_argument(*names, **(kwargs | dict(dest=f"other:{names[-1]}", default=argparse.SUPPRESS)))
+    args = p.parse_args(argv)
+    other = [k.removeprefix("other:") for k in vars(args) if k.startswith("other:")]
+    if other:
+        where = (
+            "with one prompt only (audioldm2 PROMPT ...)" if program == MANY else "with --prompts-file only"
+        )
+        p.error(
+            f"{', '.join(other)}: {where}, not with {'--prompts-file' if program == MANY else 'a prompt'}"
+        )
+    return args
+
+
+def flagged(error: BaseException) -> BaseException:
+    """A request's failed check, named by the flag that set the field: ``--steps: num_inference_steps ...``."""
+    if isinstance(error, UsageError) and error.field in FLAG_OF:
+        return type(error)(f"{FLAG_OF[error.field]}: {error}", field=error.field)
+    return error
+
+
+def load_options(args: argparse.Namespace, device: str, dtype: str, low_memory: bool) -> LoadOptions:
+    """The pipeline's load options from the flags (device and dtype resolved)."""
+    return LoadOptions(args.model, args.revision, device, dtype, low_memory, getattr(args, "compile", False),
+                       getattr(args, "cuda_graphs", False), not getattr(args, "plain", False))  # fmt: skip
+
+
+def parse_ranges(values: list[str], flag: str, unit: str) -> list[tuple[float, float]]:
+    """``["3.5-5.0", "6-7,8-9"]`` -> [(3.5, 5.0), (6.0, 7.0), (8.0, 9.0)]; a clear error for anything else."""
+    out = []
+    for value in values:
+        for part in value.split(","):
+            low, sep, high = part.strip().partition("-")
+            try:
+                if not sep:
+                    raise ValueError
+                out.append((float(low), float(high)))
+            except ValueError:
+                raise UsageError(f"{flag} {part.strip()!r}: give START-END in {unit}, e.g. 3.5-5.0") from None
+    return out
+
+
+def check_writable(folder: Path) -> None:
+    """A folder that exists and takes a new file."""
+    if not folder.is_dir():
+        raise UsageError(f"output folder {folder} does not exist")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UsageError(f"cannot write to {folder}: {e.strerror or e}") from e
+
+
+def save_spectrogram(path: Path, audio, sample_rate: int, title: str) -> None:
+    """A written WAV's picture (``spectrogram.py``), its title cut to a line."""
+    from .spectrogram import save_spectrogram as save
+
+    save(path, audio, sample_rate, title=title if len(title) <= 80 else title[:77] + "...")
+
+
+def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
+    """``--device auto``: CUDA, then MPS, then the CPU; ``--dtype auto``: float16 on CUDA, else float32."""
+    from .pipeline import resolve_device
+
+    resolved = resolve_device(device)
+    if dtype == "auto":
+        dtype = "float16" if resolved.type == "cuda" else "float32"
+    return str(resolved), dtype
+
+
+def device_line(device: str, dtype: str) -> str:
+    """The one line printed at start: where and in what precision the model runs."""
+    import torch
+
+    where = torch.device(device)
+    if where.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(where)}), {dtype}"
+    if where.type == "cpu":
+        return f"cpu, {dtype}, {torch.get_num_threads()} threads (no CUDA or MPS device found)"
+    return f"{device}, {dtype}"
+
+
+def error_line(error: BaseException) -> str:
+    """The one line shown for an error: ``errors.explain``'s, or for anything else (a bug) its type and
+    message with a pointer to ``--debug``."""
+    line = explain(error)
+    if line is None:
+        first = (str(error).strip().splitlines() or [""])[0]
+        line = f"{type(error).__name__}: {first} (unexpected; --debug shows the traceback)"
+    return line
+
+
+def fail(prog: str, error: BaseException, debug: bool, code: int, who: str = "") -> int:
+    """Print ``error``'s one line (its traceback first with ``--debug``) and return the exit code."""
+    if debug:
+        traceback.print_exception(error)
+    print(f"{prog}: error: {who}{error_line(flagged(error))}", file=sys.stderr)
+    return code
+
+
+class _HubRetries(logging.Filter):
+    """huggingface_hub logs two warnings per retry of an unreachable hub (five retries over ~23 s): say once
+    that it is retrying, drop the rest; other records pass."""
+
+    def __init__(self, prog: str):
+        super().__init__()
+        self.prog, self.said = prog, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "thrown while requesting" not in message and not message.startswith("Retrying in"):
+            return True
+        if not self.said:
+            self.said = True
+            print(
+                f"{self.prog}: cannot reach the Hugging Face hub; retrying for up to ~25 s", file=sys.stderr
+            )
+        return False
+
+
+@contextlib.contextmanager
+def quiet_hub_retries(prog: str):
+    """While loading: the hub's retry warnings become one line (``_HubRetries``)."""
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub.utils._http", "huggingface_hub.hf_api")]
+    quiet = _HubRetries(prog)
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
+
+
+def load_pipeline(prog: str, options: LoadOptions):
+    """``AudioLDM2.from_pretrained`` with the options, the hub's retries in one line."""
+    from .pipeline import AudioLDM2
+
+    with quiet_hub_retries(prog):
+        return AudioLDM2.from_pretrained(
+            options.model, revision=options.revision, device=options.device, dtype=options.dtype,
+            low_memory=options.low_memory, compile=options.compile, cuda_graphs=options.cuda_graphs,
+            fast=options.fast,
+        )  # fmt: skip
