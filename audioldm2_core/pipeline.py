@@ -119,6 +119,25 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
     return dtype
 
 
+def component_loaders(ckpt: Checkpoint, dtype: torch.dtype, decoder_dtype: torch.dtype, device: torch.device
+                      ) -> dict[str, Callable[[], Any]]:  # fmt: skip
+    """A checkpoint's components under diffusers' names, each as a function that loads it strictly."""
+    c, d, dev = ckpt, dtype, device
+    return {
+        "tokenizer": lambda: load_tokenizer(c, "tokenizer"),
+        "tokenizer_2": lambda: load_tokenizer(c, "tokenizer_2"),
+        "text_encoder": lambda: load_clap_text(c, d, dev),
+        "text_encoder_2": lambda: (load_vits if c.is_speech else load_t5)(c, d, dev),
+        "projection_model": lambda: load_projection(c, d, dev),
+        "language_model": lambda: load_gpt2(c, d, dev),
+        "unet": lambda: load_unet(c, d, dev),
+        "vae": lambda: load_vae(c, decoder_dtype, dev),
+        "vocoder": lambda: load_vocoder(c, decoder_dtype, dev),
+        "clap_audio": lambda: load_clap_audio(c, d, dev),  # re-ranking only
+        "vae_encoder": lambda: load_vae_encoder(c, decoder_dtype, dev),  # audio input only
+    }
+
+
 class AudioLDM2:
     """AudioLDM 2 text-to-audio. ``AudioLDM2.from_pretrained("cvssp/audioldm2")("a dog barking").audios``."""
 
@@ -156,7 +175,8 @@ class AudioLDM2:
                              f"scale factor {self.vae_config.scale_factor}")  # fmt: skip
         # component -> the speed layer's decisions for it (rewrite -> Decision), filled as components load
         self.fast_decisions: dict[str, dict[str, fast_layer.Decision]] = {}
-        self.residency = Residency(self._loaders(), low_memory, self.device.type == "cpu", self._prepared)
+        loaders = component_loaders(ckpt, self.dtype, self.decoder_dtype, self.device)
+        self.residency = Residency(loaders, low_memory, self.device.type == "cpu", self._prepared)
         if not low_memory:
             for name in (*TEXT_COMPONENTS, "unet", "vae", "vocoder"):  # what text-to-audio uses
                 self.residency.get(name)
@@ -170,22 +190,6 @@ class AudioLDM2:
         ``fast=False``: the plain reference model, without the speed layer."""
         return cls(open_checkpoint(path_or_repo_id, revision), device, dtype, low_memory, compile, cuda_graphs,
                    fast)  # fmt: skip
-
-    def _loaders(self) -> dict[str, Callable[[], Any]]:
-        c, d, dev = self.ckpt, self.dtype, self.device
-        return {
-            "tokenizer": lambda: load_tokenizer(c, "tokenizer"),
-            "tokenizer_2": lambda: load_tokenizer(c, "tokenizer_2"),
-            "text_encoder": lambda: load_clap_text(c, d, dev),
-            "text_encoder_2": lambda: (load_vits if c.is_speech else load_t5)(c, d, dev),
-            "projection_model": lambda: load_projection(c, d, dev),
-            "language_model": lambda: load_gpt2(c, d, dev),
-            "unet": lambda: load_unet(c, d, dev),
-            "vae": lambda: load_vae(c, self.decoder_dtype, dev),
-            "vocoder": lambda: load_vocoder(c, self.decoder_dtype, dev),
-            "clap_audio": lambda: load_clap_audio(c, d, dev),  # re-ranking only
-            "vae_encoder": lambda: load_vae_encoder(c, self.decoder_dtype, dev),  # audio input only
-        }
 
     def _prepared(self, name: str, module: Any) -> Any:
         """What loading adds to a component, from outside: the speed layer, the heap hooks of the decoders on
