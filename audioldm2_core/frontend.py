@@ -15,16 +15,30 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import tempfile
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import UsageError, explain
-from .request import DEFAULT_STRENGTH, SAMPLERS, LoadOptions
+from .request import DEFAULT_STRENGTH, SAMPLERS, LoadOptions, lora_spec
 
-__all__ = ["DEFAULT_MODEL", "FLAGS", "parse", "error_line", "fail", "device_line", "resolve_device_and_dtype"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "FLAGS",
+    "Layout",
+    "OneLineParser",
+    "parse",
+    "error_line",
+    "fail",
+    "device_line",
+    "layout_from_env",
+    "rank_device",
+    "resolve_device_and_dtype",
+]
 
 DEFAULT_MODEL = "cvssp/audioldm2"
 ONE, MANY, DEMO = "audioldm2 PROMPT", "audioldm2 --prompts-file", "audioldm2-demo"
@@ -286,6 +300,16 @@ FLAGS: list[tuple[tuple[str, ...], dict[str, Any], tuple[str, ...]]] = [
         _GEN,
     ),  # fmt: skip
     (
+        ("--lora",),
+        dict(
+            default=None,
+            metavar="PATH[:SCALE]",
+            help="a UNet LoRA (diffusers' or PEFT's file or folder, or an audioldm2-train run folder), merged "
+            "into the weights at SCALE (default 1), e.g. run/:0.8 (docs/fine-tuning.md)",
+        ),
+        _ALL,
+    ),  # fmt: skip
+    (
         ("--plain",),
         dict(
             action="store_true",
@@ -311,15 +335,17 @@ FLAG_OF = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, as every other error (argparse prints its usage first)
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, its errors in one line with exit 2 (it prints its usage first), as every other usage error."""
+
+    def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
 
 
 def parse(program: str, argv: list[str] | None, description: str) -> argparse.Namespace:
     """The flags of ``program`` (ONE, MANY or DEMO). A generation command refuses the other one's flags."""
     prog = "audioldm2-demo" if program == DEMO else "audioldm2"
-    p = _Parser(prog=prog, description=description, allow_abbrev=False)
+    p = OneLineParser(prog=prog, description=description, allow_abbrev=False)
     for names, kwargs, programs in FLAGS:
         if program in programs:
             p.add_argument(*names, **kwargs)
@@ -347,7 +373,8 @@ def flagged(error: BaseException) -> BaseException:
 def load_options(args: argparse.Namespace, device: str, dtype: str, low_memory: bool) -> LoadOptions:
     """The pipeline's load options from the flags (device and dtype resolved)."""
     return LoadOptions(args.model, args.revision, device, dtype, low_memory, getattr(args, "compile", False),
-                       getattr(args, "cuda_graphs", False), not getattr(args, "plain", False))  # fmt: skip
+                       getattr(args, "cuda_graphs", False), not getattr(args, "plain", False),
+                       lora=getattr(args, "lora", None))  # fmt: skip
 
 
 def parse_ranges(values: list[str], flag: str, unit: str) -> list[tuple[float, float]]:
@@ -390,6 +417,64 @@ def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
     if dtype == "auto":
         dtype = "float16" if resolved.type == "cuda" else "float32"
     return str(resolved), dtype
+
+
+# ------------------------------------------------------------ where this process sits (torchrun, --shard)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this process sits: global rank of world, and its local rank (its GPU) on its machine."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    torchrun: bool = False
+
+
+def _env_int(env: dict[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise UsageError(f"environment variable {name}={env[name]!r} is not an integer") from None
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n), 0 <= i < n."""
+    i, sep, n = text.partition("/")
+    try:
+        i, n = int(i), int(n)
+    except ValueError:
+        i = n = -1
+    if not sep or n < 1 or not 0 <= i < n:
+        raise UsageError(f"--shard must be i/n with 0 <= i < n (e.g. 0/4), got {text!r}")
+    return i, n
+
+
+def layout_from_env(shard_arg: str | None, env: dict[str, str] | None = None) -> Layout:
+    """This process's rank and world: torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``, ``--shard i/n``, both
+    (shard i split among the torchrun ranks), or neither (rank 0 of 1)."""
+    env = dict(os.environ) if env is None else env
+    i, n = parse_shard(shard_arg) if shard_arg is not None else (0, 1)
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return Layout(rank=i, world=n)
+    rank, world = _env_int(env, "RANK"), _env_int(env, "WORLD_SIZE")
+    local = _env_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
+    if world < 1 or not 0 <= rank < world:
+        raise UsageError(f"RANK={rank} and WORLD_SIZE={world} from the environment are inconsistent")
+    return Layout(rank=i * world + rank, world=n * world, local_rank=local, torchrun=True)
+
+
+def rank_device(device: str | None, layout: Layout) -> str:
+    """``auto`` as the single-prompt CLI resolves it (CUDA, MPS, CPU); ``cuda`` with no index under torchrun
+    -> ``cuda:LOCAL_RANK``; anything else as asked."""
+    if device in (None, "auto"):
+        from .pipeline import resolve_device
+
+        device = str(resolve_device(device))
+    if device == "cuda" and layout.torchrun:
+        return f"cuda:{layout.local_rank}"
+    return device
 
 
 def device_line(device: str, dtype: str) -> str:
@@ -457,12 +542,15 @@ def quiet_hub_retries(prog: str):
 
 
 def load_pipeline(prog: str, options: LoadOptions):
-    """``AudioLDM2.from_pretrained`` with the options, the hub's retries in one line."""
+    """``AudioLDM2.from_pretrained`` with the options (and their LoRA), the hub's retries in one line."""
     from .pipeline import AudioLDM2
 
     with quiet_hub_retries(prog):
-        return AudioLDM2.from_pretrained(
+        pipe = AudioLDM2.from_pretrained(
             options.model, revision=options.revision, device=options.device, dtype=options.dtype,
             low_memory=options.low_memory, compile=options.compile, cuda_graphs=options.cuda_graphs,
             fast=options.fast,
         )  # fmt: skip
+    if options.lora is not None:
+        pipe.load_lora(*lora_spec(options.lora))
+    return pipe

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import audio as audio_front_end
-from . import conditioning, editing, generate
+from . import conditioning, editing, generate, lora
 from . import fast as fast_layer
 from .clap_audio import load_clap_audio
 from .clap_text import load_clap_text
@@ -212,6 +212,14 @@ class AudioLDM2:
                                       clap=self.text_encoder, t5=self.text_encoder_2,
                                       projection=self.projection_model, gpt2=self.language_model,
                                       max_new_tokens=self.max_new_tokens)  # fmt: skip
+
+    def load_lora(self, path: str | Path, scale: float = 1.0, fuse: bool = True) -> None:
+        """Apply a UNet LoRA (a file, or a folder: diffusers', PEFT's, a training run's; ``lora.py``), merged into
+        the weights (``fuse``) or as adapter modules; ``unload_lora()`` restores the base bit for bit."""
+        lora.load_lora(self, path, scale, fuse)
+
+    def unload_lora(self) -> None:
+        lora.unload_lora(self)
 
     # ---------------------------------------------------------------------------------- stages
 

@@ -13,6 +13,7 @@ accepts, whether the input audio fits) are made where the model is known, with t
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -27,6 +28,7 @@ __all__ = [
     "AudioEdit",
     "GenerationRequest",
     "LoadOptions",
+    "lora_spec",
 ]
 
 MAX_AUDIO_LENGTH_S = 600.0  # a bound on the request, not on the model: 10 minutes of audio in one latent
@@ -252,6 +254,21 @@ class GenerationRequest:
             self.edit.check(steps)
 
 
+def lora_spec(spec: str) -> tuple[str, float]:
+    """``"PATH[:SCALE]"`` -> (PATH, SCALE); the scale defaults to 1 (a colon not followed by a number is part of
+    the path)."""
+    path, sep, scale = spec.rpartition(":")
+    if sep:
+        try:
+            value = float(scale)
+        except ValueError:
+            return spec, 1.0
+        if not math.isfinite(value):
+            _fail("lora", f"scale must be a finite number, got {scale!r}")
+        return path, value
+    return spec, 1.0
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """How to load a checkpoint (``AudioLDM2.from_pretrained``'s keywords)."""
@@ -267,6 +284,7 @@ class LoadOptions:
     cpu_attention: bool | None = (
         None  # the C++ attention kernel; None: the environment's AUDIOLDM2_CPU_ATTENTION
     )
+    lora: str | None = None  # "PATH[:SCALE]": a UNet LoRA applied after loading (``AudioLDM2.load_lora``)
 
     def check(self) -> None:
         if self.dtype not in DTYPE_NAMES:
@@ -277,3 +295,7 @@ class LoadOptions:
             _fail("cuda_graphs", f"needs a CUDA device, not {self.device}")
         if self.dtype in ("float16", "fp16") and str(self.device).startswith("cpu"):
             _fail("dtype", "float16 is not supported on the CPU; use bfloat16 or float32")
+        if self.lora is not None:
+            path, _ = lora_spec(self.lora)
+            if not os.path.exists(path):
+                _fail("lora", f"{path}: no such file or folder")

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -64,12 +63,15 @@ from typing import Any
 from .errors import UsageError
 from .frontend import (
     MANY,
+    Layout,
     check_writable,
     device_line,
     fail,
+    layout_from_env,
     load_options,
     load_pipeline,
     parse,
+    rank_device,
     resolve_device_and_dtype,
     save_spectrogram,
 )
@@ -299,65 +301,10 @@ def resolve(items: list[Item], defaults: GenerationRequest, seed: int | None = N
 # ------------------------------------------------------------------------------------------ sharding
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Where this process sits: global rank of world, and its local rank (its GPU) on its machine."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    torchrun: bool = False
-
-
-def _env_int(env: dict[str, str], name: str) -> int:
-    try:
-        return int(env[name])
-    except ValueError:
-        raise ValueError(f"environment variable {name}={env[name]!r} is not an integer") from None
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"i/n"`` -> (i, n), 0 <= i < n."""
-    i, sep, n = text.partition("/")
-    try:
-        i, n = int(i), int(n)
-    except ValueError:
-        i = n = -1
-    if not sep or n < 1 or not 0 <= i < n:
-        raise ValueError(f"--shard must be i/n with 0 <= i < n (e.g. 0/4), got {text!r}")
-    return i, n
-
-
-def layout_from_env(shard_arg: str | None, env: dict[str, str] | None = None) -> Layout:
-    """This process's rank and world: torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``, ``--shard i/n``, both
-    (shard i split among the torchrun ranks), or neither (rank 0 of 1)."""
-    env = dict(os.environ) if env is None else env
-    i, n = parse_shard(shard_arg) if shard_arg is not None else (0, 1)
-    if "RANK" not in env or "WORLD_SIZE" not in env:
-        return Layout(rank=i, world=n)
-    rank, world = _env_int(env, "RANK"), _env_int(env, "WORLD_SIZE")
-    local = _env_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} and WORLD_SIZE={world} from the environment are inconsistent")
-    return Layout(rank=i * world + rank, world=n * world, local_rank=local, torchrun=True)
-
-
 def shard(jobs: list[Job], layout: Layout) -> list[Job]:
     """This rank's jobs: the file's items rank, rank + world, ... (round robin: a file sorted by length
     gives every rank the same mix)."""
     return jobs[layout.rank :: layout.world]
-
-
-def rank_device(device: str | None, layout: Layout) -> str:
-    """``auto`` as the single-prompt CLI resolves it (CUDA, MPS, CPU); ``cuda`` with no index under torchrun
-    -> ``cuda:LOCAL_RANK``; anything else as asked."""
-    if device in (None, "auto"):
-        from .pipeline import resolve_device
-
-        device = str(resolve_device(device))
-    if device == "cuda" and layout.torchrun:
-        return f"cuda:{layout.local_rank}"
-    return device
 
 
 # ------------------------------------------------------------------------------------------ planning

@@ -39,8 +39,12 @@ This file is the plain computation, module by module as diffusers writes it. The
 inference faster (folded cross-attention, fused GEGLU, phase upsampling, oneDNN linears, ...) live in
 ``fast.py`` and are applied to a loaded model from outside; they stand aside for hooked or replaced modules.
 
-Left out on purpose: class/timestep-cond embeddings, attention processors and slicing, gradient
-checkpointing, dropout, FreeU, adapter registries (wrap or replace a module instead), ``return_dict``.
+Gradient checkpointing (``enable_gradient_checkpointing``, as diffusers'): each resnet and transformer of the
+blocks keeps only its inputs for the backward and runs again there, trading a second forward for most of the
+activations' memory; the numbers are the same.
+
+Left out on purpose: class/timestep-cond embeddings, attention processors and slicing, dropout, FreeU,
+adapter registries (wrap or replace a module instead), ``return_dict``.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import UNetConfig, unet_config
 from .loading import Checkpoint, empty_init, load_strict
@@ -227,7 +232,19 @@ def _transformers(
     )
 
 
-class DownBlock(nn.Module):
+class Block(nn.Module):
+    """What the down, mid and up blocks share: running their resnets and transformers, each checkpointed
+    (its activations recomputed in the backward) while ``gradient_checkpointing`` is on and autograd records."""
+
+    gradient_checkpointing = False
+
+    def run(self, module: nn.Module, *args: Tensor | None) -> Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+
+class DownBlock(Block):
     """diffusers' ``CrossAttnDownBlock2D`` (``context_dims`` non-empty) or ``DownBlock2D`` (empty)."""
 
     def __init__(
@@ -256,9 +273,9 @@ class DownBlock(nn.Module):
         """Returns the output and the skips: each resnet(+transformers) output, then the downsampled one."""
         skips = []
         for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb)
+            x = self.run(resnet, x, temb)
             for j, (context, bias) in enumerate(contexts[: self.per_resnet]):
-                x = self.attentions[i * self.per_resnet + j](x, context, bias)
+                x = self.run(self.attentions[i * self.per_resnet + j], x, context, bias)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -266,7 +283,7 @@ class DownBlock(nn.Module):
         return x, skips
 
 
-class MidBlock(nn.Module):
+class MidBlock(Block):
     """diffusers' ``UNetMidBlock2DCrossAttn``: resnet, one transformer per condition position, resnet."""
 
     def __init__(self, ch: int, cfg: UNetConfig):
@@ -277,13 +294,13 @@ class MidBlock(nn.Module):
         self.attentions = _transformers(ch, dims, cfg.transformer_layers[-1], cfg.num_heads[-1], g, 1)
 
     def forward(self, x: Tensor, temb: Tensor, contexts: Contexts) -> Tensor:
-        x = self.resnets[0](x, temb)
+        x = self.run(self.resnets[0], x, temb)
         for attention, (context, bias) in zip(self.attentions, contexts, strict=True):
-            x = attention(x, context, bias)
-        return self.resnets[1](x, temb)
+            x = self.run(attention, x, context, bias)
+        return self.run(self.resnets[1], x, temb)
 
 
-class UpBlock(nn.Module):
+class UpBlock(Block):
     """diffusers' ``CrossAttnUpBlock2D`` / ``UpBlock2D``: each resnet first concatenates one skip."""
 
     def __init__(
@@ -312,9 +329,9 @@ class UpBlock(nn.Module):
     ) -> Tensor:
         """``skips`` in down order (this block uses them last-first); ``size``: where to upsample to."""
         for i, (resnet, skip) in enumerate(zip(self.resnets, reversed(skips), strict=True)):
-            x = resnet(torch.cat([x, skip], dim=1), temb)  # (B, C_x + C_skip, H, W)
+            x = self.run(resnet, torch.cat([x, skip], dim=1), temb)  # (B, C_x + C_skip, H, W)
             for j, (context, bias) in enumerate(contexts[: self.per_resnet]):
-                x = self.attentions[i * self.per_resnet + j](x, context, bias)
+                x = self.run(self.attentions[i * self.per_resnet + j], x, context, bias)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, size)
         return x
@@ -364,6 +381,15 @@ class AudioLDM2UNet(nn.Module):
         )
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Checkpoint every resnet and transformer of the blocks while training (diffusers' method of the name):
+        activations recomputed in the backward instead of kept; the same gradients."""
+        for block in (*self.down_blocks, self.mid_block, *self.up_blocks):
+            block.gradient_checkpointing = enabled
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.enable_gradient_checkpointing(False)
 
     def contexts(
         self,

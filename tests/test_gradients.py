@@ -77,6 +77,32 @@ def test_unet_gradients_equal_diffusers(pipes):
             assert (got_p[k] - v).norm() <= 2 * (want_p[k] - v).norm() + 1e-4 * v.norm() + 1e-12, k
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(pipes):
+    """``enable_gradient_checkpointing`` (diffusers' method): the blocks' resnets and transformers run again in
+    the backward (seen by a pre-hook: the recomputation stops once it has what the backward needs, before the
+    module's forward hooks), and every gradient is the one without it."""
+    _, plain, _ = pipes
+    unet = copy.deepcopy(plain.unet)
+    g = torch.Generator().manual_seed(4)
+    lm, t5_dim = unet.cfg.cross_attention_dims[0][1:3]
+    x, target = torch.randn(2, 8, 16, 16, generator=g), torch.randn(2, 8, 16, 16, generator=g)
+    loa, t5 = torch.randn(2, 8, lm, generator=g), torch.randn(2, 5, t5_dim, generator=g)
+    mask = torch.tensor([[1] * 5, [1] * 3 + [0] * 2])
+    calls = []
+    unet.mid_block.resnets[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    want_x, want_p = _unet_grads(unet, x, torch.tensor([3, 600]), loa, t5, mask, target, reference=False)
+    assert len(calls) == 1
+    unet.enable_gradient_checkpointing()
+    got_x, got_p = _unet_grads(unet, x, torch.tensor([3, 600]), loa, t5, mask, target, reference=False)
+    assert len(calls) == 3  # its forward, and again in the backward
+    assert rel_err(got_x, want_x) <= 1e-6
+    for name, grad in want_p.items():
+        assert rel_err(got_p[name], grad) <= 1e-6, name
+    unet.disable_gradient_checkpointing()
+    with torch.no_grad():  # and no recomputation, nor any change, without autograd
+        assert torch.equal(unet(x, 3, loa, t5, mask), plain.unet(x, 3, loa, t5, mask))
+
+
 def test_waveform_loss_reaches_the_latents(pipes):
     """Backprop from a loss on the waveform through the vocoder and the VAE decoder to the latents: in float64
     the same gradient as diffusers' (ours plain and with the speed layer); in float32 finite and non-zero. (In
