@@ -323,7 +323,7 @@ def run(plan: Plan, layout: Layout) -> Path:
                 monitor.validation(validate(plan, trainer, prompts, folder, trainer.step))
         if rank0:
             _write_outputs(plan, trainer, folder)
-            if prompts:
+            if prompts and not monitor.validated(trainer.step):  # a rerun of a finished run: not again
                 monitor.validation(validate(plan, trainer, prompts, folder, trainer.step))
             monitor.plot()
     finally:

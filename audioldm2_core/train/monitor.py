@@ -55,6 +55,10 @@ class Monitor:
         if self.board is not None and record.get("clap_score") is not None:
             self.board.add_scalar("validation/clap_score", record["clap_score"], record["step"])
 
+    def validated(self, step: int) -> bool:
+        """Whether the log has a validation of ``step`` already."""
+        return self.log is not None and any(r.get("step") == step and "validation" in r for r in self.log.records())
+
     def plot(self) -> None:
         if self.log is not None:
             plot_loss(self.log.records(), self.folder / "loss.png")
