@@ -29,7 +29,9 @@ def cuda():
 
 
 def losses(run) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    return [
+        r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    ]
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
@@ -53,7 +55,16 @@ def test_a_short_run_on_cuda(tiny_base, cuda, tmp_path, precision):
 def test_full_fine_tune_with_checkpointing_on_cuda(tiny_base, cuda, tmp_path):
     clips = write_clips(tmp_path / "clips")
     data = items_file(clips, tmp_path / "items.jsonl")
-    flags = ["--full", "--gradient-checkpointing", "--steps", "2", "--batch-size", "4", "--mixed-precision", "bf16"]
+    flags = [
+        "--full",
+        "--gradient-checkpointing",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--mixed-precision",
+        "bf16",
+    ]
     assert train(tiny_base, data, tmp_path / "run", tmp_path / "cache", *flags, "--device", "cuda") == 0
     assert (tmp_path / "run" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert all(torch.isfinite(torch.tensor(losses(tmp_path / "run"))))

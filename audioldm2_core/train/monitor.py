@@ -57,7 +57,9 @@ class Monitor:
 
     def validated(self, step: int) -> bool:
         """Whether the log has a validation of ``step`` already."""
-        return self.log is not None and any(r.get("step") == step and "validation" in r for r in self.log.records())
+        return self.log is not None and any(
+            r.get("step") == step and "validation" in r for r in self.log.records()
+        )
 
     def plot(self) -> None:
         if self.log is not None:
