@@ -4,6 +4,7 @@
     python benchmarks/train_ab.py --rounds 5 --no-peaks
     python benchmarks/train_ab.py --tiny --rounds 1    # the tests' tiny checkpoint: a smoke run, seconds
     python benchmarks/train_ab.py --device cuda --dtype bfloat16 --batch 8     # on a GPU (autocast)
+    python benchmarks/train_ab.py --saved ours         # what a forward keeps for the backward, by module kind
 
 One optimizer step, as ``audioldm2-train`` computes it: z0, noise and t drawn once (the same for every variant),
 the loss (ours: ``train.objective.item_losses``, the trainer's; diffusers: its scripts' ``add_noise``, the UNet,
@@ -163,6 +164,46 @@ def peak(name: str, ckpt: Path, args) -> None:
     print(json.dumps(out))
 
 
+def saved_for_backward(name: str, ckpt: Path, args) -> dict[str, float]:
+    """``--saved NAME``: what one forward of a variant keeps for its backward, in GB by the kind of module that
+    saved it (each storage counted once, parameters not counted): where the activations' memory goes."""
+    import collections
+
+    import torch
+
+    from audioldm2_core.config import scheduler_config
+    from audioldm2_core.loading import open_checkpoint
+    from audioldm2_core.schedules import alphas_cumprod
+    from audioldm2_core.train import objective
+
+    unet, _, _ = build(name, ckpt, args, args.rank)
+    z0, noise, t, gpt2, t5, mask = inputs(ckpt, args)
+    abar = alphas_cumprod(scheduler_config(open_checkpoint(ckpt).config("scheduler")))
+    stack: list[str] = []
+    for m in unet.modules():
+        m.register_forward_pre_hook(lambda mod, _: stack.append(type(mod).__name__))
+        # None whatever pop returns: a hook that returns a value replaces the module's output
+        m.register_forward_hook(lambda *_: stack.pop() and None)
+    weights = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    seen: set[int] = set()
+    by_kind: collections.Counter = collections.Counter()
+
+    def pack(x):
+        ptr = x.untyped_storage().data_ptr()
+        if ptr not in seen and ptr not in weights:
+            seen.add(ptr)
+            by_kind[stack[-1] if stack else "loss"] += x.untyped_storage().nbytes() / 2**30
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        x = objective.noised(z0, noise, t, abar)
+        if name.startswith("diffusers"):
+            unet(x, t, encoder_hidden_states=gpt2, encoder_hidden_states_1=t5, encoder_attention_mask_1=mask)
+        else:
+            unet(x, t, gpt2, t5, mask)
+    return dict(by_kind.most_common())
+
+
 def rotation(ckpt: Path, args) -> dict:
 
     from audioldm2_core.config import scheduler_config
@@ -228,6 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-peaks", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--peak", choices=PEAK_VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--saved", choices=VARIANTS, help="print what a forward keeps for the backward, by module kind"
+    )
     p.add_argument("--large", action="store_true")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--checkpoint")
@@ -241,6 +285,11 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = bench.resolve_checkpoint(args)
     if args.peak:
         return peak(args.peak, ckpt, args)
+    if args.saved:
+        saved = saved_for_backward(args.saved, ckpt, args)
+        print(f"{args.saved}: {sum(saved.values()):.2f} GB kept for the backward")
+        print("\n".join(f"- {kind}: {gb:.3f} GB" for kind, gb in saved.items()))
+        return None
     torch.set_num_threads(args.threads)
     result = rotation(ckpt, args)
     peaks = []
