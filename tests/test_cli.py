@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -360,3 +361,54 @@ def test_audio_flags_need_audio(capsys, tmp_path):
 
     assert main(["x", "-o", str(tmp_path / "o.wav"), "--inpaint", "1-2", "--strength", "0.5"]) == 2
     assert "--strength, --inpaint: only with an input, --audio WAV" in capsys.readouterr().err
+
+
+def test_unreachable_hub_is_three_lines(tmp_path, monkeypatch, capsys):
+    """The real hub client against a closed local port (its five retries' sleeps skipped): the device line, one
+    line saying it retries (not the client's ten warnings), and the error; exit 1, no traceback."""
+    from huggingface_hub import constants, hf_api
+    from huggingface_hub.utils import _http
+
+    from audioldm2_core.__main__ import main
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(hf_api.api, "endpoint", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(_http.time, "sleep", lambda s: None)
+    code = main(["rain", "--model", "nobody/unreachable", "-o", str(tmp_path / "x.wav")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 3, err
+    assert err[0].startswith("audioldm2: cpu, ") and "retrying" in err[1]
+    assert err[2].startswith("audioldm2: error: nobody/unreachable: cannot reach the Hugging Face hub"), err[
+        2
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            ["--prompts-file", "x.jsonl", "--audio", "in.wav"],
+            "--audio: with one prompt only (audioldm2 PROMPT",
+        ),
+        (
+            ["--prompts-file", "x.jsonl", "--inpaint", "1-2", "--strength", "1"],
+            "--inpaint, --strength: with one",
+        ),
+        (["rain", "--shard", "1/2"], "--shard: with --prompts-file only, not with a prompt"),
+        (["rain", "--batch-size", "4"], "--batch-size: with --prompts-file only"),
+    ],
+)
+def test_a_flag_of_the_other_command_is_one_line(args, line, tmp_path, capsys):
+    """Each command parses its own flags: one that applies only to the other is refused before anything is
+    read or loaded, in one line, exit 2 (a prompts file used to ignore --audio silently)."""
+    from audioldm2_core.__main__ import main
+
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and line in err[0], err
+    assert not list(tmp_path.iterdir())
