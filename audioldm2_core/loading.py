@@ -319,8 +319,7 @@ def _read_safetensors(path: Path, select: Callable[[str], bool] | None) -> dict[
     """The selected tensors of a safetensors file, as views of one private memory map of the file.
 
     ``safe_open`` reads and checks the header; the views are made here rather than by ``get_tensor``, which
-    costs three times as much per tensor, enough to show in a pipeline's load (``benchmarks/RESULTS.md``,
-    session 6). Where each tensor lies follows from the sizes of those before it, in the data section that
+    costs several times as much per tensor (``benchmarks/RESULTS.md``). Where each tensor lies follows from the sizes of those before it, in the data section that
     follows the header: the format leaves no gap between tensors, which ``safe_open`` checks.
 
     A map costs nothing up front (no copy, no allocation); pages come from the page cache, shared with every
@@ -375,8 +374,7 @@ def release_pages(t: torch.Tensor) -> None:
 
     For a tensor loaded as a copy in another dtype or on another device: without this, the file's pages it was
     read from stay in the process (its RSS) until the whole map goes, that is until the last tensor of the
-    file is loaded, so a bfloat16 load would peak at its copies plus the float32 file (3.3 GB against 2.2 GB
-    for the loaded pipeline, ``benchmarks/RESULTS.md``). Only pages of a private map of an unchanged file are
+    file is loaded, so a bfloat16 load would peak at its copies plus the whole float32 file. Only pages of a private map of an unchanged file are
     dropped, and only those no other tensor shares: read again, such a page comes back from the file as it
     was. Elsewhere (a tensor of a pickle, or not from a file) this does nothing.
     """
