@@ -31,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .config import ConfigFile
 from .errors import CheckpointError, WeightsError
 
 __all__ = [
@@ -131,12 +132,12 @@ class Checkpoint:
             raise CheckpointError(f"{self.source}: component folder {component}/ is missing ({path})")
         return path
 
-    def config(self, component: str) -> dict:
-        """The parsed config file of a component."""
+    def config(self, component: str) -> ConfigFile:
+        """The parsed config file of a component (a dict that knows its path, for the config's errors)."""
         folder = self.folder(component)
         for name in _CONFIG_NAMES:
             if (folder / name).is_file():
-                return _read_json(folder / name)
+                return ConfigFile(_read_json(folder / name), folder / name)
         raise CheckpointError(
             f"{self.source}: {component}/ has no config file ({' or '.join(_CONFIG_NAMES)})"
         )
