@@ -53,7 +53,10 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "text_encoder": ("ClapModel",),
     "text_encoder_2": ("T5EncoderModel", "VitsModel"),  # VitsModel: the speech checkpoints' phoneme encoder
     "projection_model": ("AudioLDM2ProjectionModel",),
-    "language_model": ("GPT2Model",),
+    "language_model": (
+        "GPT2Model",
+        "GPT2LMHeadModel",
+    ),  # the head: saved by pipelines built for transformers 5
     "unet": ("AudioLDM2UNet2DConditionModel",),
     "vae": ("AutoencoderKL",),
     "vocoder": ("SpeechT5HifiGan",),

@@ -16,7 +16,8 @@ What differs from diffusers' test, and why:
   (theirs is a hub repo's config with that hop length): ``truncation="fusion"``, which our re-ranking
   refuses, and which the reference needs for the four-channel CLAP audio branch of these configs;
 - the language model is saved as the hub's ``GPT2Model``: main builds a ``GPT2LMHeadModel`` (transformers 5
-  needs one to generate), whose ``transformer`` is saved; the oracle loads it back as one.
+  needs one to generate), whose ``transformer`` is saved; the oracle loads it back as one. The folder as
+  their pipeline saves it, with the ``GPT2LMHeadModel``, is ``hub_layout=False``.
 """
 
 from __future__ import annotations
@@ -166,8 +167,9 @@ def dummy_components(version: str, tokenizer_root: Path) -> dict[str, Any]:
     }
 
 
-def save_fixture(out: Path, version: str) -> Path:
-    """Build ``dummy_components(version)`` and save them as a pipeline folder in the hub layout."""
+def save_fixture(out: Path, version: str, hub_layout: bool = True) -> Path:
+    """Build ``dummy_components(version)`` and save them as a pipeline folder: in the hub layout, or (main,
+    ``hub_layout=False``) as their pipeline saves it, the language model a ``GPT2LMHeadModel``."""
     from diffusers import AudioLDM2Pipeline
 
     from weights_tools.tiny_tokenizers import train_tokenizers
@@ -176,7 +178,8 @@ def save_fixture(out: Path, version: str) -> Path:
     train_tokenizers(out / "_tokenizers", seed=0)
     components = dummy_components(version, out / "_tokenizers")
     lm = components["language_model"]
-    components["language_model"] = getattr(lm, "transformer", lm)  # the hub's GPT2Model
+    if hub_layout:
+        components["language_model"] = getattr(lm, "transformer", lm)  # the hub's GPT2Model
     AudioLDM2Pipeline(**components).save_pretrained(out, safe_serialization=True)
     shutil.rmtree(out / "_tokenizers")
     return out

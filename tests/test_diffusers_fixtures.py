@@ -97,6 +97,16 @@ def test_both_folders_load_strictly_and_agree(pipes, version):
     assert a.shape == (1, 256) and torch.equal(a, b)
 
 
+def test_language_model_saved_with_its_head_loads_too(pipes, folders, tmp_path):
+    """main's pipeline as their test builds it (a GPT2LMHeadModel, for transformers 5), saved as it is."""
+    folder = fx.save_fixture(tmp_path / "main-head", "main", hub_layout=False)
+    assert json.loads((folder / "model_index.json").read_text())["language_model"][1] == "GPT2LMHeadModel"
+    kw = dict(num_inference_steps=2, guidance_scale=6.0)
+    assert torch.equal(
+        ours(AudioLDM2.from_pretrained(folder), PROMPT, **kw), ours(pipes("main"), PROMPT, **kw)
+    )
+
+
 def test_unet_config_forms(folders):
     main = open_checkpoint(folders["main"]["int"]).config("unet")
     v029 = open_checkpoint(folders["v0.29"]["int"]).config("unet")
