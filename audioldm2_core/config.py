@@ -4,7 +4,9 @@ the hub's ``config.json``.
 Each dataclass holds only the fields our code reads. Each ``*_config(d)`` function reads the hub dict field
 by field, fills in the reference library's default for keys the file leaves out (transformers and diffusers
 write partial configs), names the misnomers of the hub files, and raises :class:`UnsupportedConfigError`
-for a setting we do not implement, rather than silently building a different network.
+for a setting we do not implement, rather than silently building a different network. A field the
+reference accepts in more than one form (an int or a pair, one value or one per block, an alias) is read
+as the reference reads it. Errors name the component, its class and, read from a checkpoint, the file.
 
 Misnomers on the hub, translated here and nowhere else:
 - UNet ``attention_head_dim`` is the number of heads, not their width (diffusers issue 2011).

@@ -53,10 +53,8 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "text_encoder": ("ClapModel",),
     "text_encoder_2": ("T5EncoderModel", "VitsModel"),  # VitsModel: the speech checkpoints' phoneme encoder
     "projection_model": ("AudioLDM2ProjectionModel",),
-    "language_model": (
-        "GPT2Model",
-        "GPT2LMHeadModel",
-    ),  # the head: saved by pipelines built for transformers 5
+    # GPT2LMHeadModel: what a pipeline built for transformers 5 saves (the hub has GPT2Model)
+    "language_model": ("GPT2Model", "GPT2LMHeadModel"),
     "unet": ("AudioLDM2UNet2DConditionModel",),
     "vae": ("AutoencoderKL",),
     "vocoder": ("SpeechT5HifiGan",),

@@ -238,11 +238,11 @@ class DownBlock(nn.Module):
         context_dims: tuple[int | None, ...],
         transformer_layers: int,
         heads: int,
-        n: int,
+        num_resnets: int,
         add_downsample: bool,
     ):
         super().__init__()
-        g, eps, temb = cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim
+        g, eps, temb, n = cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim, num_resnets
         self.per_resnet = len(context_dims)  # transformers after each resnet
         self.resnets = nn.ModuleList(
             [ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb, g, eps) for i in range(n)]
@@ -295,11 +295,11 @@ class UpBlock(nn.Module):
         context_dims: tuple[int | None, ...],
         transformer_layers: int,
         heads: int,
-        n: int,
+        num_resnets: int,
         add_upsample: bool,
     ):
         super().__init__()
-        g, eps, temb = cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim
+        g, eps, temb, n = cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim, num_resnets
         # Resnet i takes (previous output ++ skip); the last skip comes from the coarser level (skip_ch).
         ins = [(prev_ch if i == 0 else out_ch) + (skip_ch if i == n - 1 else out_ch) for i in range(n)]
         self.per_resnet = len(context_dims)
