@@ -31,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .config import ConfigFile
 from .errors import CheckpointError, WeightsError
 
 __all__ = [
@@ -52,7 +53,8 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "text_encoder": ("ClapModel",),
     "text_encoder_2": ("T5EncoderModel", "VitsModel"),  # VitsModel: the speech checkpoints' phoneme encoder
     "projection_model": ("AudioLDM2ProjectionModel",),
-    "language_model": ("GPT2Model",),
+    # GPT2LMHeadModel: what a pipeline built for transformers 5 saves (the hub has GPT2Model)
+    "language_model": ("GPT2Model", "GPT2LMHeadModel"),
     "unet": ("AudioLDM2UNet2DConditionModel",),
     "vae": ("AutoencoderKL",),
     "vocoder": ("SpeechT5HifiGan",),
@@ -131,12 +133,12 @@ class Checkpoint:
             raise CheckpointError(f"{self.source}: component folder {component}/ is missing ({path})")
         return path
 
-    def config(self, component: str) -> dict:
-        """The parsed config file of a component."""
+    def config(self, component: str) -> ConfigFile:
+        """The parsed config file of a component (a dict that knows its path, for the config's errors)."""
         folder = self.folder(component)
         for name in _CONFIG_NAMES:
             if (folder / name).is_file():
-                return _read_json(folder / name)
+                return ConfigFile(_read_json(folder / name), folder / name)
         raise CheckpointError(
             f"{self.source}: {component}/ has no config file ({' or '.join(_CONFIG_NAMES)})"
         )

@@ -41,6 +41,17 @@ SHAPES = {  # the per-block transformer lists of the hub checkpoints
         attention_head_dim=[2, 2, 4, 8],
     ),
     "speech": dict(cross_attention_dim=[[None, LM]] * 4),  # anhnct/audioldm2_gigaspeech, _ljspeech
+    # Every other form diffusers reads: per-block lists that differ, "UNetRes" block names, an int entry for
+    # the blocks without transformers, only_cross_attention per block.
+    "forms": dict(
+        down_block_types=["UNetResDownBlock2D"] + ["CrossAttnDownBlock2D"] * 3,
+        up_block_types=["CrossAttnUpBlock2D"] * 3 + ["UNetResUpBlock2D"],
+        layers_per_block=[1, 2, 1, 2],
+        transformer_layers_per_block=[1, 2, 1, 2],
+        attention_head_dim=[2, 4, 2, 4],
+        cross_attention_dim=[LM, [None, LM, T5], [None, LM, T5], [None, LM, T5]],
+        only_cross_attention=[False] * 4,
+    ),
 }
 
 
@@ -104,6 +115,7 @@ CASES = [
     ("large", 2, 43, 16, torch.tensor([1, 999])),
     ("speech", 1, 25, 16, torch.tensor(500)),
     ("speech", 2, 43, 16, torch.tensor([1, 999])),
+    ("forms", 2, 43, 16, torch.tensor([1, 999])),
 ]
 
 
