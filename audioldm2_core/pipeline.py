@@ -40,7 +40,14 @@ from . import conditioning, editing, generate
 from . import fast as fast_layer
 from .clap_audio import load_clap_audio
 from .clap_text import load_clap_text
-from .config import feature_extractor_config, scheduler_config, unet_config, vae_config, vocoder_config
+from .config import (
+    feature_extractor_config,
+    gpt2_config,
+    scheduler_config,
+    unet_config,
+    vae_config,
+    vocoder_config,
+)
 from .errors import UsageError
 from .gpt2 import load_gpt2
 from .loading import Checkpoint, open_checkpoint
@@ -169,7 +176,7 @@ class AudioLDM2:
         self.unet_config, self.vae_config = unet_config(ckpt.config("unet")), vae_config(ckpt.config("vae"))
         self.vocoder_config = vocoder_config(ckpt.config("vocoder"))
         self.scheduler_config = scheduler_config(ckpt.config("scheduler"))
-        self.max_new_tokens = ckpt.config("language_model").get("max_new_tokens", 8)
+        self.max_new_tokens = gpt2_config(ckpt.config("language_model")).max_new_tokens  # 8; speech 512
         if self.vocoder_config.model_in_dim % self.vae_config.scale_factor != 0:
             raise UsageError(f"vocoder mel bins {self.vocoder_config.model_in_dim} are not divisible by the VAE "
                              f"scale factor {self.vae_config.scale_factor}")  # fmt: skip
