@@ -365,10 +365,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(f"audioldm2: {device_line(args.device, args.dtype)}", file=sys.stderr)
     try:
-        if args.cpu_attention:
-            from . import cpu_attention
-
-            cpu_attention.enable()
         low_memory = args.low_memory if args.low_memory is not None else len(jobs) == 1
         pipe = AudioLDM2.from_pretrained(
             args.model,
@@ -379,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             compile=args.compile,
             cuda_graphs=args.cuda_graphs,
             fast=not args.plain,
+            cpu_attention=True if args.cpu_attention else None,  # None: as AUDIOLDM2_CPU_ATTENTION says
         )
         for text, path in jobs:
             generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None

@@ -21,10 +21,10 @@ denoising loop, both off by default: ``compile=True`` runs the UNet under ``torc
 of compilation at the first call, so worth it for many steps or many generations; a dict gives
 ``torch.compile``'s options, e.g. ``{"mode": "max-autotune"}``), and ``cuda_graphs=True``
 (CUDA only) records the guided UNet call of the first step in a CUDA graph and replays it for the others, which
-removes the per-kernel launch cost of the many small kernels of a UNet call (see :class:`CudaGraphDenoiser`).
+removes the per-kernel launch cost of the many small kernels of a UNet call (see ``fast.CudaGraphDenoiser``).
 
 Speed: with ``fast=True`` (the default) every component goes through ``fast.optimize`` after loading, which
-switches its modules to exact faster rewrites where this CPU supports them and they pay (``fast.py``);
+switches its modules to exact faster rewrites where this CPU supports them and they pay (``fast/``);
 ``fast=False`` keeps the plain reference model. Either way the components are public attributes with diffusers'
 names (``pipe.unet``, ``pipe.vae``, ...), which a user may read, modify, hook or replace; the stages
 (``encode_prompt``, ``denoise``, ``decode``) work under autograd, and only ``__call__`` runs in inference mode.
@@ -76,7 +76,7 @@ from .vocoder import load_vocoder
 
 logger = logging.getLogger("audioldm2_core")
 
-__all__ = ["AudioLDM2", "AudioOutput", "CudaGraphDenoiser", "audio_shape", "resolve_device"]
+__all__ = ["AudioLDM2", "AudioOutput", "audio_shape", "resolve_device"]
 
 MAX_AUDIO_LENGTH_S = 600.0  # a bound on the request, not on the model: 10 minutes of audio in one latent
 DEFAULT_STRENGTH = (
@@ -225,77 +225,6 @@ def _check_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
-def _compiled(unet: torch.nn.Module, options: dict[str, Any] | None, device: torch.device) -> torch.nn.Module:
-    """The UNet under ``torch.compile(**options)`` (``None``: as it is). Static shapes by default (a new
-    length or batch compiles again). The same module underneath: the weights are the UNet's own. On the CPU,
-    Inductor's ``freezing`` too (unless the options name a mode or another backend): the weights become
-    constants of the graph, prepacked for oneDNN (without it the compiled linears are MKL's GEMMs, slower than
-    the eager oneDNN ones); weights changed after the first call are then not seen: compile again. On a 2-core
-    CPU compilation has not paid (``benchmarks/RESULTS.md``): it is for the GPU, where it removes per-kernel
-    overhead.
-    """
-    if options is None:
-        return unet
-    kwargs: dict[str, Any] = {"dynamic": False} | options
-    if device.type == "cpu" and "mode" not in kwargs and kwargs.get("backend", "inductor") == "inductor":
-        kwargs["options"] = {"freezing": True} | kwargs.get("options", {})
-    return torch.compile(unet, **kwargs)
-
-
-def _compile_options(compile: bool | dict[str, Any]) -> dict[str, Any] | None:
-    if isinstance(compile, dict):
-        return dict(compile)
-    if not isinstance(compile, bool):
-        raise TypeError(f"compile must be a bool or a dict of torch.compile options, not {compile!r}")
-    return {} if compile else None
-
-
-class CudaGraphDenoiser:
-    """A denoiser ``model(x, t)`` replayed from a CUDA graph: the first call runs it normally, on a side
-    stream (which also warms up cuBLAS/cuDNN), then records it into a
-    graph with static input buffers; every later call copies its ``x`` and ``t`` into those buffers, replays
-    the graph, and returns a copy of the static output. The shapes, dtypes and conditions must stay those of
-    the first call, as in one denoising loop; build one per loop. Only ``model``'s GPU work is recorded:
-    it must not synchronise with the host (the UNet and the guidance closure do not)."""
-
-    def __init__(self, model: Callable[[Tensor, Tensor], Tensor]):
-        self.model = model
-        # after the first call: (replay, static x, static t, static output)
-        self._recorded: tuple[Callable[[], None], Tensor, Tensor, Tensor] | None = None
-
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        if self._recorded is None:
-            out = self._warm_up(lambda: self.model(x, t))
-            static_x, static_t = x.clone(), torch.as_tensor(t, device=x.device).clone()
-            replay, static_out = self._capture(lambda: self.model(static_x, static_t))
-            self._recorded = replay, static_x, static_t, static_out
-            return out
-        replay, static_x, static_t, static_out = self._recorded
-        if x.shape != static_x.shape or x.dtype != static_x.dtype:
-            raise ValueError(
-                f"a CUDA-graphed denoiser was recorded for x {tuple(static_x.shape)} {static_x.dtype}, "
-                f"called with {tuple(x.shape)} {x.dtype}"
-            )
-        static_x.copy_(x)
-        static_t.copy_(t)
-        replay()
-        return static_out.clone()
-
-    def _warm_up(self, fn: Callable[[], Tensor]) -> Tensor:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            out = fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        return out
-
-    def _capture(self, fn: Callable[[], Tensor]) -> tuple[Callable[[], None], Tensor]:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fn()
-        return graph.replay, out
-
-
 class _Component:
     """A pipeline attribute holding one component under diffusers' name (``pipe.unet``): loaded on first read
     (with ``low_memory``, again after a stage released it); assigning one replaces it for good."""
@@ -335,9 +264,11 @@ class AudioLDM2:
         compile: bool | dict[str, Any] = False,
         cuda_graphs: bool = False,
         fast: bool = True,
+        cpu_attention: bool | None = None,
     ):
         self.ckpt = ckpt
         self.fast = bool(fast)
+        self.cpu_attention = cpu_attention  # the C++ attention kernel, as fast.optimize takes it
         # component -> the speed layer's decisions for it (rewrite -> Decision), filled as components load
         self.fast_decisions: dict[str, dict[str, fast_layer.Decision]] = {}
         self.device = resolve_device(device)
@@ -356,7 +287,7 @@ class AudioLDM2:
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device, not {self.device}")
         self.low_memory = low_memory
-        self.compile = _compile_options(compile)  # torch.compile's options for the UNet, or None
+        self.compile = fast_layer.compile_options(compile)  # torch.compile's options for the UNet, or None
         self.cuda_graphs = bool(cuda_graphs)
         # Configs are read once, up front: shapes and the schedule do not need the weights.
         self.unet_config = unet_config(ckpt.config("unet"))
@@ -387,10 +318,13 @@ class AudioLDM2:
         compile: bool | dict[str, Any] = False,
         cuda_graphs: bool = False,
         fast: bool = True,
+        cpu_attention: bool | None = None,
     ) -> AudioLDM2:
         """Load an official checkpoint: a local pipeline folder or a hub repo id (optionally a revision).
         ``device=None`` (or "auto"): CUDA if there is one, else MPS, else the CPU (``resolve_device``).
-        ``fast=False``: the plain reference model, without the speed layer (``fast.py``)."""
+        ``fast=False``: the plain reference model, without the speed layer (``fast/``). ``cpu_attention``: the
+        speed layer's C++ attention kernel for the UNet (True), not (False), or as ``AUDIOLDM2_CPU_ATTENTION``
+        says (None)."""
         return cls(
             open_checkpoint(path_or_repo_id, revision),
             device=device,
@@ -399,6 +333,7 @@ class AudioLDM2:
             compile=compile,
             cuda_graphs=cuda_graphs,
             fast=fast,
+            cpu_attention=cpu_attention,
         )
 
     # ------------------------------------------------------------------------------ components
@@ -431,9 +366,9 @@ class AudioLDM2:
             with torch.inference_mode(False):
                 module = self._LOADERS[name](self)
                 if self.fast and isinstance(module, torch.nn.Module):
-                    self.fast_decisions[name] = fast_layer.optimize(module)
+                    self.fast_decisions[name] = fast_layer.optimize(module, cpu_attention=self.cpu_attention)
                 if name == "unet":
-                    module = _compiled(module, self.compile, self.device)
+                    module = fast_layer.compiled(module, self.compile, self.device)
             self._modules[name] = module
         return self._modules[name]
 
@@ -542,7 +477,7 @@ class AudioLDM2:
             return out
 
         if self.cuda_graphs:
-            model = CudaGraphDenoiser(model)
+            model = fast_layer.CudaGraphDenoiser(model)
         x = sample(
             sampler,
             model,

@@ -837,10 +837,6 @@ def _generate(
     device = args.device
     if device.startswith("cuda:"):
         torch.cuda.set_device(torch.device(device))
-    if args.cpu_attention:
-        from . import cpu_attention
-
-        cpu_attention.enable()
     pipe = AudioLDM2.from_pretrained(
         args.model,
         revision=args.revision,
@@ -850,6 +846,7 @@ def _generate(
         compile=args.compile,
         cuda_graphs=args.cuda_graphs,
         fast=not args.plain,
+        cpu_attention=True if args.cpu_attention else None,  # None: as AUDIOLDM2_CPU_ATTENTION says
     )
 
     def written(wav: Path, job: Job, waveforms) -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from audioldm2_core import AudioLDM2, pipeline
-from audioldm2_core.pipeline import CudaGraphDenoiser
+from audioldm2_core import AudioLDM2, fast
+from audioldm2_core.fast import CudaGraphDenoiser
 from tests.helpers import rel_err
 from tests.oracle import run_reference
 
@@ -72,8 +72,9 @@ def test_compiled_unet_with_cpu_attention(tiny_base, cpu_attention_on, counting_
     """The C++ kernel is one opaque op of the compiled graph (its output shape registered for tracing)."""
     monkeypatch.setattr(cpu_attention_on, "min_keys", lambda dtype: 1)  # 100 tokens at the first level here
     backend, graphs = counting_backend
-    want = generate(AudioLDM2.from_pretrained(tiny_base))  # the kernel on, eager
-    got = generate(AudioLDM2.from_pretrained(tiny_base, compile={"backend": backend, "fullgraph": True}))
+    want = generate(AudioLDM2.from_pretrained(tiny_base, cpu_attention=True))  # the kernel on, eager
+    options = {"backend": backend, "fullgraph": True}
+    got = generate(AudioLDM2.from_pretrained(tiny_base, compile=options, cpu_attention=True))
     assert len(graphs) == 1
     assert "audioldm2.attention" in str(graphs[0].graph)
     assert rel_err(got, want) <= 1e-5
@@ -112,7 +113,7 @@ class ReplayedByRerunning(CudaGraphDenoiser):
 def test_cuda_graph_denoiser_bookkeeping(tiny_base, eager, monkeypatch):
     """First step: the warm-up's own result; later steps: the static buffers refilled and the graph replayed,
     a fresh output tensor each time. The same audio, bit for bit."""
-    monkeypatch.setattr(pipeline, "CudaGraphDenoiser", ReplayedByRerunning)
+    monkeypatch.setattr(fast, "CudaGraphDenoiser", ReplayedByRerunning)
     pipe = AudioLDM2.from_pretrained(tiny_base)
     pipe.cuda_graphs = True  # the constructor refuses it on the CPU (below); the stand-in needs no CUDA
     ReplayedByRerunning.calls = 0
