@@ -25,7 +25,7 @@ class Plan:
     rewrites: frozenset[str] = frozenset()  # the rewrites on for this model
     per_shape: frozenset[str] = frozenset()  # of those, the ones decided per input shape (select="auto")
     # where per-shape decisions come from (``decide``; given, so that the modules need not import what probes them)
-    decide: Callable[..., Any] | None = field(default=None, compare=False)
+    decide: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
     # packed-linear's weights: parameter -> {(offset, shape, stride): ((storage, version), packed)}, what
     # ``linears.packed_weight`` made of it or of its views; gone with the parameter, or with this plan
     packed: WeakIdKeyDictionary = field(init=False, compare=False, repr=False)
