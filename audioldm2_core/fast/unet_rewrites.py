@@ -1,17 +1,17 @@
 """The UNet's rewrites: its feed-forward's GEGLU, its attention, its transformers' projections, its upsamplers
 and the call itself.
 
-    fused-geglu        GEGLU: one GEMM, chunk, GELU, product   two GEMMs on the weight's row halves, GELU
-                                                                fused into the gate's, the product in place
-    folded-attention   cross-attention to a short context      to_q folded into the keys, to_out into the
-                                                                values: 2NC(HL) instead of 2NC(C+L) MACs
-    cpu-attention      SDPA of the self-attentions             the C++ kernel (``cpu_attention``), for a
-                                                                model optimized with ``cpu_attention=True``
-    token-projections  Transformer2D's 1x1 proj_in / proj_out  linears in the token layout (no NCHW copy)
-    phase-upsampling   nearest 2x + 3x3 conv                   four 2x2 convs of the input (``convs``)
-    shared-guidance    the UNet on [x, x] under guidance       the layers before the first conditioned
-                                                                transformer once on x, then repeated
-    packed-linear      its 16-bit linears                       weights packed once (``linears``)
+    fused-geglu        GEGLU: one GEMM, chunk, GELU, product      two GEMMs on the weight's row halves, GELU
+                                                                  fused into the gate's, the product in place
+    folded-attention   cross-attention to a short context         to_q folded into the keys, to_out into the
+                                                                  values: 2NC(HL) instead of 2NC(C+L) MACs
+    cpu-attention      SDPA of the self-attentions                the C++ kernel (``cpu_attention``), for a
+                                                                  model optimized with ``cpu_attention=True``
+    token-projections  Transformer2D's 1x1 proj_in / proj_out     linears in the token layout (no NCHW copy)
+    phase-upsampling   nearest 2x + 3x3 conv                      four 2x2 convs of the input (``convs``)
+    shared-guidance    the UNet on [x, x] under guidance          the layers before the first conditioned
+                                                                  transformer once on x, then repeated
+    packed-linear      its 16-bit linears, reordered every call   weights packed once (``linears``)
 """
 
 from __future__ import annotations
