@@ -104,7 +104,7 @@ def optimize(
         if (rewrite.opt_in and not kernel) or not classes & rewrite.swaps.keys():
             continue  # not chosen, or nothing of this model it applies to
         decision = decisions[name] = decide(name, p.dtype, timed=select == "auto")
-        if decision.supported and decision.pays is not False:
+        if decision.on:
             on.append(name)
             swaps |= rewrite.swaps
     # "auto": the rewrites with a shape probe are timed per input shape; otherwise on wherever they apply

@@ -47,6 +47,11 @@ class Decision:
     pays: bool | None  # None: not timed
     reason: str
 
+    @property
+    def on(self) -> bool:
+        """Whether ``optimize`` turns the rewrite on by this decision: supported, and not timed slower."""
+        return self.supported and self.pays is not False
+
 
 def _time(
     fn: Callable[[], object],
@@ -245,7 +250,7 @@ def _probe(name: str, dtype: torch.dtype, timed: bool, shape: tuple[int, ...] | 
         found = "; ".join(c.found() for c in rewrite.needs)
         return Decision(True, None, f"{found}: where a model opts in (cpu_attention=True), timed per shape")
     # the fast twin's plan: this rewrite on, and those it builds on where they are on here
-    on = {b for b in rewrite.builds_on if _on(decide(b, dtype, timed=timed))}
+    on = {b for b in rewrite.builds_on if decide(b, dtype, timed=timed).on}
     plan = Plan(dtype, frozenset({name, *on}))
     with torch.inference_mode():
         plain, fast = rewrite.probe(plan) if shape is None else rewrite.shape_probe(plan, shape)
@@ -284,8 +289,3 @@ def _probe(name: str, dtype: torch.dtype, timed: bool, shape: tuple[int, ...] | 
     return Decision(
         True, ratio >= 1.01, f"{t_plain * 1e3:.2f} -> {t_fast * 1e3:.2f} ms on its probe ({ratio:.2f}x)"
     )
-
-
-def _on(decision: Decision) -> bool:
-    """Whether ``optimize`` turns a rewrite on by this decision: supported, and not timed slower."""
-    return decision.supported and decision.pays is not False
