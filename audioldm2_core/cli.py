@@ -135,10 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(f"audioldm2: {device_line(options.device, options.dtype)}", file=sys.stderr)
     try:
-        if args.cpu_attention:
-            from . import cpu_attention
-
-            cpu_attention.enable()
         pipe = load_pipeline("audioldm2", options)  # before the progress bar: a load failure is the next line
         out = run(pipe, request, args.seed, args.quiet, wav.name)
         write(out, wav, picture, args.prompt, args.all_candidates)

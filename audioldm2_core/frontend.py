@@ -347,7 +347,8 @@ def flagged(error: BaseException) -> BaseException:
 def load_options(args: argparse.Namespace, device: str, dtype: str, low_memory: bool) -> LoadOptions:
     """The pipeline's load options from the flags (device and dtype resolved)."""
     return LoadOptions(args.model, args.revision, device, dtype, low_memory, getattr(args, "compile", False),
-                       getattr(args, "cuda_graphs", False), not getattr(args, "plain", False))  # fmt: skip
+                       getattr(args, "cuda_graphs", False), not getattr(args, "plain", False),
+                       True if args.cpu_attention else None)  # fmt: skip
 
 
 def parse_ranges(values: list[str], flag: str, unit: str) -> list[tuple[float, float]]:
@@ -464,5 +465,5 @@ def load_pipeline(prog: str, options: LoadOptions):
         return AudioLDM2.from_pretrained(
             options.model, revision=options.revision, device=options.device, dtype=options.dtype,
             low_memory=options.low_memory, compile=options.compile, cuda_graphs=options.cuda_graphs,
-            fast=options.fast,
+            fast=options.fast, cpu_attention=options.cpu_attention,
         )  # fmt: skip

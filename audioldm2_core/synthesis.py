@@ -582,7 +582,6 @@ class RunOptions:
     all_candidates: bool = False
     spectrogram: Path | None = None  # a folder for one PNG per WAV
     quiet: bool = False
-    cpu_attention: bool = False
 
     def context(self) -> Context:
         d = self.defaults
@@ -619,7 +618,7 @@ def options_from(args, layout: Layout) -> RunOptions:
     device, dtype = resolve_device_and_dtype(rank_device(args.device, layout), args.dtype)
     return RunOptions(args.prompts_file, Path(args.output or "."), defaults, args.seed,
                       load_options(args, device, dtype, low_memory=bool(args.low_memory)), args.batch_size,
-                      args.shard, args.all_candidates, args.spectrogram, args.quiet, args.cpu_attention)  # fmt: skip
+                      args.shard, args.all_candidates, args.spectrogram, args.quiet)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -689,10 +688,6 @@ def _generate(options: RunOptions, layout: Layout, log: RankLog, total: int, tod
 
     if options.load.device.startswith("cuda:"):
         torch.cuda.set_device(torch.device(options.load.device))
-    if options.cpu_attention:
-        from . import cpu_attention
-
-        cpu_attention.enable()
     pipe = load_pipeline("audioldm2", options.load)  # before the bar: a load failure is the next line
     pictures = options.spectrogram
 

@@ -37,7 +37,7 @@ Quirks, all as in the reference:
 
 This file is the plain computation, module by module as diffusers writes it. The exact rewrites that make
 inference faster (folded cross-attention, fused GEGLU, phase upsampling, oneDNN linears, ...) live in
-``fast.py`` and are applied to a loaded model from outside; they stand aside for hooked or replaced modules.
+the speed layer (``fast/``) and are applied to a loaded model from outside; they stand aside for hooked or replaced modules.
 
 Left out on purpose: class/timestep-cond embeddings, attention processors and slicing, gradient
 checkpointing, dropout, FreeU, adapter registries (wrap or replace a module instead), ``return_dict``.

@@ -27,15 +27,15 @@ def tiny_large(tmp_path_factory):
 
 @pytest.fixture
 def cpu_attention_on():
-    """audioldm2_core.cpu_attention enabled (built on first use, ~12 s, then cached), off again afterwards."""
-    from audioldm2_core import cpu_attention
+    """audioldm2_core.fast.cpu_attention loaded (built on first use, ~12 s, then cached): a model optimized
+    with ``cpu_attention=True`` routes its self-attentions to it."""
+    from audioldm2_core.fast import cpu_attention
     from tests.helpers import CPU_KERNEL
 
     if not CPU_KERNEL:  # the refusal itself is tested in test_cpu_attention.py and test_cli.py
         pytest.skip("the CPU attention kernel needs AVX-512 or AVX2")
-    cpu_attention.enable()
-    yield cpu_attention
-    cpu_attention.enable(False)
+    cpu_attention.build()
+    return cpu_attention
 
 
 @pytest.fixture(scope="session")

@@ -204,11 +204,10 @@ def test_real_size_random_weights(repo, cpu_attention_on, monkeypatch):
     with torch.device("meta"):
         ours = AudioLDM2UNet(unet_config(config))
     load_strict(ours, ref.state_dict(), repo)  # shares the reference's tensors: no second copy in memory
-    fast.optimize(ours, select={"cpu-attention"})  # the kernel's route; it runs only where enabled
     sample, gpt2, t5_states, mask = _inputs(2, 20, lm=768, t5=1024)
     monkeypatch.setattr(cpu_attention_on, "min_keys", lambda dtype: 1)  # 80 tokens at the first level here
     for kernel in (False, True):
-        cpu_attention_on.enable(kernel)
+        fast.optimize(ours, select={"cpu-attention"}, cpu_attention=kernel)  # the kernel's route, or not
         err = _compare(ref, ours, sample, torch.tensor([1, 801]), gpt2, t5_states, mask)
         print(f"{repo}{' (CPU attention kernel)' if kernel else ''}: rel err {err:.2e}")
         assert err <= 1e-5
@@ -230,7 +229,7 @@ def test_cpu_attention_kernel_matches_reference(pairs, cpu_attention_on, monkeyp
     monkeypatch.setattr(cpu_attention_on, "attention", counted)
     ref, plain = pairs(shape)
     ours = copy.deepcopy(plain)
-    fast.optimize(ours, select={"cpu-attention"})
+    fast.optimize(ours, select={"cpu-attention"}, cpu_attention=True)
     sample, gpt2, t5_states, mask = _inputs(2, 43)
     assert _compare(ref, ours, sample, torch.tensor([1, 999]), gpt2, t5_states, mask) <= 1e-5
     assert any(calls) and (all(calls) or shape == "large")
