@@ -11,6 +11,8 @@ from weights_tools.make_tiny import make_tiny
 # The tests compare with the reference on the CPU: device=None / --device auto means the CPU here even on a
 # machine with a GPU (and so in the CLI's subprocesses); the GPU tests ask for CUDA by name.
 os.environ.setdefault("AUDIOLDM2_DEVICE", "cpu")
+# ... and PyTorch's attention: the front ends' default C++ kernel rounds differently (its own tests turn it on)
+os.environ.setdefault("AUDIOLDM2_CPU_ATTENTION", "0")
 
 
 @pytest.fixture(scope="session")

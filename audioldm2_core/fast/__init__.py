@@ -57,7 +57,7 @@ from . import cpu_attention
 from . import cpu_attention as attention_kernel  # the module, where ``optimize``'s argument hides its name
 from .compile import CudaGraphDenoiser, compile_options, compiled
 from .convs import PHASE_CACHE
-from .decisions import Decision, decide
+from .decisions import Decision, decide, stored
 from .plan import PLAN, Plan, switch
 from .rewrites import FAST_TO_PLAIN, REWRITES, Rewrite
 
@@ -74,6 +74,7 @@ __all__ = [
     "native_bfloat16",
     "optimize",
     "restore",
+    "timed_here",
 ]
 
 
@@ -116,9 +117,17 @@ def optimize(
 
 
 def native_bfloat16() -> bool:
-    """Whether this CPU runs oneDNN's bfloat16 matmul natively (AVX-512 BF16 or AMX): without it oneDNN runs
-    its reference kernels, far slower than float32."""
-    return decide("onednn-linear", torch.bfloat16, timed=False).supported
+    """Whether this CPU has bfloat16 arithmetic (AVX-512 BF16 or AMX) and oneDNN's bfloat16 matmul runs on it
+    under the instruction sets allowed here (``ONEDNN_MAX_CPU_ISA``): elsewhere bfloat16 runs on emulation or
+    reference kernels, slower than float32."""
+    flags = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return flags and decide("onednn-linear", torch.bfloat16, timed=False).supported
+
+
+def timed_here(dtype: torch.dtype) -> bool:
+    """Whether this machine has timed its rewrites in ``dtype`` before (their decisions are on disk): a first
+    run does it, ~10 s (``audioldm2 --prepare`` does it ahead)."""
+    return all(stored(name, dtype) for name, r in REWRITES.items() if not r.opt_in)
 
 
 def _names(select: str | Iterable[str]) -> list[str]:

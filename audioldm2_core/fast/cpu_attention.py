@@ -1,4 +1,4 @@
-"""An optional C++ kernel for the UNet's widest self-attention on the CPU: opt-in, built on first use.
+"""A C++ kernel for the UNet's widest self-attention on the CPU, built once per machine on first use.
 
 The first attention level of the UNet (1024 tokens for 10.24 s of audio, head width 32, batch 2 x 8 heads)
 runs 20 self-attentions per call (4 per layer: ``attn1`` of each transformer and ``attn2`` of the one without a
@@ -12,9 +12,11 @@ on AVX-512 CPUs and with relative errors no larger than PyTorch's (see the file'
 It is C++, compiled with ``torch.utils.cpp_extension`` on first use (~15 s; the library is kept under
 ``~/.cache/audioldm2_core/`` (``$XDG_CACHE_HOME``) and later processes load it in ~1 ms), so it needs a C++
 compiler and ninja, and it is built for the CPU's vector ISA, AVX-512 or AVX2 (other CPUs are refused with a
-clear error). Hence opt-in, per model: ``optimize(model, cpu_attention=True)``,
-``AudioLDM2.from_pretrained(..., cpu_attention=True)``, the CLI's ``--cpu-attention``, or where a model leaves
-the choice (``cpu_attention=None``) the environment variable ``AUDIOLDM2_CPU_ATTENTION=1``. Where it does not
+clear error). Hence off by default in the Python API, per model: ``optimize(model, cpu_attention=True)``,
+``AudioLDM2.from_pretrained(..., cpu_attention=True)``, or where a model leaves the choice
+(``cpu_attention=None``) the environment variable ``AUDIOLDM2_CPU_ATTENTION=1``. The command line, dataset
+synthesis and the demo turn it on where the CPU takes it (``--no-cpu-attention`` or ``AUDIOLDM2_CPU_ATTENTION=0``
+off; where it cannot be built they say so in one line and PyTorch's kernel runs). Where it does not
 apply (CUDA, autograd, masks, fewer keys than ``min_keys``, head widths that are not a multiple of 16 up to 128
 (AVX2: 64)), PyTorch's ``scaled_dot_product_attention`` runs.
 """
@@ -22,6 +24,7 @@ apply (CUDA, autograd, masks, fewer keys than ``min_keys``, head widths that are
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -33,6 +36,9 @@ from torch import Tensor
 __all__ = ["ENV", "applies", "attention", "build", "chosen", "min_keys", "supported"]
 
 ENV = "AUDIOLDM2_CPU_ATTENTION"
+WITHOUT = (
+    f" (without it, cpu_attention=False or {ENV}=0: PyTorch's attention runs)"  # the front ends cut here
+)
 NAME = "audioldm2_attention"
 SOURCE = Path(__file__).with_name("csrc") / "attention.cpp"
 # Below this many keys PyTorch's kernel is as fast or faster. float32 (with the output's copy to (B, N, H * d)
@@ -92,6 +98,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "audioldm2_core"
 
 
+def library() -> Path:
+    """The built kernel's file (it exists once a build on this machine succeeded)."""
+    folder = build_directory()
+    return folder / f"{folder.name.replace('-', '_')}.so"
+
+
 def build() -> None:
     """Load the kernel into this process, building it first where no cached build exists (~15 s); a CPU it
     is not written for, or a failed build, raises a ``RuntimeError`` that says what is missing."""
@@ -100,32 +112,32 @@ def build() -> None:
         return
     if not supported():
         raise RuntimeError(
-            f"the CPU attention kernel needs AVX-512 or AVX2 (PyTorch reports {isa()} for this CPU); without {ENV}=1 "
-            "or --cpu-attention, PyTorch's attention kernel is used"
+            f"the CPU attention kernel needs AVX-512 or AVX2 (PyTorch reports {isa()} for this CPU){WITHOUT}"
         )
-    folder = build_directory()
-    library = folder / f"{folder.name.replace('-', '_')}.so"
+    folder, built = build_directory(), library()
     work = folder / f"build-{os.getpid()}"  # each process builds in its own folder, then renames
     try:
-        if library.is_file():
-            torch.ops.load_library(str(library))
+        if built.is_file():
+            torch.ops.load_library(str(built))
         else:
             from torch.utils.cpp_extension import load  # slow to import; only for a build
 
             work.mkdir(parents=True, exist_ok=True)
+            # its warnings (a compiler it does not know) would precede the one error line a failure gives
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
             load(
-                name=library.stem,
+                name=built.stem,
                 sources=[str(SOURCE)],
                 extra_cflags=_CFLAGS[isa()],
                 build_directory=str(work),
                 is_python_module=False,
                 verbose=False,
             )
-            os.replace(work / library.name, library)  # atomic: a whole library or none, for every process
+            os.replace(work / built.name, built)  # atomic: a whole library or none, for every process
     except Exception as e:  # compiler, ninja or headers missing: say what and how to do without
         raise RuntimeError(
-            f"the CPU attention kernel could not be built: it needs a C++ compiler and ninja (without {ENV}=1 "
-            f"or --cpu-attention, PyTorch's attention kernel is used). {SOURCE}: {type(e).__name__}: {e}"
+            f"the CPU attention kernel could not be built: it needs a C++ compiler and ninja{WITHOUT}. "
+            f"{SOURCE}: {type(e).__name__}: {e}"
         ) from e
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -179,6 +179,11 @@ def decide(
     return decision
 
 
+def stored(name: str, dtype: torch.dtype) -> bool:
+    """Whether this machine's timed decision for rewrite ``name`` in ``dtype`` is on disk already."""
+    return f"{name}|{str(dtype).removeprefix('torch.')}" in _read_json(_decisions_file())
+
+
 _TICK = 1 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01  # /proc/stat's unit, seconds
 
 
