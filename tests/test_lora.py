@@ -199,8 +199,10 @@ def test_lora_flag_of_the_command_line(tiny_base, files, tmp_path):
     is one line and exit 2, before the model loads."""
     path, _ = files
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    # float32 and PyTorch's attention: the API's defaults, so that the CLI computes the same numbers
     args = [sys.executable, "-m", "audioldm2_core", PROMPT, "--model", str(tiny_base), "--steps", "3", "--length",
-            "0.64", "--seed", "0", "--negative", "noise", "--quiet"]  # fmt: skip
+            "0.64", "--seed", "0", "--negative", "noise", "--quiet", "--dtype", "float32",
+            "--no-cpu-attention"]  # fmt: skip
     r = subprocess.run([*args, "-o", str(tmp_path / "a.wav"), "--lora", f"{path}:0.5"], capture_output=True,
                        text=True, env=env, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr

@@ -232,10 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         return fail(PROG, _flagged(e), args.debug, 2, _who(layout))
     if not options.quiet:
-        precision = "float32" + (
-            "" if options.mixed_precision == "no" else f", {options.mixed_precision} autocast"
-        )
-        print(f"{PROG}: {device_line(str(plan.pipe.device), precision)}", file=sys.stderr)
+        mixed = options.mixed_precision
+        autocast = "" if mixed == "no" else f"; the forward under {mixed} autocast"
+        print(f"{PROG}: {device_line(plan.pipe.options)}{autocast}", file=sys.stderr)
     from .loop import run
 
     try:
