@@ -44,7 +44,7 @@ DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float16": "float16", "f
     "bf16": "bfloat16",
 }
 
-# The samplers by name (``samplers.py`` runs them; the README's table names diffusers' scheduler for each).
+# The samplers by name (``samplers.py`` runs them; docs/samplers.md names diffusers' scheduler for each).
 SAMPLERS: dict[str, str] = {
     "ddim": "DDIM (Song et al. 2021); eta=0 deterministic, eta=1 DDPM-like; the AudioLDM 2 default",
     "dpmpp-2m": "DPM-Solver++(2M) (Lu et al. 2022), multistep second order",

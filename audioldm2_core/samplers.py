@@ -10,7 +10,7 @@ sampler returns x_0 for the VAE. Samplers never see the conditions.
 
 Every name in ``SAMPLERS`` reproduces, to float32 rounding, diffusers 0.42.1's ``AudioLDM2Pipeline`` with
 ``pipe.scheduler = <Scheduler>.from_config(pipe.scheduler.config, <options>)``, the scheduler and options of
-``weights_tools.reference.DIFFUSERS_SCHEDULERS`` (and the README's table): DDIM (the checkpoint's own),
+``weights_tools.reference.DIFFUSERS_SCHEDULERS`` (and the table in docs/samplers.md): DDIM (the checkpoint's own),
 DDPM, PNDM, DPM-Solver++ 2M (SDE, Karras) and 2S, UniPC, DEIS, Euler (ancestral), Heun, KDPM2 (ancestral),
 LMS.
 

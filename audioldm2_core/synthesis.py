@@ -24,7 +24,7 @@ Same audio whatever the layout. An item's seed is its own ``seed`` or, without o
 seed (``--seed``, 0 when not given) and its id: the first 8 bytes of ``sha256("<base seed>/<id>")``
 (UTF-8), big-endian, shifted right one bit (a 63-bit non-negative int). Its latents (and DDIM's eta noise)
 come from its own ``torch.Generator().manual_seed(seed)`` on the CPU: the pipeline takes one generator per
-batch row (``samplers.randn``), so neither the batch an item lands in nor the rank it runs on changes its
+batch row (``noise.randn``), so neither the batch an item lands in nor the rank it runs on changes its
 draws. Its text conditions are encoded alone (``pipe.encode_prompt`` per item): batching prompts in the
 text encoders would change them, not just round them, because the T5 prompts of a batch are padded to the
 longest and GPT-2's positions count that padding (``gpt2.py``). Only the UNet, the VAE and the vocoder see
@@ -389,7 +389,7 @@ def generate_batch(pipe, jobs: list[Job], ctx: Context) -> tuple[Any, list[float
     first = jobs[0]
     guided = first.guidance_scale > 1.0
     n = ctx.candidates
-    # A job's generator appears once per candidate: its candidates draw from it in order (samplers.randn).
+    # A job's generator appears once per candidate: its candidates draw from it in order (noise.randn).
     generators = [g for j in jobs for g in [torch.Generator().manual_seed(j.seed)] * n]
     common = dict(
         audio_length_in_s=first.audio_length_in_s,
