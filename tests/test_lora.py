@@ -216,3 +216,15 @@ def test_lora_flag_of_the_command_line(tiny_base, files, tmp_path):
         r.stderr
     )
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "b.wav").exists()
+
+
+def test_lora_flag_of_every_front_end(tmp_path):
+    """``--lora`` is a flag of ``audioldm2 PROMPT``, ``--prompts-file`` and the demo alike: each carries it into
+    the load options, which ``frontend.load_pipeline`` applies (run end to end above for the first)."""
+    from audioldm2_core.frontend import DEMO, MANY, ONE, load_options, parse
+
+    spec = f"{tmp_path}:0.5"
+    argvs = {ONE: ["a dog"], MANY: ["--prompts-file", "items.jsonl", "-o", "out"], DEMO: []}
+    for program, argv in argvs.items():
+        args = parse(program, [*argv, "--lora", spec], "test")
+        assert load_options(args, "cpu", "float32", True).lora == spec, program

@@ -182,6 +182,48 @@ def test_draws_schedule_and_ema():
     assert [objective.ema_decay(n, 0.9) for n in (1, 2, 3, 100)] == [0.0, 2 / 11, 3 / 12, 0.9]
 
 
+def test_the_logged_loss_is_the_objective_by_hand(tiny_base, clips, train_cache, tmp_path):
+    """A run's first logged loss, computed here by hand from the cached posteriors and conditions: each item of
+    step 0's batch draws from its own generator, seeded by (seed, step, place, id), its crop, its dropout, its
+    posterior sample, t and eps, in that order; z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps; the loss is the
+    batch's mean of mean((unet(z_t, t, c) - eps)^2) (a fresh LoRA's B is zero: the base UNet). Under bf16
+    autocast on the CPU the same draws give the same loss to bfloat16's rounding."""
+    from audioldm2_core.train.loop import batch_indices
+
+    flags = ["--steps", "1", "--batch-size", "3", "--seed", "7", "--cfg-dropout", "0.5"]
+    first = lambda run: json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["loss"]  # noqa: E731
+    assert train(tiny_base, clips, tmp_path / "run", train_cache, *flags) == 0
+    assert train(tiny_base, clips, tmp_path / "bf16", train_cache, *flags, "--mixed-precision", "bf16") == 0
+    args = cli.parse(["--model", str(tiny_base), "--data", str(clips), "-o", str(tmp_path / "x"), "--cache-dir",
+                      str(train_cache), *SHORT, *flags])  # fmt: skip
+    plan = cli.checked(cli.options_from(args), cli.layout_from_env(None, {}))
+    unet, abar, frames = plan.pipe.unet, alphas_cumprod(plan.pipe.scheduler_config), plan.latent_frames
+    scale = json.loads((tiny_base / "vae" / "config.json").read_text())["scaling_factor"]
+    losses, drops = [], []
+    for j, index in enumerate(batch_indices(0, 3, len(plan.items), 7)):
+        item = plan.items[index]
+        e = cache.read_entry(train_cache / f"{plan.keys[item.id]}.safetensors")
+        g = torch.Generator().manual_seed(objective.seed_of(7, 0, j, item.id))
+        start = int(torch.randint(0, e.mean.shape[1] - frames + 1, (1,), generator=g))
+        row = 0 if float(torch.rand((), generator=g)) < 0.5 else 1  # rows [unconditional, conditional]
+        mean, logvar = e.mean[:, start : start + frames], e.logvar[:, start : start + frames]
+        z0 = scale * (mean + torch.exp(0.5 * logvar) * torch.randn((1, *mean.shape), generator=g)[0])
+        t = int(torch.randint(0, 1000, (1,), generator=g))
+        eps = torch.randn(z0.shape, generator=g)
+        zt = abar[t] ** 0.5 * z0 + (1 - abar[t]) ** 0.5 * eps
+        with torch.no_grad():
+            pred = unet(
+                zt[None], torch.tensor([t]), e.loa[row : row + 1], e.t5[row : row + 1], e.mask[row : row + 1]
+            )
+        losses.append(float(((pred[0] - eps) ** 2).mean()))
+        drops.append(row == 0)
+    want = sum(losses) / 3
+    assert abs(first(tmp_path / "run") - want) <= 1e-5 * want, (first(tmp_path / "run"), losses)
+    assert abs(first(tmp_path / "bf16") - want) <= 3e-2 * want
+    # seed 7 drops some items' conditions and keeps others': both rows are checked
+    assert len(set(drops)) == 2
+
+
 # ---------------------------------------------------------------------------------- the datasets
 
 
@@ -294,7 +336,13 @@ def test_a_lora_run_its_outputs_and_a_rerun(tiny_base, clips, train_cache, tmp_p
         run / "validation" / "step-3" / "0.png"
     ).is_file()
     pipe = AudioLDM2.from_pretrained(tiny_base)
+    generate = lambda: pipe("a beep", num_inference_steps=2, audio_length_in_s=0.64,  # noqa: E731
+                            generator=torch.Generator().manual_seed(0)).audios  # fmt: skip
+    base = generate()
     pipe.load_lora(run)  # the run folder itself
+    tuned = generate()
+    pipe.unload_lora()
+    assert rel_err(tuned, base) > 1e-4 and np.array_equal(generate(), base), rel_err(tuned, base)
     assert len(lora.read_lora(run).down) == 384  # the tiny UNet: 48 transformers x 2 attentions x 4 linears
     capsys.readouterr()
     assert train(tiny_base, clips, run, train_cache, *flags[:-1], "2e-3") == 2
