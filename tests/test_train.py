@@ -309,6 +309,11 @@ def test_bad_inputs_are_one_line_and_write_nothing(tiny_base, tiny_large, clips,
         assert code == 2 and len(err.strip().splitlines()) == 1, (name, err)
         assert message in err and "Traceback" not in err, (name, err)
         assert not out.exists() and not cache_dir.exists(), name
+    # the clips are checked before the model is opened: a bad clip is named even where no model is
+    code = cli.main(["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "junk.jsonl"), "-o",
+                     str(tmp_path / "run"), "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "junk.wav cannot be read" in err and len(err.strip().splitlines()) == 1, err
 
 
 # ------------------------------------------------------------------------------------- whole runs

@@ -167,7 +167,7 @@ def checked(options: TrainOptions, layout: Layout):
     from .. import lora
     from ..pipeline import audio_shape
     from .cache import item_key, model_identity
-    from .data import check_clips, read_items
+    from .data import check_clips, check_lengths, read_items
     from .loop import Plan
     from .state import check_settings
 
@@ -179,13 +179,14 @@ def checked(options: TrainOptions, layout: Layout):
         except ImportError as e:
             raise ImportError("--report-to tensorboard needs tensorboard: pip install tensorboard") from e
     items = read_items(options.data, options.caption_column)
+    clips = check_clips(items)  # before the model: a bad clip fails before a download
     device, _ = resolve_device_and_dtype(rank_device(options.device, layout), "float32")
     if options.mixed_precision == "fp16" and not device.startswith("cuda"):
         raise UsageError("fp16 needs a CUDA device; use bf16", field="mixed_precision")
     pipe = load_pipeline(
         PROG, LoadOptions(options.model, options.revision, device, "float32", True, fast=False)
     )
-    clips = check_clips(items, pipe.default_length)
+    check_lengths(items, clips, pipe.default_length)
     _check_speech(items, options, pipe.ckpt.is_speech)
     seconds = options.length if options.length is not None else pipe.default_length
     if not pipe.min_length <= seconds <= pipe.default_length + 1e-9:

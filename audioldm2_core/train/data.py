@@ -10,7 +10,8 @@
 - A dataset-synthesis output folder (its ``manifest.jsonl``).
 
 Every line is checked (JSON, fields, types), and every clip's header (it exists, soundfile reads it, it is not
-empty, it is no longer than the model's length); each error names the file and line or the clip, in one line.
+empty), before any model is opened; then its length against the model's, once the model's config is read. Each
+error names the file and line or the clip, in one line.
 An item's id (its own, else its clip's path as written, ``#2``, ``#3``... for the same clip's next captions)
 seeds its random draws, so that they do not depend on the order of processes or batches.
 """
@@ -26,7 +27,7 @@ from typing import Any
 
 from ..errors import UsageError
 
-__all__ = ["TrainItem", "Clip", "read_items", "check_clips", "CAPTION_COLUMNS"]
+__all__ = ["TrainItem", "Clip", "read_items", "check_clips", "check_lengths", "CAPTION_COLUMNS"]
 
 CAPTION_COLUMNS = ("prompt", "text", "caption")  # an audiofolder's text column, the first found
 METADATA = ("metadata.jsonl", "metadata.csv")
@@ -178,9 +179,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_clips(items: list[TrainItem], max_seconds: float) -> dict[str, Clip]:
-    """Each item's clip: it exists, soundfile reads its header, it has samples, and it lasts at most
-    ``max_seconds`` (the model's length); its bytes hashed. One error names the clip and its line."""
+def check_clips(items: list[TrainItem]) -> dict[str, Clip]:
+    """Each item's clip: it exists, soundfile reads its header, and it has samples; its bytes hashed. One error
+    names the clip and its line. (Its length is checked against the model's by ``check_lengths``, once the
+    model's config is read.)"""
     import soundfile as sf
 
     clips: dict[str, Clip] = {}
@@ -196,11 +198,16 @@ def check_clips(items: list[TrainItem], max_seconds: float) -> dict[str, Clip]:
             raise UsageError(f"{where} cannot be read ({reason})") from e
         if info.frames <= 0 or info.samplerate <= 0:
             raise UsageError(f"{where} is empty (0 samples)")
-        seconds = info.frames / info.samplerate
+        clips[item.id] = Clip(sha, info.frames / info.samplerate)
+    return clips
+
+
+def check_lengths(items: list[TrainItem], clips: dict[str, Clip], max_seconds: float) -> None:
+    """Every clip lasts at most ``max_seconds`` (the model's length), or an error naming the first that does not."""
+    for item in items:
+        seconds = clips[item.id].seconds
         if seconds > max_seconds + 1e-9:
             raise UsageError(
-                f"{where} is {seconds:.2f} s long; the model takes at most {max_seconds:g} s: cut it into "
-                "clips of that length or less"
+                f"{item.where}: clip {item.audio} is {seconds:.2f} s long; the model takes at most {max_seconds:g} "
+                "s: cut it into clips of that length or less"
             )
-        clips[item.id] = Clip(sha, seconds)
-    return clips
