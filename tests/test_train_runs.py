@@ -53,7 +53,9 @@ def metrics(folder: Path) -> list[dict]:
 
 
 def run(args: list[str], *prefix: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    # one thread a process (torchrun's own default): a tiny model's step is no faster on two, and two threads
+    # wait on each other for seconds a step when another process holds a core
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([*prefix, *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
