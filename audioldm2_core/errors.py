@@ -33,6 +33,9 @@ __all__ = [
     "WeightsError",
     "ConfigError",
     "UnsupportedConfigError",
+    "MissingDependencyError",
+    "PhonemizerMissingError",
+    "UnavailableError",
     "explain",
     "OOM_ADVICE",
 ]
@@ -69,6 +72,18 @@ class ConfigError(CheckpointError):
 
 class UnsupportedConfigError(ConfigError):
     """A config setting that is valid for the reference library but not implemented here."""
+
+
+class MissingDependencyError(AudioLDM2Error, ImportError):
+    """An optional package (or program) a feature needs is not installed; the message says how to install it."""
+
+
+class PhonemizerMissingError(MissingDependencyError):
+    """Phonemisation was needed (a speech checkpoint's transcription) but phonemizer or espeak-ng is missing."""
+
+
+class UnavailableError(AudioLDM2Error, RuntimeError):
+    """A feature asked for that this machine cannot run (a kernel without its instruction set or compiler)."""
 
 
 OOM_ADVICE = "try --low-memory, fewer candidates, shorter audio (--length), or --dtype float16 on a GPU"

@@ -383,10 +383,12 @@ def save_spectrogram(path: Path, audio, sample_rate: int, title: str) -> None:
 
 
 def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
-    """``--device auto``: CUDA, then MPS, then the CPU; ``--dtype auto``: float16 on CUDA, else float32."""
-    from .pipeline import resolve_device
+    """``--device auto``: CUDA, then MPS, then the CPU; ``--dtype auto``: float16 on CUDA, else float32. A
+    device this machine does not have is refused."""
+    from .pipeline import check_device, resolve_device
 
     resolved = resolve_device(device)
+    check_device(resolved)
     if dtype == "auto":
         dtype = "float16" if resolved.type == "cuda" else "float32"
     return str(resolved), dtype
