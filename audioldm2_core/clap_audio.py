@@ -53,17 +53,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .clap_text import ProjectionHead
-from .config import ClapAudioConfig, clap_config
+from .config import ClapAudioConfig, clap_audio_config, htsat_stages
 from .errors import UnsupportedConfigError, UsageError, WeightsError
 from .loading import Checkpoint, empty_init, load_strict
 
 __all__ = ["ClapAudio", "load_clap_audio", "is_audio_key", "relative_position_index"]
 
 _MASKED = -100.0  # the reference's value for token pairs split by the cyclic shift
-
-
-def _pair(x: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
-    return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
 
 
 # ------------------------------------------------------------------------------------- window helpers
@@ -257,7 +253,7 @@ class MelBatchNorm(nn.Module):
 class PatchEmbed(nn.Module):
     def __init__(self, cfg: ClapAudioConfig):
         super().__init__()
-        kernel, stride = _pair(cfg.patch_size), _pair(cfg.patch_stride)
+        kernel, stride = cfg.patch_size, cfg.patch_stride  # (H, W) pairs
         padding = ((kernel[0] - stride[0]) // 2, (kernel[1] - stride[1]) // 2)
         self.proj = nn.Conv2d(
             cfg.patch_embed_input_channels,
@@ -280,32 +276,12 @@ class HTSATEncoder(nn.Module):
 
     def __init__(self, cfg: ClapAudioConfig):
         super().__init__()
-        n = len(cfg.depths)
-        if not cfg.flatten_patch_embeds:
-            raise UnsupportedConfigError("CLAP audio: flatten_patch_embeds=False is not supported")
-        if cfg.spec_size % cfg.num_mel_bins:
-            raise UnsupportedConfigError(
-                f"CLAP audio: spec_size {cfg.spec_size} is not a multiple of num_mel_bins {cfg.num_mel_bins}"
-            )
-        if cfg.hidden_size != cfg.patch_embeds_hidden_size * 2 ** (n - 1):
-            raise UnsupportedConfigError(
-                f"CLAP audio: hidden_size {cfg.hidden_size} != patch_embeds_hidden_size * 2**{n - 1} "
-                f"({cfg.patch_embeds_hidden_size * 2 ** (n - 1)}), the width of the last stage"
-            )
-        stride = _pair(cfg.patch_stride)
-        grid = (cfg.spec_size // stride[0], cfg.spec_size // stride[1])
-        resolutions = [(grid[0] // 2**i, grid[1] // 2**i) for i in range(n)]
-        for i, (h, w) in enumerate(resolutions):
-            if min(h, w) < cfg.window_size or h % cfg.window_size or w % cfg.window_size:
-                raise UnsupportedConfigError(
-                    f"CLAP audio: stage {i} resolution {h}x{w} is not a multiple of window_size "
-                    f"{cfg.window_size} (spec_size {cfg.spec_size}, {n} stages)"
-                )
+        resolutions = htsat_stages(cfg)  # (H, W) per stage; raises for layouts we cannot run
         self.spec_size = cfg.spec_size
         self.freq_ratio = cfg.spec_size // cfg.num_mel_bins
         self.batch_norm = MelBatchNorm(cfg.num_mel_bins)
         self.patch_embed = PatchEmbed(cfg)
-        self.layers = nn.ModuleList([SwinStage(cfg, i, resolutions[i]) for i in range(n)])
+        self.layers = nn.ModuleList([SwinStage(cfg, i, r) for i, r in enumerate(resolutions)])
         self.norm = nn.LayerNorm(cfg.hidden_size)  # default eps 1e-5, as the reference
 
     def reshape_mel2img(self, x: torch.Tensor) -> torch.Tensor:
@@ -387,7 +363,7 @@ def load_clap_audio(
     ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
 ) -> ClapAudio:
     """Build the CLAP audio branch and fill it strictly from the audio keys of ``text_encoder/``."""
-    cfg = clap_config(ckpt.config("text_encoder")).audio
+    cfg = clap_audio_config(ckpt.config("text_encoder"))
     with empty_init():  # meta device, no random init: the file fills every tensor
         model = ClapAudio(cfg)
     source = f"{ckpt.root}/text_encoder"

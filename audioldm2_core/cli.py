@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from .errors import UsageError
@@ -25,6 +26,7 @@ from .frontend import (
     parse_ranges,
     resolve_device_and_dtype,
     save_spectrogram,
+    speed_lines,
 )
 from .outputs import write_wav
 from .request import MAX_AUDIO_LENGTH_S, AudioEdit, GenerationRequest
@@ -86,7 +88,7 @@ def outputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
 def checked(args: argparse.Namespace):
     """Everything checked before a model loads: (request, load options, WAV path, PNG path or None)."""
     if args.prompt is None:
-        raise UsageError("give exactly one of a prompt or --prompts-file")
+        raise UsageError("give exactly one of a prompt or --prompts-file (or --prepare)")
     device, dtype = resolve_device_and_dtype(args.device, args.dtype)
     request = request_from(args)
     request.check()
@@ -128,20 +130,45 @@ def write(out, wav: Path, picture: Path | None, prompt: str, all_candidates: boo
             save_spectrogram(png, audio, out.sample_rate, title)
 
 
+def prepare(args: argparse.Namespace) -> int:
+    """``--prepare [SECONDS ...]``: the speed layer's one-time work ahead of time (the kernel built, the
+    decisions timed for these lengths, as ``--dtype`` and ``--candidates`` will run them): one step of each."""
+    try:
+        device, dtype = resolve_device_and_dtype(args.device, args.dtype)
+        lengths = [GenerationRequest("-", seconds).check() or seconds for seconds in args.prepare] or [None]
+        options = load_options(args, device, dtype, low_memory=False)
+        options.check()
+    except Exception as e:
+        return fail("audioldm2", e, args.debug, 2)
+    print(f"audioldm2: {device_line(options, args.dtype)}", file=sys.stderr)
+    try:
+        start = time.perf_counter()
+        pipe = load_pipeline("audioldm2", speed_lines("audioldm2", options, quiet=False))
+        for seconds in lengths:
+            pipe("prepare", seconds, 1, sampler="dpmpp-2m", num_waveforms_per_prompt=args.num_waveforms_per_prompt,
+                 rerank=False, output_type="pt")  # fmt: skip
+            print(f"audioldm2: prepared {seconds or pipe.default_length} s", file=sys.stderr)
+    except Exception as e:
+        return fail("audioldm2", e, args.debug, 1)
+    print(
+        f"audioldm2: done in {time.perf_counter() - start:.0f} s: later runs start without timing or building"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(ONE, argv, DESCRIPTION)
+    if args.prepare is not None:
+        return prepare(args)
     try:
         request, options, wav, picture = checked(args)
     except Exception as e:
         return fail("audioldm2", e, args.debug, 2)
     if not args.quiet:
-        print(f"audioldm2: {device_line(options.device, options.dtype)}", file=sys.stderr)
+        print(f"audioldm2: {device_line(options, args.dtype)}", file=sys.stderr)
     try:
-        if args.cpu_attention:
-            from . import cpu_attention
-
-            cpu_attention.enable()
-        pipe = load_pipeline("audioldm2", options)  # before the progress bar: a load failure is the next line
+        # loaded before the progress bar starts: a load failure is the line after the device line
+        pipe = load_pipeline("audioldm2", speed_lines("audioldm2", options, args.quiet))
         out = run(pipe, request, args.seed, args.quiet, wav.name)
         write(out, wav, picture, args.prompt, args.all_candidates)
         print(wav)

@@ -47,11 +47,13 @@ from .frontend import (
     parse,
     parse_ranges,
     resolve_device_and_dtype,
+    speed_lines,
 )
 from .request import SAMPLERS, AudioEdit, GenerationRequest
 
 __all__ = ["Candidate", "generate", "transform", "build_app", "main", "MAX_CANDIDATES", "MODES"]
 
+SAMPLERS_SHORT = {"dpmpp-2m": "DPM-Solver++", "ddim": "DDIM"}
 MAX_CANDIDATES = 4  # the page has this many players; the API refuses more
 MAX_LENGTH_S = 30.0
 MAX_STEPS = 500
@@ -300,13 +302,23 @@ def _audio_tab(controls):
     return [source, prompt, mode, strength, spans, *rest], [button.click], shown, hidden
 
 
-def build_app(
-    pipe, title: str = "AudioLDM 2", *, steps: int = 200, candidates: int = 3, sampler: str = "ddim"
-):
+# The controls' first values by device: on a GPU diffusers' defaults (200 DDIM steps) and the original demo's 3
+# candidates; on a CPU, where those take ~25 minutes at 10 s, a fast sampler, fewer steps and one candidate.
+DEFAULTS = {"gpu": (200, 3, "ddim"), "cpu": (25, 1, "dpmpp-2m")}
+
+
+def build_app(pipe, title: str = "AudioLDM 2", *, steps: int | None = None, candidates: int | None = None,
+              sampler: str | None = None):  # fmt: skip
     """The Gradio ``Blocks`` of the demo around a loaded :class:`~audioldm2_core.AudioLDM2`, queued with a
-    concurrency of one. ``steps``, ``candidates``, ``sampler``: the controls' initial values.
-    ``app.launch()`` serves it."""
+    concurrency of one. ``steps``, ``candidates``, ``sampler``: the controls' first values (None: ``DEFAULTS``
+    for the pipeline's device). ``app.launch()`` serves it."""
     import gradio as gr
+
+    kind = "cpu" if pipe.device.type == "cpu" else "gpu"
+    first_steps, first_candidates, first_sampler = DEFAULTS[kind]
+    steps = first_steps if steps is None else steps
+    candidates = first_candidates if candidates is None else candidates
+    sampler = first_sampler if sampler is None else sampler
 
     outputs = _Outputs()
 
@@ -337,6 +349,13 @@ def build_app(
             f"# {title}\nText to audio and audio editing with [AudioLDM 2](https://arxiv.org/abs/2308.05734) "
             f"(`{pipe.ckpt.source}` on {pipe.device}, {str(pipe.dtype).removeprefix('torch.')}). "
             "Several candidates are ranked by their CLAP score, best first."
+            + (
+                f" On a CPU the controls start at {steps} {SAMPLERS_SHORT.get(sampler, sampler)} steps and "
+                f"{candidates} candidate{'s' if candidates > 1 else ''}, for speed; diffusers' defaults are 200 DDIM "
+                "steps."
+                if kind == "cpu"
+                else ""
+            )
         )
         with gr.Tabs():
             with gr.Tab("Text to audio"):
@@ -368,10 +387,9 @@ def main(argv: list[str] | None = None) -> int:
 
         require_matplotlib()
         device, dtype = resolve_device_and_dtype(args.device, args.dtype)
-        print(f"audioldm2-demo: {device_line(device, dtype)}", file=sys.stderr)
-        pipe = load_pipeline(
-            "audioldm2-demo", load_options(args, device, dtype, low_memory=bool(args.low_memory))
-        )
+        options = load_options(args, device, dtype, low_memory=bool(args.low_memory))
+        print(f"audioldm2-demo: {device_line(options, args.dtype)}", file=sys.stderr)
+        pipe = load_pipeline("audioldm2-demo", speed_lines("audioldm2-demo", options, quiet=False))
         app = build_app(pipe)
         app.launch(server_name=args.host, server_port=args.port, share=args.share)
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import tempfile
 import traceback
@@ -22,287 +23,102 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError, explain
-from .request import DEFAULT_STRENGTH, SAMPLERS, LoadOptions
+from .request import DEFAULT_STRENGTH, DTYPE_NAMES, SAMPLERS, LoadOptions
 
 __all__ = ["DEFAULT_MODEL", "FLAGS", "parse", "error_line", "fail", "device_line", "resolve_device_and_dtype"]
 
 DEFAULT_MODEL = "cvssp/audioldm2"
+KERNEL_ENV = "AUDIOLDM2_CPU_ATTENTION"
 ONE, MANY, DEMO = "audioldm2 PROMPT", "audioldm2 --prompts-file", "audioldm2-demo"
 _GEN = (ONE, MANY)  # the two generation commands
 _ALL = (ONE, MANY, DEMO)
 
 # (flag names, argparse keywords, the programs it belongs to). ``dest`` is the field of request.py it sets,
 # where the names differ, so that a failed check names the flag.
+# fmt: off
 FLAGS: list[tuple[tuple[str, ...], dict[str, Any], tuple[str, ...]]] = [
     (("prompt",), dict(nargs="?", help="text describing the sound"), (ONE,)),
-    (
-        ("-o", "--output"),
-        dict(default=None, help="WAV file to write (default: audioldm2.wav); with --prompts-file a folder"),
-        _GEN,
-    ),  # fmt: skip
-    (
-        ("--prompts-file",),
-        dict(
-            type=Path,
-            help='JSON Lines items ({"id", "prompt", ...}) or \'text|name\' lines; '
-            "one WAV each, resumable (docs/synthesis.md)",
-        ),
-        (MANY,),
-    ),  # fmt: skip
+    (("-o", "--output"), dict(default=None, help="WAV file to write (default: audioldm2.wav); with --prompts-file "
+                              "a folder"), _GEN),
+    (("--prompts-file",), dict(type=Path, help='JSON Lines items ({"id", "prompt", ...}) or \'text|name\' lines; '
+                               "one WAV each, resumable (docs/synthesis.md)"), (MANY,)),
     (("--batch-size",), dict(type=int, default=1, help="items per pipeline call (same settings)"), (MANY,)),
-    (
-        ("--shard",),
-        dict(default=None, help="i/n: generate only share i of n of the items (SLURM arrays, k8s jobs)"),
-        (MANY,),
-    ),  # fmt: skip
-    (
-        ("--merge-manifests",),
-        dict(type=Path, metavar="DIR", help="merge DIR's per-rank manifests into DIR/manifest.jsonl"),
-        (MANY,),
-    ),  # fmt: skip
-    (
-        ("--model",),
-        dict(default=DEFAULT_MODEL, help="hub repo id or local folder (default: %(default)s)"),
-        _ALL,
-    ),
+    (("--shard",), dict(default=None, help="i/n: generate only share i of n of the items (SLURM arrays, k8s "
+                        "jobs)"), (MANY,)),
+    (("--merge-manifests",), dict(type=Path, metavar="DIR", help="merge DIR's per-rank manifests into "
+                                  "DIR/manifest.jsonl"), (MANY,)),
+    (("--model",), dict(default=DEFAULT_MODEL, help="hub repo id or local folder (default: %(default)s)"), _ALL),
     (("--revision",), dict(default=None, help="hub revision (branch, tag or commit) of --model"), _ALL),
-    (
-        ("--negative",),
-        dict(
-            default=None, dest="negative_prompt", help="negative prompt: what the audio should not sound like"
-        ),
-        _GEN,
-    ),  # fmt: skip
-    (
-        ("--transcription",),
-        dict(
-            default=None,
-            help="speech checkpoints (anhnct/audioldm2_gigaspeech, _ljspeech): "
-            "the words to speak (the prompt describes the voice); English text, phonemised "
-            'with espeak-ng (pip install ".[speech]")',
-        ),
-        _GEN,
-    ),  # fmt: skip
-    (
-        ("--max-new-tokens",),
-        dict(
-            type=int,
-            default=None,
-            help="GPT-2 states to generate (default: the "
-            "checkpoint's; 8, and 512 for the speech checkpoints)",
-        ),
-        _GEN,
-    ),  # fmt: skip
-    (
-        ("--phonemes",),
-        dict(
-            action="store_true",
-            dest="transcription_is_phonemes",
-            help='--transcription is IPA phonemes already (no espeak-ng needed), e.g. "həlˈoʊ wˈɜːld"',
-        ),
-        _GEN,
-    ),  # fmt: skip
-    (
-        ("--steps",),
-        dict(
-            type=int, default=200, dest="num_inference_steps", help="denoising steps (default: %(default)s)"
-        ),
-        _GEN,
-    ),  # fmt: skip
-    (
-        ("--sampler",),
-        dict(
-            default="ddim",
-            help=f"one of {', '.join(SAMPLERS)}: the diffusers scheduler of that "
-            "name, same seed same audio (default: %(default)s)",
-        ),
-        _GEN,
-    ),  # fmt: skip
-    (
-        ("--guidance",),
-        dict(
-            type=float,
-            default=3.5,
-            dest="guidance_scale",
-            help="classifier-free guidance scale; 1 disables it",
-        ),
-        _GEN,
-    ),  # fmt: skip
-    (
-        ("--length",),
-        dict(
-            type=float,
-            default=None,
-            dest="audio_length_in_s",
-            help="audio length in seconds "
-            "(default: the model's, 10.24; with --audio the input's: a longer input is cut, a shorter "
-            "one padded with silence)",
-        ),
-        _GEN,
-    ),  # fmt: skip
-    (
-        ("--audio",),
-        dict(
-            type=Path,
-            default=None,
-            metavar="WAV",
-            help="input audio (WAV, FLAC, OGG, MP3; any rate, "
-            "mono or stereo): alone, style transfer (SDEdit) toward the prompt; with --inpaint or "
-            "--super-resolution, regenerate those parts and keep the rest",
-        ),
-        (ONE,),
-    ),  # fmt: skip
-    (
-        ("--strength",),
-        dict(
-            type=float,
-            default=None,
-            help="with --audio: how far from the input, in (0, 1]: the "
-            "share of the steps run from the input noised to that level; 1 starts from noise "
-            f"(default: {DEFAULT_STRENGTH} for style transfer, 1 with --inpaint or "
-            "--super-resolution)",
-        ),
-        (ONE,),
-    ),  # fmt: skip
-    (
-        ("--inpaint",),
-        dict(
-            action="append",
-            default=[],
-            metavar="START-END",
-            help="with --audio: regenerate these "
-            "seconds and keep the rest, e.g. 3.5-5.0; repeat the flag or separate with commas for "
-            "several spans (1-2,4-5)",
-        ),
-        (ONE,),
-    ),  # fmt: skip
-    (
-        ("--inpaint-band",),
-        dict(
-            action="append",
-            default=[],
-            metavar="LOW-HIGH",
-            help="with --audio: regenerate "
-            "this frequency band in Hz, e.g. 2000-4000 (within the --inpaint spans if given, else "
-            "over the whole input); repeatable, comma-separated",
-        ),
-        (ONE,),
-    ),  # fmt: skip
-    (
-        ("--super-resolution",),
-        dict(
-            nargs="?",
-            const="auto",
-            default=None,
-            metavar="HZ",
-            help="with --audio: "
-            "regenerate the missing top band of band-limited audio, above HZ (default: half "
-            "the input file's own sample rate, e.g. 4000 for an 8 kHz recording)",
-        ),
-        (ONE,),
-    ),  # fmt: skip
+    (("--negative",), dict(default=None, dest="negative_prompt", help="negative prompt: what the audio should not "
+                           "sound like"), _GEN),
+    (("--transcription",), dict(default=None, help="speech checkpoints (anhnct/audioldm2_gigaspeech, _ljspeech): "
+                                "the words to speak (the prompt describes the voice); English text, phonemised "
+                                'with espeak-ng (pip install ".[speech]")'), _GEN),
+    (("--max-new-tokens",), dict(type=int, default=None, help="GPT-2 states to generate (default: the "
+                                 "checkpoint's; 8, and 512 for the speech checkpoints)"), _GEN),
+    (("--phonemes",), dict(action="store_true", dest="transcription_is_phonemes", help="--transcription is IPA "
+                           'phonemes already (no espeak-ng needed), e.g. "həlˈoʊ wˈɜːld"'), _GEN),
+    (("--steps",), dict(type=int, default=200, dest="num_inference_steps", help="denoising steps (default: "
+                        "%(default)s)"), _GEN),
+    (("--sampler",), dict(default="ddim", help=f"one of {', '.join(SAMPLERS)}: the diffusers scheduler of that "
+                          "name, same seed same audio (default: %(default)s)"), _GEN),
+    (("--guidance",), dict(type=float, default=3.5, dest="guidance_scale", help="classifier-free guidance scale; "
+                           "1 disables it"), _GEN),
+    (("--length",), dict(type=float, default=None, dest="audio_length_in_s", help="audio length in seconds "
+                         "(default: the model's, 10.24; with --audio the input's: a longer input is cut, a "
+                         "shorter one padded with silence)"), _GEN),
+    (("--audio",), dict(type=Path, default=None, metavar="WAV", help="input audio (WAV, FLAC, OGG, MP3; any "
+                        "rate, mono or stereo): alone, style transfer (SDEdit) toward the prompt; with --inpaint "
+                        "or --super-resolution, regenerate those parts and keep the rest"), (ONE,)),
+    (("--strength",), dict(type=float, default=None, help="with --audio: how far from the input, in (0, 1]: the "
+                           "share of the steps run from the input noised to that level; 1 starts from noise "
+                           f"(default: {DEFAULT_STRENGTH} for style transfer, 1 with --inpaint or "
+                           "--super-resolution)"), (ONE,)),
+    (("--inpaint",), dict(action="append", default=[], metavar="START-END", help="with --audio: regenerate these "
+                          "seconds and keep the rest, e.g. 3.5-5.0; repeat the flag or separate with commas for "
+                          "several spans (1-2,4-5)"), (ONE,)),
+    (("--inpaint-band",), dict(action="append", default=[], metavar="LOW-HIGH", help="with --audio: regenerate "
+                               "this frequency band in Hz, e.g. 2000-4000 (within the --inpaint spans if given, "
+                               "else over the whole input); repeatable, comma-separated"), (ONE,)),
+    (("--super-resolution",), dict(nargs="?", const="auto", default=None, metavar="HZ", help="with --audio: "
+                                   "regenerate the missing top band of band-limited audio, above HZ (default: half "
+                                   "the input file's own sample rate, e.g. 4000 for an 8 kHz recording)"), (ONE,)),
     (("--eta",), dict(type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like noise"), _GEN),
-    (
-        ("--seed",),
-        dict(type=int, default=None, help="random seed (same seed, same audio as diffusers)"),
-        _GEN,
-    ),
-    (
-        ("--candidates",),
-        dict(
-            type=int,
-            default=1,
-            dest="num_waveforms_per_prompt",
-            help="waveforms per prompt, ranked by CLAP; best is written",
-        ),
-        _GEN,
-    ),  # fmt: skip
-    (
-        ("--all-candidates",),
-        dict(action="store_true", help="also write every candidate, named by rank"),
-        _GEN,
-    ),
-    (
-        ("--device",),
-        dict(
-            default="auto",
-            help="torch device: auto (CUDA, then MPS, then the CPU), cpu, cuda, "
-            "cuda:1, mps (default: %(default)s)",
-        ),
-        _ALL,
-    ),  # fmt: skip
-    (
-        ("--dtype",),
-        dict(
-            default="auto",
-            choices=["auto", "float32", "bfloat16", "float16"],
-            help="compute dtype; auto: float16 on CUDA, float32 elsewhere (default: %(default)s)",
-        ),
-        _ALL,
-    ),  # fmt: skip
-    (
-        ("--spectrogram",),
-        dict(
-            type=Path,
-            default=None,
-            metavar="PNG",
-            help="also draw each written WAV's log-mel "
-            "spectrogram to this PNG (named like the WAVs: x.png, x.rank1.png; a folder with "
-            "--prompts-file); needs matplotlib",
-        ),
-        _GEN,
-    ),  # fmt: skip
-    (
-        ("--low-memory",),
-        dict(
-            action=argparse.BooleanOptionalAction,
-            default=None,
-            help="load each component only "
-            "while it runs (default: on for one prompt, off for a prompts file and the demo)",
-        ),
-        _ALL,
-    ),  # fmt: skip
-    (
-        ("--cpu-attention",),
-        dict(
-            action="store_true",
-            help="the C++ attention kernel for the UNet on the CPU where "
-            "it is faster here (built on first use, needs a C++ compiler)",
-        ),
-        _ALL,
-    ),  # fmt: skip
-    (
-        ("--compile",),
-        dict(
-            action="store_true",
-            help="run the UNet under torch.compile (minutes to compile first: "
-            "for many steps or prompts, on a GPU)",
-        ),
-        _GEN,
-    ),  # fmt: skip
-    (
-        ("--cuda-graphs",),
-        dict(action="store_true", help="replay each denoising loop from a CUDA graph (CUDA devices only)"),
-        _GEN,
-    ),  # fmt: skip
-    (
-        ("--plain",),
-        dict(
-            action="store_true",
-            help="the plain reference model, without the speed layer's exact rewrites (audioldm2_core.fast)",
-        ),
-        _GEN,
-    ),  # fmt: skip
-    (
-        ("--host",),
-        dict(default="127.0.0.1", help="address to serve on; 0.0.0.0 for every interface"),
-        (DEMO,),
-    ),
+    (("--seed",), dict(type=int, default=None, help="random seed (same seed, same audio as diffusers)"), _GEN),
+    (("--candidates",), dict(type=int, default=1, dest="num_waveforms_per_prompt", help="waveforms per prompt, "
+                             "ranked by CLAP; best is written"), _GEN),
+    (("--all-candidates",), dict(action="store_true", help="also write every candidate, named by rank"), _GEN),
+    (("--device",), dict(default="auto", help="torch device: auto (CUDA, then MPS, then the CPU), cpu, cuda, "
+                         "cuda:1, mps (default: %(default)s)"), _ALL),
+    (("--dtype",), dict(default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype; "
+                        "auto: float16 on CUDA, bfloat16 on CPUs with native bfloat16 (AVX-512 BF16, AMX), else "
+                        "float32, which gives diffusers' float32 audio to rounding (default: %(default)s)"), _ALL),
+    (("--spectrogram",), dict(type=Path, default=None, metavar="PNG", help="also draw each written WAV's log-mel "
+                              "spectrogram to this PNG (named like the WAVs: x.png, x.rank1.png; a folder with "
+                              "--prompts-file); needs matplotlib"), _GEN),
+    (("--low-memory",), dict(action=argparse.BooleanOptionalAction, default=None, help="load each component only "
+                             "while it runs (default: on for one prompt, off for a prompts file and the demo)"),
+     _ALL),
+    (("--cpu-attention",), dict(action=argparse.BooleanOptionalAction, default=None, help="the C++ attention "
+                                "kernel for the UNet's self-attentions on the CPU, where it is faster here (built "
+                                "once, needs a C++ compiler; default: on where it can be built, off with "
+                                f"{KERNEL_ENV}=0)"), _ALL),
+    (("--prepare",), dict(nargs="*", type=float, metavar="SECONDS", help="build the attention kernel and time this "
+                          "CPU's fastest routes for these lengths (default: the model's) with this --model, "
+                          "--dtype and --candidates, then exit: later runs start without that work"), (ONE,)),
+    (("--compile",), dict(action="store_true", help="run the UNet under torch.compile (minutes to compile first: "
+                          "for many steps or prompts, on a GPU)"), _GEN),
+    (("--cuda-graphs",), dict(action="store_true", help="replay each denoising loop from a CUDA graph (CUDA "
+                              "devices only)"), _GEN),
+    (("--plain",), dict(action="store_true", help="the plain reference model, without the speed layer's exact "
+                        "rewrites (audioldm2_core.fast)"), _GEN),
+    (("--host",), dict(default="127.0.0.1", help="address to serve on; 0.0.0.0 for every interface"), (DEMO,)),
     (("--port",), dict(type=int, default=7860, help="port to serve on (default: %(default)s)"), (DEMO,)),
     (("--share",), dict(action="store_true", help="also serve through a public gradio.live link"), (DEMO,)),
     (("--quiet",), dict(action="store_true", help="no progress bar"), _GEN),
     (("--debug",), dict(action="store_true", help="on an error, show the traceback too"), _ALL),
 ]
+# fmt: on
 # request field -> the flag that sets it
 FLAG_OF = {
     kw.get("dest", names[-1].lstrip("-").replace("-", "_")): names[-1]
@@ -345,9 +161,17 @@ def flagged(error: BaseException) -> BaseException:
 
 
 def load_options(args: argparse.Namespace, device: str, dtype: str, low_memory: bool) -> LoadOptions:
-    """The pipeline's load options from the flags (device and dtype resolved)."""
+    """The pipeline's load options from the flags (device and dtype resolved). The attention kernel: the flag's
+    choice, else ``AUDIOLDM2_CPU_ATTENTION``'s, else on for a CPU run it is written for (``speed_lines`` builds
+    it, or says in one line why PyTorch's attention runs instead)."""
+    from .fast import cpu_attention
+
+    fast = not getattr(args, "plain", False)
+    kernel = args.cpu_attention
+    if kernel is None and os.environ.get(KERNEL_ENV) is None and device.startswith("cpu") and fast:
+        kernel = cpu_attention.supported()
     return LoadOptions(args.model, args.revision, device, dtype, low_memory, getattr(args, "compile", False),
-                       getattr(args, "cuda_graphs", False), not getattr(args, "plain", False))  # fmt: skip
+                       getattr(args, "cuda_graphs", False), fast, kernel)  # fmt: skip
 
 
 def parse_ranges(values: list[str], flag: str, unit: str) -> list[tuple[float, float]]:
@@ -383,27 +207,74 @@ def save_spectrogram(path: Path, audio, sample_rate: int, title: str) -> None:
 
 
 def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
-    """``--device auto``: CUDA, then MPS, then the CPU; ``--dtype auto``: float16 on CUDA, else float32. A
-    device this machine does not have is refused."""
+    """``--device auto``: CUDA, then MPS, then the CPU; ``--dtype auto``: float16 on CUDA, bfloat16 on a CPU with
+    native bfloat16 arithmetic (``fast.native_bfloat16``), else float32. A device this machine does not have is
+    refused."""
     from .pipeline import check_device, resolve_device
 
     resolved = resolve_device(device)
     check_device(resolved)
     if dtype == "auto":
-        dtype = "float16" if resolved.type == "cuda" else "float32"
+        from .fast import native_bfloat16
+
+        cpu_bf16 = resolved.type == "cpu" and native_bfloat16()
+        dtype = "float16" if resolved.type == "cuda" else "bfloat16" if cpu_bf16 else "float32"
     return str(resolved), dtype
 
 
-def device_line(device: str, dtype: str) -> str:
-    """The one line printed at start: where and in what precision the model runs."""
+def device_line(options: LoadOptions, asked: str = "") -> str:
+    """The one line printed at start: where and in what precision the model runs, with the attention kernel
+    where it is chosen (``asked``: the --dtype flag; where ``auto`` picked a reduced precision, how to get the
+    exact route)."""
     import torch
 
-    where = torch.device(device)
+    from .fast import cpu_attention
+
+    where, dtype = torch.device(options.device), options.dtype
+    if asked == "auto" and dtype != "float32":
+        why = "native bfloat16 on this CPU" if where.type == "cpu" else "a GPU"
+        dtype += f" (auto: {why}; --dtype float32 gives diffusers' float32 audio to rounding)"
     if where.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(where)}), {dtype}"
+        return f"{options.device} ({torch.cuda.get_device_name(where)}), {dtype}"
     if where.type == "cpu":
-        return f"cpu, {dtype}, {torch.get_num_threads()} threads (no CUDA or MPS device found)"
-    return f"{device}, {dtype}"
+        kernel = (
+            ", the C++ attention kernel"
+            if options.fast and cpu_attention.chosen(options.cpu_attention)
+            else ""
+        )
+        return f"cpu, {dtype}{kernel}, {torch.get_num_threads()} threads (no CUDA or MPS device found)"
+    return f"{options.device}, {dtype}"
+
+
+def speed_lines(prog: str, options: LoadOptions, quiet: bool) -> LoadOptions:
+    """The speed layer's one-time work on a new machine, said in one line (timing its routes, building the
+    attention kernel), and the options with the kernel built where they choose it; where it cannot be built (no
+    compiler, a failed build), one line says so and the options run PyTorch's attention: never an error."""
+    import dataclasses
+
+    import torch
+
+    from .fast import cpu_attention, timed_here
+
+    if not str(options.device).startswith("cpu") or not options.fast:
+        return options
+    kernel = cpu_attention.chosen(options.cpu_attention)
+    new = not timed_here(getattr(torch, DTYPE_NAMES[options.dtype]))
+    building = kernel and cpu_attention.supported() and not cpu_attention.library().is_file()
+    if (new or building) and not quiet:
+        work = ["timing this CPU's fastest routes, once: ~10 s" if new else "", "building the attention kernel, once:"
+                " ~15 s" if building else ""]  # fmt: skip
+        print(
+            f"{prog}: {'; '.join(w for w in work if w)} (audioldm2 --prepare does it ahead)", file=sys.stderr
+        )
+    if not kernel:
+        return options
+    try:
+        cpu_attention.build()
+        return dataclasses.replace(options, cpu_attention=True)
+    except RuntimeError as e:  # no compiler, a failed build, a CPU it is not written for: PyTorch's runs
+        print(f"{prog}: {str(e).split(cpu_attention.WITHOUT)[0]}; PyTorch's attention runs", file=sys.stderr)
+        return dataclasses.replace(options, cpu_attention=False)
 
 
 def error_line(error: BaseException) -> str:
@@ -466,5 +337,5 @@ def load_pipeline(prog: str, options: LoadOptions):
         return AudioLDM2.from_pretrained(
             options.model, revision=options.revision, device=options.device, dtype=options.dtype,
             low_memory=options.low_memory, compile=options.compile, cuda_graphs=options.cuda_graphs,
-            fast=options.fast,
+            fast=options.fast, cpu_attention=options.cpu_attention,
         )  # fmt: skip

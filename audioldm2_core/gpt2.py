@@ -234,17 +234,22 @@ def _language_model_weights(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     The one place where the file and our module differ. ``wte`` is what makes the file a ``GPT2Model``; its
     absence means some other file. ``h.N.attn.bias`` / ``h.N.attn.masked_bias`` are constant mask tables
     that transformers < 4.31 saved and that transformers ignores on load (``_keys_to_ignore_on_load_unexpected``).
+    A ``GPT2LMHeadModel`` folder (what a pipeline built for transformers 5 saves, as diffusers' own tests build
+    it) holds the same tensors under ``transformer.``, and ``lm_head.weight`` only when untied: never used.
     """
+    head = ckpt.index["language_model"][1] == "GPT2LMHeadModel"
+    prefix = "transformer." if head else ""
+    skip = {prefix + "wte.weight", "lm_head.weight"} if head else {"wte.weight"}
     seen: list[str] = []
 
     def wanted(key: str) -> bool:
         seen.append(key)
-        return key != "wte.weight" and not key.endswith((".attn.bias", ".attn.masked_bias"))
+        return key not in skip and not key.endswith((".attn.bias", ".attn.masked_bias"))
 
     state = ckpt.read_weights("language_model", select=wanted)
-    if "wte.weight" not in seen:
-        raise WeightsError(f"{ckpt.root}/language_model: no wte.weight; not a GPT2Model file")
-    return state
+    if prefix + "wte.weight" not in seen:
+        raise WeightsError(f"{ckpt.root}/language_model: no {prefix}wte.weight; not a GPT-2 file")
+    return {k.removeprefix(prefix): v for k, v in state.items()}
 
 
 def load_gpt2(

@@ -31,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .config import ConfigFile
 from .errors import CheckpointError, UsageTypeError, WeightsError
 
 __all__ = [
@@ -52,7 +53,8 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "text_encoder": ("ClapModel",),
     "text_encoder_2": ("T5EncoderModel", "VitsModel"),  # VitsModel: the speech checkpoints' phoneme encoder
     "projection_model": ("AudioLDM2ProjectionModel",),
-    "language_model": ("GPT2Model",),
+    # GPT2LMHeadModel: what a pipeline built for transformers 5 saves (the hub has GPT2Model)
+    "language_model": ("GPT2Model", "GPT2LMHeadModel"),
     "unet": ("AudioLDM2UNet2DConditionModel",),
     "vae": ("AutoencoderKL",),
     "vocoder": ("SpeechT5HifiGan",),
@@ -131,12 +133,12 @@ class Checkpoint:
             raise CheckpointError(f"{self.source}: component folder {component}/ is missing ({path})")
         return path
 
-    def config(self, component: str) -> dict:
-        """The parsed config file of a component."""
+    def config(self, component: str) -> ConfigFile:
+        """The parsed config file of a component (a dict that knows its path, for the config's errors)."""
         folder = self.folder(component)
         for name in _CONFIG_NAMES:
             if (folder / name).is_file():
-                return _read_json(folder / name)
+                return ConfigFile(_read_json(folder / name), folder / name)
         raise CheckpointError(
             f"{self.source}: {component}/ has no config file ({' or '.join(_CONFIG_NAMES)})"
         )
@@ -319,8 +321,7 @@ def _read_safetensors(path: Path, select: Callable[[str], bool] | None) -> dict[
     """The selected tensors of a safetensors file, as views of one private memory map of the file.
 
     ``safe_open`` reads and checks the header; the views are made here rather than by ``get_tensor``, which
-    costs three times as much per tensor, enough to show in a pipeline's load (``benchmarks/RESULTS.md``,
-    session 6). Where each tensor lies follows from the sizes of those before it, in the data section that
+    costs several times as much per tensor (``benchmarks/RESULTS.md``). Where each tensor lies follows from the sizes of those before it, in the data section that
     follows the header: the format leaves no gap between tensors, which ``safe_open`` checks.
 
     A map costs nothing up front (no copy, no allocation); pages come from the page cache, shared with every
@@ -375,8 +376,7 @@ def release_pages(t: torch.Tensor) -> None:
 
     For a tensor loaded as a copy in another dtype or on another device: without this, the file's pages it was
     read from stay in the process (its RSS) until the whole map goes, that is until the last tensor of the
-    file is loaded, so a bfloat16 load would peak at its copies plus the float32 file (3.3 GB against 2.2 GB
-    for the loaded pipeline, ``benchmarks/RESULTS.md``). Only pages of a private map of an unchanged file are
+    file is loaded, so a bfloat16 load would peak at its copies plus the whole float32 file. Only pages of a private map of an unchanged file are
     dropped, and only those no other tensor shares: read again, such a page comes back from the file as it
     was. Elsewhere (a tensor of a pickle, or not from a file) this does nothing.
     """

@@ -12,8 +12,9 @@ every random draw follows diffusers' order and shapes.
 The components are public attributes under diffusers' names (``pipe.unet``, ``pipe.vae``, ...), which a user
 may read, modify, hook or replace. They are loaded by a ``Residency`` (``residency.py``: all up front, or with
 ``low_memory`` each for its stage) and, with ``fast=True`` (the default), go through the speed layer's exact
-rewrites (``fast.py``) on load; ``compile=`` wraps the UNet in ``torch.compile`` and ``cuda_graphs=`` replays
-the guided denoiser from a CUDA graph (both off by default; ``fast.py`` and ``CudaGraphDenoiser``). The stages
+rewrites (``fast/``) on load (``cpu_attention=`` adds the C++ attention kernel); ``compile=`` wraps the UNet in
+``torch.compile`` and ``cuda_graphs=`` replays the guided denoiser from a CUDA graph (both off by default;
+``fast.compiled``, ``fast.CudaGraphDenoiser``). The stages
 (``encode_prompt``, ``denoise``, ``encode_audio``, ``decode``) work under autograd; only ``__call__`` runs in
 inference mode. On a GPU, float16 runs the VAE and the vocoder in float32, where float16 overflows.
 
@@ -40,7 +41,14 @@ from . import conditioning, editing, generate
 from . import fast as fast_layer
 from .clap_audio import load_clap_audio
 from .clap_text import load_clap_text
-from .config import feature_extractor_config, scheduler_config, unet_config, vae_config, vocoder_config
+from .config import (
+    feature_extractor_config,
+    gpt2_config,
+    scheduler_config,
+    unet_config,
+    vae_config,
+    vocoder_config,
+)
 from .errors import ConfigError, UsageError
 from .gpt2 import load_gpt2
 from .loading import Checkpoint, open_checkpoint
@@ -172,11 +180,11 @@ class AudioLDM2:
 
     def __init__(self, ckpt: Checkpoint, device=None, dtype: torch.dtype | str = torch.float32,
                  low_memory: bool = False, compile: bool | dict = False, cuda_graphs: bool = False,
-                 fast: bool = True):  # fmt: skip
+                 fast: bool = True, cpu_attention: bool | None = None):  # fmt: skip
         self.ckpt, self.device = ckpt, resolve_device(device)
         check_device(self.device)
         self.options = LoadOptions(str(ckpt.source), None, str(self.device), _dtype_name(dtype), low_memory,
-                                   compile, cuda_graphs, fast)  # fmt: skip
+                                   compile, cuda_graphs, fast, cpu_attention)  # fmt: skip
         self.options.check()
         self.dtype = getattr(torch, DTYPE_NAMES[self.options.dtype])
         # float16 overflows in the VAE's and the vocoder's activations: they run in float32 then
@@ -187,7 +195,7 @@ class AudioLDM2:
         self.unet_config, self.vae_config = unet_config(ckpt.config("unet")), vae_config(ckpt.config("vae"))
         self.vocoder_config = vocoder_config(ckpt.config("vocoder"))
         self.scheduler_config = scheduler_config(ckpt.config("scheduler"))
-        self.max_new_tokens = ckpt.config("language_model").get("max_new_tokens", 8)
+        self.max_new_tokens = gpt2_config(ckpt.config("language_model")).max_new_tokens  # 8; speech 512
         if self.vocoder_config.model_in_dim % self.vae_config.scale_factor != 0:
             raise ConfigError(f"vocoder mel bins {self.vocoder_config.model_in_dim} are not divisible by the VAE "
                               f"scale factor {self.vae_config.scale_factor}")  # fmt: skip
@@ -202,18 +210,20 @@ class AudioLDM2:
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path = "cvssp/audioldm2", *, revision: str | None = None,
                         device=None, dtype: torch.dtype | str = torch.float32, low_memory: bool = False,
-                        compile: bool | dict = False, cuda_graphs: bool = False, fast: bool = True) -> AudioLDM2:  # fmt: skip
+                        compile: bool | dict = False, cuda_graphs: bool = False, fast: bool = True,
+                        cpu_attention: bool | None = None) -> AudioLDM2:  # fmt: skip
         """Load an official checkpoint: a local pipeline folder or a hub repo id (optionally a revision).
         ``device=None`` (or "auto"): CUDA if there is one, else MPS, else the CPU (``resolve_device``).
-        ``fast=False``: the plain reference model, without the speed layer."""
+        ``fast=False``: the plain reference model, without the speed layer; ``cpu_attention``: the C++ attention
+        kernel where it pays (None: as ``AUDIOLDM2_CPU_ATTENTION`` says)."""
         return cls(open_checkpoint(path_or_repo_id, revision), device, dtype, low_memory, compile, cuda_graphs,
-                   fast)  # fmt: skip
+                   fast, cpu_attention)  # fmt: skip
 
     def _prepared(self, name: str, module: Any) -> Any:
         """What loading adds to a component, from outside: the speed layer, the heap hooks of the decoders on
         the CPU (``residency.return_heap_before``), and ``torch.compile`` of the UNet."""
         if self.options.fast and isinstance(module, torch.nn.Module):
-            self.fast_decisions[name] = fast_layer.optimize(module)
+            self.fast_decisions[name] = fast_layer.optimize(module, cpu_attention=self.options.cpu_attention)
         if self.device.type == "cpu" and name in ("vae", "vocoder"):
             stages = module.decoder.up_blocks if name == "vae" else module.upsampler
             module.heap_hooks = return_heap_before(

@@ -264,9 +264,7 @@ class LoadOptions:
     compile: bool | dict = False  # torch.compile of the UNet (a dict: its options)
     cuda_graphs: bool = False
     fast: bool = True  # the speed layer's exact rewrites
-    cpu_attention: bool | None = (
-        None  # the C++ attention kernel; None: the environment's AUDIOLDM2_CPU_ATTENTION
-    )
+    cpu_attention: bool | None = None  # the C++ attention kernel; None: as AUDIOLDM2_CPU_ATTENTION says
 
     def check(self) -> None:
         if self.dtype not in DTYPE_NAMES:

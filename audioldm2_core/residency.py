@@ -63,10 +63,9 @@ def heap_state() -> tuple[int, int, int] | None:
 
 
 def return_pays(rss: int, peak: int, free: int) -> bool:
-    """Whether handing the free heap back can lower the process's peak RSS. The free heap is resident and is
-    reused first; the part of it a later allocation cannot reuse is what sits under a later peak, at most
-    ``rss + free`` if the next stage needs as much again. When even that stays below the peak so far, the peak
-    is elsewhere and a trim would only cost the page faults of memory taken back."""
+    """Whether handing the free heap back can lower the process's peak RSS: the part of the free heap a later
+    allocation cannot reuse sits under a later peak, at most ``rss + free``; below the peak so far a trim would
+    only cost the page faults of memory taken back."""
     return rss + free >= peak
 
 

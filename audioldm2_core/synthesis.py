@@ -72,6 +72,7 @@ from .frontend import (
     parse,
     resolve_device_and_dtype,
     save_spectrogram,
+    speed_lines,
 )
 from .manifest import (
     MANIFEST,
@@ -582,7 +583,7 @@ class RunOptions:
     all_candidates: bool = False
     spectrogram: Path | None = None  # a folder for one PNG per WAV
     quiet: bool = False
-    cpu_attention: bool = False
+    asked_dtype: str = ""  # --dtype as given ("auto": the first line says what it picked)
 
     def context(self) -> Context:
         d = self.defaults
@@ -619,7 +620,7 @@ def options_from(args, layout: Layout) -> RunOptions:
     device, dtype = resolve_device_and_dtype(rank_device(args.device, layout), args.dtype)
     return RunOptions(args.prompts_file, Path(args.output or "."), defaults, args.seed,
                       load_options(args, device, dtype, low_memory=bool(args.low_memory)), args.batch_size,
-                      args.shard, args.all_candidates, args.spectrogram, args.quiet, args.cpu_attention)  # fmt: skip
+                      args.shard, args.all_candidates, args.spectrogram, args.quiet, args.dtype)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -649,7 +650,7 @@ def run(options: RunOptions, layout: Layout | None = None, debug: bool = False) 
     except Exception as e:
         return fail("audioldm2", e, debug, 2, _who(layout))
     if not options.quiet:
-        print(f"audioldm2: {device_line(options.load.device, options.load.dtype)}", file=sys.stderr)
+        print(f"audioldm2: {device_line(options.load, options.asked_dtype)}", file=sys.stderr)
     try:
         options.folder.mkdir(parents=True, exist_ok=True)
         log = RankLog(options.folder / RANK_MANIFEST.format(layout.rank))
@@ -689,11 +690,8 @@ def _generate(options: RunOptions, layout: Layout, log: RankLog, total: int, tod
 
     if options.load.device.startswith("cuda:"):
         torch.cuda.set_device(torch.device(options.load.device))
-    if options.cpu_attention:
-        from . import cpu_attention
-
-        cpu_attention.enable()
-    pipe = load_pipeline("audioldm2", options.load)  # before the bar: a load failure is the next line
+    load = speed_lines("audioldm2", options.load, options.quiet)
+    pipe = load_pipeline("audioldm2", load)  # before the bar: a load failure is the next line
     pictures = options.spectrogram
 
     def written(wav: Path, job: Job, waveforms) -> None:

@@ -37,7 +37,7 @@ Quirks, all as in the reference:
 
 This file is the plain computation, module by module as diffusers writes it. The exact rewrites that make
 inference faster (folded cross-attention, fused GEGLU, phase upsampling, oneDNN linears, ...) live in
-``fast.py`` and are applied to a loaded model from outside; they stand aside for hooked or replaced modules.
+the speed layer (``fast/``) and are applied to a loaded model from outside; they stand aside for hooked or replaced modules.
 
 Left out on purpose: class/timestep-cond embeddings, attention processors and slicing, gradient
 checkpointing, dropout, FreeU, adapter registries (wrap or replace a module instead), ``return_dict``.
@@ -239,11 +239,11 @@ class DownBlock(nn.Module):
         context_dims: tuple[int | None, ...],
         transformer_layers: int,
         heads: int,
+        num_resnets: int,
         add_downsample: bool,
     ):
         super().__init__()
-        g, eps, temb = cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim
-        n = cfg.layers_per_block
+        g, eps, temb, n = cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim, num_resnets
         self.per_resnet = len(context_dims)  # transformers after each resnet
         self.resnets = nn.ModuleList(
             [ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb, g, eps) for i in range(n)]
@@ -296,11 +296,11 @@ class UpBlock(nn.Module):
         context_dims: tuple[int | None, ...],
         transformer_layers: int,
         heads: int,
+        num_resnets: int,
         add_upsample: bool,
     ):
         super().__init__()
-        g, eps, temb = cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim
-        n = cfg.layers_per_block + 1  # one more resnet than a down block: it also eats the downsampler's skip
+        g, eps, temb, n = cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim, num_resnets
         # Resnet i takes (previous output ++ skip); the last skip comes from the coarser level (skip_ch).
         ins = [(prev_ch if i == 0 else out_ch) + (skip_ch if i == n - 1 else out_ch) for i in range(n)]
         self.per_resnet = len(context_dims)
@@ -328,7 +328,8 @@ class AudioLDM2UNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         ch, n = cfg.block_out_channels, len(cfg.block_out_channels)
-        self.context_dims = cfg.cross_attention_dims[0]  # the same list in every block (checked by config.py)
+        # The same list in every block with transformers (checked by config.py); the mid block has them.
+        self.context_dims = cfg.cross_attention_dims[-1]
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim)
         self.down_blocks = nn.ModuleList(
@@ -340,6 +341,7 @@ class AudioLDM2UNet(nn.Module):
                     cfg.cross_attention_dims[i] if cfg.down_attn[i] else (),
                     cfg.transformer_layers[i],
                     cfg.num_heads[i],
+                    cfg.layers_per_block[i],
                     add_downsample=i < n - 1,
                 )
                 for i in range(n)
@@ -358,6 +360,8 @@ class AudioLDM2UNet(nn.Module):
                     cfg.cross_attention_dims[n - 1 - i] if cfg.up_attn[i] else (),
                     cfg.transformer_layers[n - 1 - i],
                     cfg.num_heads[n - 1 - i],
+                    cfg.layers_per_block[n - 1 - i]
+                    + 1,  # one more resnet: it also eats the downsampler's skip
                     add_upsample=i < n - 1,
                 )
                 for i in range(n)

@@ -6,7 +6,7 @@
     python benchmarks/bench.py --plain               # ours without the speed layer (fast=False)
     python benchmarks/bench.py --tiny --steps 1      # a tiny random checkpoint, seconds (as tests/test_bench.py)
     python benchmarks/bench.py --baseline ../old     # ours against another checkout's audioldm2_core
-    python benchmarks/bench.py --cpu-attention       # ours with the C++ attention kernel (cpu_attention.py)
+    python benchmarks/bench.py --cpu-attention       # ours with the C++ attention kernel (fast/cpu_attention.py)
     python benchmarks/bench.py --first-run           # ours as on a new machine: timing its rewrites as it runs
     python benchmarks/bench.py --device cuda --dtype float16 --cuda-graphs   # on a GPU (issue 6's GPU path)
 
@@ -26,7 +26,7 @@ is not modified; a compiled UNet is timed around its call): text encoders = CLAP
 denoising = every UNet forward, VAE = ``decode``, vocoder = ``forward``. "generate" is the whole call;
 "load" is ``from_pretrained`` (imports not included; they are shown on their own row).
 
-Ours runs as ``AudioLDM2.from_pretrained`` loads it: through the speed layer (``audioldm2_core/fast.py``),
+Ours runs as ``AudioLDM2.from_pretrained`` loads it: through the speed layer (``audioldm2_core/fast/``),
 whose rewrites are decided per CPU, so the report names the CPU and lists which rewrites were on;
 ``--plain`` benchmarks the plain reference model (``fast=False``) instead.
 
@@ -230,6 +230,16 @@ def rotation_table(
             f"{statistics.median(ratios):.3f}x | {', '.join(f'{x:.2f}' for x in ratios)} | {err:.2e} |"
         )
     return lines
+
+
+def same_weights(module):
+    """A second module object holding the very tensors of ``module`` (no copy of a weight): a variant that the
+    speed layer optimizes otherwise (``fast.optimize(copy, cpu_attention=True)``) while the first stays as it is."""
+    import copy
+
+    copied = copy.deepcopy(module, memo={id(t): t for t in (*module.parameters(), *module.buffers())})
+    assert all(a is b for a, b in zip(module.parameters(), copied.parameters(), strict=True))
+    return copied
 
 
 def decision_lines(decisions: dict) -> list[str]:
@@ -477,12 +487,11 @@ def _ours(spec: dict, dtype, timer: StageTimer):
     from audioldm2_core.vocoder import SpeechT5HifiGan
 
     t0 = time.perf_counter()
-    if spec.get("cpu_attention"):  # loading the built kernel counts as load time (~1 ms)
-        from audioldm2_core import cpu_attention
-
-        cpu_attention.enable()
-    # Options only where they differ from the defaults: a --baseline checkout may predate them.
-    options = {k: spec[k] for k in ("compile", "cuda_graphs") if spec.get(k) not in (None, False)}
+    # Options only where they differ from the defaults: a --baseline checkout may predate them. (Loading the
+    # built kernel for cpu_attention counts as load time, ~1 ms.)
+    options = {
+        k: spec[k] for k in ("compile", "cuda_graphs", "cpu_attention") if spec.get(k) not in (None, False)
+    }
     options["device"] = spec.get("device", "cpu")  # the device is always named: None would pick a GPU
     if spec.get("fast", True) is False:  # --plain: without the speed layer
         options["fast"] = False
@@ -497,15 +506,15 @@ def _ours(spec: dict, dtype, timer: StageTimer):
     if spec["compile"]:  # the pipeline's compiled UNet (resident), timed around its call
         timer.wrap(pipe.unet, "forward", "denoising")
     else:  # the speed layer's UNet subclass overrides forward: time both (a nested call counts once)
-        from audioldm2_core import fast
-
-        for cls in (AudioLDM2UNet, getattr(fast, "FastUNet", None)):  # a --baseline checkout may predate it
-            if cls is not None:
+        for cls in (AudioLDM2UNet, *AudioLDM2UNet.__subclasses__()):  # a --baseline checkout may have none
+            if "forward" in vars(cls):
                 timer.wrap(cls, "forward", "denoising")
     if spec.get("cuda_graphs"):  # a replayed step calls no forward: time the guided call (with its 3 adds)
         from audioldm2_core import fast
 
-        graphed = getattr(fast, "CudaGraphDenoiser", None) or P.CudaGraphDenoiser  # a --baseline may predate it
+        graphed = (
+            getattr(fast, "CudaGraphDenoiser", None) or P.CudaGraphDenoiser
+        )  # a --baseline may predate it
         timer.wrap(graphed, "__call__", "denoising")
     timer.wrap(AutoencoderKLDecoder, "decode", "VAE")
     timer.wrap(SpeechT5HifiGan, "forward", "vocoder")
@@ -638,7 +647,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--cpu-attention",
         action="store_true",
-        help="ours: the C++ attention kernel (audioldm2_core.cpu_attention)",
+        help="ours: the C++ attention kernel (audioldm2_core.fast.cpu_attention)",
     )
     p.add_argument(
         "--first-run",
@@ -677,9 +686,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.cpu_attention:  # built here once (~12 s), so that the runs only load it
         sys.path.insert(0, str(ROOT))
-        from audioldm2_core import cpu_attention
+        from audioldm2_core.fast import cpu_attention
 
-        cpu_attention.enable()
+        cpu_attention.build()
     other = "baseline" if args.baseline else "diffusers"
     specs = {
         other: dict(

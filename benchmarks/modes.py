@@ -5,7 +5,8 @@
     python benchmarks/modes.py --tiny --prompts 2 --steps 2     # smoke run
 
 Modes (ours, speed layer on): ``float32`` (the reference), ``float32+kernel`` (the C++ attention kernel,
-``cpu_attention``), ``bfloat16`` and ``bfloat16+kernel``. The bfloat16 modes are offered only where the CPU
+``fast.cpu_attention``: a UNet on the same weights optimized with ``cpu_attention=True``), ``bfloat16`` and
+``bfloat16+kernel``. The bfloat16 modes are offered only where the CPU
 has native bfloat16 (AVX-512 BF16 or AMX: the pipeline's own test, oneDNN's bfloat16 matmul); elsewhere
 oneDNN runs reference kernels hundreds of times slower, and they are left out, saying so.
 
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
     import torch
 
-    from audioldm2_core import cpu_attention
+    from audioldm2_core import fast
+    from audioldm2_core.fast import cpu_attention
     from audioldm2_core.noise import randn
     from audioldm2_core.pipeline import AudioLDM2
 
@@ -102,17 +104,23 @@ def main(argv: list[str] | None = None) -> None:
 
     pipes = {}
     for dtype in dict.fromkeys("bfloat16" if "bfloat16" in m else "float32" for m in modes):
-        pipes[dtype] = AudioLDM2.from_pretrained(ckpt, dtype=getattr(torch, dtype), device="cpu")
-    if any("kernel" in m for m in modes):
-        cpu_attention.enable()  # built here if it is not yet, before anything is timed
+        pipes[dtype] = AudioLDM2.from_pretrained(
+            ckpt, dtype=getattr(torch, dtype), device="cpu", cpu_attention=False
+        )
+    unets = {}  # mode -> its UNet: the pipeline's, or with the kernel one on the same weights (built here)
+    for m in modes:
+        unets[m] = pipes["bfloat16" if "bfloat16" in m else "float32"].unet
+        if "kernel" in m:
+            unets[m] = bench.same_weights(unets[m])
+            fast.optimize(unets[m], cpu_attention=True)
 
     # the starting noise of every mode, as the float32 pipeline draws it
     shape = pipes["float32"].latent_shape(args.length)
     noise = randn(shape, torch.Generator().manual_seed(bench.SEED), dtype=torch.float32)
 
     def generate(mode: str, prompt: str, steps: int = args.steps):
-        cpu_attention.enable("kernel" in mode)
         pipe = pipes["bfloat16" if "bfloat16" in mode else "float32"]
+        pipe.unet = unets[mode]
         return pipe(
             prompt,
             negative_prompt=bench.NEGATIVE,
@@ -133,7 +141,6 @@ def main(argv: list[str] | None = None) -> None:
             waves[m].append(np.asarray(generate(m, prompt), dtype=np.float64))
             times[m].append(time.perf_counter() - t0)
             print(f"[{i + 1}/{len(prompts)}] {m}: {times[m][-1]:.2f} s", file=sys.stderr, flush=True)
-    cpu_attention.enable(False)
 
     scorer = pipes["float32"]
     scores = {}

@@ -3,7 +3,7 @@ OpenVINO, and ours, called in rotation in one process on the same weights.
 
     pip install openvino                                   # optional: never needed by the package or its tests
     python benchmarks/openvino_ab.py                       # the issue's workload (10.24 s, 20 DPM++ steps), 3 rounds
-    python benchmarks/openvino_ab.py --cpu-attention       # + ours with audioldm2_core.cpu_attention
+    python benchmarks/openvino_ab.py --cpu-attention       # + ours with audioldm2_core.fast.cpu_attention
     python benchmarks/openvino_ab.py --dtype bfloat16 --cpu-attention   # the bfloat16 routes (see below)
     python benchmarks/openvino_ab.py --tiny --rounds 1     # smoke run on a tiny random checkpoint
     python benchmarks/openvino_ab.py --rounds 0 --profile 3   # OpenVINO's per-node profile only (see below)
@@ -208,7 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tiny", action="store_true", help="tiny random checkpoint (smoke run)")
     p.add_argument("--checkpoint", help="a pipeline folder instead of the built random checkpoint")
     p.add_argument("--cache-dir", help="where bench.py builds its checkpoint")
-    p.add_argument("--cpu-attention", action="store_true", help="+ ours with audioldm2_core.cpu_attention")
+    p.add_argument(
+        "--cpu-attention", action="store_true", help="+ ours with audioldm2_core.fast.cpu_attention"
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="diffusers' and ours")
     p.add_argument(
         "--profile",
@@ -241,11 +243,15 @@ def main(argv: list[str] | None = None) -> None:
     diffusers_own = diffusers
     if dtype != torch.float32:  # diffusers itself in bfloat16, beside the float32 pipeline the IR comes from
         _, diffusers_own = bench._diffusers(spec, dtype, _NoStageTimes())
-    ours = bench._ours(spec, dtype, _NoStageTimes())[1] if args.rounds else None
-    from audioldm2_core import cpu_attention
+    ours_pipe, ours = bench._ours(spec, dtype, _NoStageTimes()) if args.rounds else (None, None)
+    from audioldm2_core import fast
 
-    if args.cpu_attention:
-        cpu_attention.enable()  # built here if it is not yet, before anything is timed
+    ours_unets = {}  # "ours" and "ours, cpu_attention": their UNets, on the same weights
+    if args.rounds:
+        ours_unets["ours"] = ours_unets["ours, cpu_attention"] = ours_pipe.unet
+    if args.rounds and args.cpu_attention:  # the kernel is built here if it is not yet, before any timing
+        ours_unets["ours, cpu_attention"] = bench.same_weights(ours_pipe.unet)
+        fast.optimize(ours_unets["ours, cpu_attention"], cpu_attention=True)
     torch_parts = (diffusers_pipe.unet, diffusers_pipe.vae, diffusers_pipe.vocoder)
     ov_parts, profiled, nodes = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -265,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
         # diffusers' pipeline keeps its modules in its config-registered attributes; set them directly
         for attr, module in zip(("unet", "vae", "vocoder"), parts, strict=True):
             diffusers_pipe.__dict__[attr] = module
-        cpu_attention.enable(name == "ours, cpu_attention")  # off around every other call
+        if name.startswith("ours"):
+            ours_pipe.unet = ours_unets[name]
         call = ours if name.startswith("ours") else diffusers_own if name == "diffusers" else diffusers
         return np.asarray(call(**overrides), dtype=np.float64)
 

@@ -2,7 +2,7 @@
 (optionally also with the C++ attention kernel) called in rotation on the same weights.
 
     python benchmarks/pipeline_ab.py                    # the issue's workload (10.24 s, 20 DPM++ steps), 5 rounds
-    python benchmarks/pipeline_ab.py --cpu-attention    # + ours with audioldm2_core.cpu_attention
+    python benchmarks/pipeline_ab.py --cpu-attention    # + ours with audioldm2_core.fast.cpu_attention
     python benchmarks/pipeline_ab.py --device cuda --dtype float16 --cuda-graphs --compile   # a GPU: + both
 
 Why next to ``bench.py``: its fresh processes are the measure of a one-shot run (load time, peak memory), but
@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tiny", action="store_true", help="tiny random checkpoint (the tests' smoke run)")
     p.add_argument("--checkpoint", help="a pipeline folder instead of the built random checkpoint")
     p.add_argument("--cache-dir", help="where bench.py builds its checkpoint")
-    p.add_argument("--cpu-attention", action="store_true", help="+ ours with audioldm2_core.cpu_attention")
+    p.add_argument(
+        "--cpu-attention", action="store_true", help="+ ours with audioldm2_core.fast.cpu_attention"
+    )
     args = p.parse_args(argv)
     if args.rounds < 1 or args.steps < 1:
         p.error("--rounds and --steps must be at least 1")
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
     import torch
 
-    from audioldm2_core import cpu_attention, fast
+    from audioldm2_core import fast
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -80,33 +82,34 @@ def main(argv: list[str] | None = None) -> None:
     _, diffusers = bench._diffusers(spec, dtype, _NoStageTimes())
     plain, plain_call = bench._ours(spec | dict(fast=False), dtype, _NoStageTimes())
     pipe, call = bench._ours(spec, dtype, _NoStageTimes())
-    # Each variant of ours: (its pipeline's call, the pipeline, kernel on, CUDA graphs on, UNet module), the
-    # last three set before each of its generations.
+    # Each variant of ours: (its pipeline's call, the pipeline, CUDA graphs on, UNet module), the last two set
+    # before each of its generations.
     unet = pipe.unet
     variants = {
-        "ours, plain": (plain_call, plain, False, False, plain.unet),
-        "ours": (call, pipe, False, False, unet),
+        "ours, plain": (plain_call, plain, False, plain.unet),
+        "ours": (call, pipe, False, unet),
     }
-    if args.cpu_attention:
-        cpu_attention.enable()  # built here if it is not yet, before anything is timed
-        variants["ours, cpu_attention"] = (call, pipe, True, False, unet)
+    kernel_unet = unet
+    if args.cpu_attention:  # the same weights; the kernel is built here if it is not yet, before any timing
+        kernel_unet = bench.same_weights(unet)
+        fast.optimize(kernel_unet, cpu_attention=True)
+        variants["ours, cpu_attention"] = (call, pipe, False, kernel_unet)
     if args.cuda_graphs:
-        variants["ours, CUDA graphs"] = (call, pipe, False, True, unet)
+        variants["ours, CUDA graphs"] = (call, pipe, True, unet)
     if args.compile:  # as compile=True does it; with the kernel when --cpu-attention is given
-        compiled = fast.compiled(unet, {}, torch.device(args.device))
-        variants["ours, compiled"] = (call, pipe, args.cpu_attention, False, compiled)
-        if args.cuda_graphs:
-            variants["ours, compiled + CUDA graphs"] = (call, pipe, False, True, compiled)
-    cpu_attention.enable(False)
+        compiled = fast.compiled(kernel_unet, {}, torch.device(args.device))
+        variants["ours, compiled"] = (call, pipe, False, compiled)
+        if args.cuda_graphs:  # (the kernel is the CPU's: without it)
+            graphed = compiled if kernel_unet is unet else fast.compiled(unet, {}, torch.device(args.device))
+            variants["ours, compiled + CUDA graphs"] = (call, pipe, True, graphed)
     names = ["diffusers", *variants]
 
     def generate(name: str, **overrides):
         if name == "diffusers":
             return np.asarray(diffusers(**overrides), dtype=np.float64)
-        variant_call, ours, kernel, cuda_graphs, unet_module = variants[name]
+        variant_call, ours, cuda_graphs, unet_module = variants[name]
         ours.options = dataclasses.replace(ours.options, cuda_graphs=cuda_graphs)
         ours.residency.modules["unet"] = unet_module
-        cpu_attention.enable(kernel)
         return np.asarray(variant_call(**overrides), dtype=np.float64)
 
     times, waves = bench.rotate(names, generate, args.rounds)

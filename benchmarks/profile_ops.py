@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--length", type=float, default=10.24, help="audio seconds (default 10.24)")
-    p.add_argument("--cpu-attention", action="store_true", help="ours with audioldm2_core.cpu_attention")
+    p.add_argument("--cpu-attention", action="store_true", help="ours with audioldm2_core.fast.cpu_attention")
     p.add_argument(
         "--top", type=int, default=8, help="the slowest operators listed per component (default 8)"
     )
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     from diffusers.pipelines.audioldm2.modeling_audioldm2 import AudioLDM2UNet2DConditionModel
     from transformers import SpeechT5HifiGan as HFHifiGan
 
-    from audioldm2_core import cpu_attention, fast
+    from audioldm2_core import fast
     from audioldm2_core.config import vocoder_config
     from audioldm2_core.loading import open_checkpoint
     from audioldm2_core.unet import load_unet
@@ -227,15 +227,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     ckpt = bench.resolve_checkpoint(args)
     checkpoint = open_checkpoint(ckpt)
-    if args.cpu_attention:
-        cpu_attention.enable()
     dtype = getattr(torch, args.dtype)
     ours = {
         "UNet": load_unet(checkpoint, dtype=dtype),
         "VAE decoder": load_vae(checkpoint, dtype=dtype),
         "vocoder": load_vocoder(checkpoint, dtype=dtype),
     }
-    decisions = {name: fast.optimize(m) for name, m in ours.items()}
+    decisions = {name: fast.optimize(m, cpu_attention=args.cpu_attention or None) for name, m in ours.items()}
     theirs = {
         "UNet": AudioLDM2UNet2DConditionModel.from_pretrained(ckpt / "unet", torch_dtype=dtype).eval(),
         "VAE decoder": AutoencoderKL.from_pretrained(ckpt / "vae", torch_dtype=dtype).eval(),
@@ -268,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     peak = peaks(dtype)
     results = {}
     # no_grad, not inference_mode as the pipeline: under a dispatch mode in inference mode a view (the UNet's
-    # flattened 1x1 projections) loses its base, and fast.packed_weight, which keeps packed weights per
+    # flattened 1x1 projections) loses its base, and fast.linears.packed_weight, which keeps packed weights per
     # parameter, would repack those on every profiled call (25 ms of a bfloat16 call), which a generation never
     # does
     with torch.no_grad():

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     pipe = AudioLDM2.from_pretrained(ckpt, dtype=getattr(torch, args.dtype))
 
-    # Count and time every UNet forward: the plain class's and the speed layer's subclass (fast.FastUNet
+    # Count and time every UNet forward: the plain class's and the speed layer's subclass (FastUNet
     # swaps the class of the loaded UNet), the outermost call only.
     calls, unet_s, depth = [0], [0.0], [0]
 

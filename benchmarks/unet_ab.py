@@ -8,8 +8,8 @@
 
 Variants: "plain" is our UNet as ``audioldm2_core.unet.load_unet`` builds it (the reference computation),
 "fast" a second load of the same weights through ``fast.optimize`` (``select="auto"``: the rewrites this CPU
-supports and that pay here; the output lists each decision), "fast, cpu_attention" the fast UNet with the
-kernel enabled around its calls, "fast, compiled" the fast UNet under ``torch.compile`` (as ``compile=True``;
+supports and that pay here; the output lists each decision), "fast, cpu_attention" the same weights optimized
+with ``cpu_attention=True``, "fast, compiled" the fast UNet under ``torch.compile`` (as ``compile=True``;
 with the kernel when ``--cpu-attention`` is given). A ``--baseline`` checkout's UNet goes through that
 checkout's own ``fast.optimize`` where it has one (as its pipeline loads it), inside ``reuse_context()``
 where it has that (older checkouts, whose pipeline loop entered it).
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--cpu-attention",
         action="store_true",
-        help="+ the fast UNet with audioldm2_core.cpu_attention (the same module)",
+        help="+ the fast UNet with audioldm2_core.fast.cpu_attention (the same weights)",
     )
     p.add_argument(
         "--compile",
@@ -97,24 +97,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.baseline:
         impls["baseline"], decisions["baseline"] = _load_baseline(Path(args.baseline).resolve(), ckpt, dtype)
     sys.path.insert(0, str(ROOT))  # from here on, audioldm2_core is this checkout's
-    from audioldm2_core import cpu_attention, fast
+    from audioldm2_core import fast
     from audioldm2_core.loading import open_checkpoint
     from audioldm2_core.unet import load_unet
 
     checkpoint = open_checkpoint(ckpt)
     impls["plain"] = load_unet(checkpoint, dtype=dtype)
     impls["fast"] = load_unet(checkpoint, dtype=dtype)  # a second load: "plain" keeps the plain classes
-    decisions["fast"] = fast.optimize(impls["fast"])
-    if args.cpu_attention:
-        cpu_attention.enable()  # built here if it is not yet, before anything is timed
-        impls["fast, cpu_attention"] = impls["fast"]
-    if args.compile:
-        from audioldm2_core.pipeline import _compiled
-
-        impls["fast, compiled"] = _compiled(impls["fast"], {}, torch.device("cpu"))  # as compile=True
-    # the variants that run with the kernel; it is off around every other call
-    kernel = {"fast, cpu_attention"} | ({"fast, compiled"} if args.cpu_attention else set())
-    cpu_attention.enable(False)
+    decisions["fast"] = fast.optimize(impls["fast"], cpu_attention=False)
+    if args.cpu_attention:  # the kernel is built here if it is not yet, before anything is timed
+        impls["fast, cpu_attention"] = bench.same_weights(impls["fast"])
+        decisions["fast, cpu_attention"] = fast.optimize(impls["fast, cpu_attention"], cpu_attention=True)
+    if args.compile:  # as compile=True, with the kernel when --cpu-attention is given
+        unet = impls["fast, cpu_attention" if args.cpu_attention else "fast"]
+        impls["fast, compiled"] = fast.compiled(unet, {}, torch.device("cpu"))
 
     cfg = impls["plain"].cfg
     g = torch.Generator().manual_seed(0)
@@ -132,7 +128,6 @@ def main(argv: list[str] | None = None) -> None:
                 encoder_attention_mask_1=mask,
                 return_dict=False,
             )[0]
-        cpu_attention.enable(name in kernel)
         return unet(sample, 500, gpt2, t5_states, mask)
 
     times: dict[str, list[float]] = {name: [] for name in impls}

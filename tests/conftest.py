@@ -11,6 +11,8 @@ from weights_tools.make_tiny import make_tiny
 # The tests compare with the reference on the CPU: device=None / --device auto means the CPU here even on a
 # machine with a GPU (and so in the CLI's subprocesses); the GPU tests ask for CUDA by name.
 os.environ.setdefault("AUDIOLDM2_DEVICE", "cpu")
+# ... and PyTorch's attention: the front ends' default C++ kernel rounds differently (its own tests turn it on)
+os.environ.setdefault("AUDIOLDM2_CPU_ATTENTION", "0")
 
 
 @pytest.fixture(scope="session")
@@ -27,15 +29,15 @@ def tiny_large(tmp_path_factory):
 
 @pytest.fixture
 def cpu_attention_on():
-    """audioldm2_core.cpu_attention enabled (built on first use, ~12 s, then cached), off again afterwards."""
-    from audioldm2_core import cpu_attention
+    """audioldm2_core.fast.cpu_attention loaded (built on first use, ~12 s, then cached): a model optimized
+    with ``cpu_attention=True`` routes its self-attentions to it."""
+    from audioldm2_core.fast import cpu_attention
     from tests.helpers import CPU_KERNEL
 
     if not CPU_KERNEL:  # the refusal itself is tested in test_cpu_attention.py and test_cli.py
         pytest.skip("the CPU attention kernel needs AVX-512 or AVX2")
-    cpu_attention.enable()
-    yield cpu_attention
-    cpu_attention.enable(False)
+    cpu_attention.build()
+    return cpu_attention
 
 
 @pytest.fixture(scope="session")

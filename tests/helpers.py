@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from audioldm2_core import cpu_attention
+from audioldm2_core.fast import cpu_attention
 
 
 def rel_err(ours, ref) -> float:
@@ -18,6 +18,6 @@ def rel_err(ours, ref) -> float:
     return diff / denom if denom > 0 else diff
 
 
-# audioldm2_core.cpu_attention is built for AVX-512 or AVX2 and refuses other CPUs with a clear error; the tests
+# audioldm2_core.fast.cpu_attention is built for AVX-512 or AVX2 and refuses other CPUs with a clear error; the tests
 # that run the kernel need such a CPU (this workplace's have one), those of the refusal run everywhere.
 CPU_KERNEL = cpu_attention.supported()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
+from audioldm2_core.fast import cpu_attention
 from tests.helpers import CPU_KERNEL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +74,8 @@ def test_a_new_sampler_end_to_end(tiny_base, tmp_path):
 
 def test_plain_flag(tiny_base, tmp_path):
     """``--plain`` runs the model without the speed layer: the same audio to float32 rounding."""
-    args = ["a bell", "--model", str(tiny_base), "--steps", "2", "--length", "1.0", "--seed", "5", "--quiet"]
+    args = ["a bell", "--model", str(tiny_base), "--steps", "2", "--length", "1.0", "--seed", "5", "--quiet",
+            "--dtype", "float32"]  # fmt: skip
     assert run(*args, "-o", str(tmp_path / "plain.wav"), "--plain").returncode == 0
     assert run(*args, "-o", str(tmp_path / "fast.wav")).returncode == 0
     plain, fast = sf.read(tmp_path / "plain.wav")[0], sf.read(tmp_path / "fast.wav")[0]
@@ -82,25 +85,31 @@ def test_plain_flag(tiny_base, tmp_path):
 
 def test_cpu_attention_flag(tiny_base, tmp_path):
     """--cpu-attention: the kernel is built (or found built) and used where it applies; the same audio within
-    float32 rounding. Without a compiler, or without AVX-512 or AVX2: one line saying what is missing, nothing written."""
-    args = ["wind in the trees", "--model", str(tiny_base), "--steps", "2", "--length", "1.0", "--seed", "1"]
+    float32 rounding. Without a compiler, or without AVX-512 or AVX2: one line saying what is missing, and
+    PyTorch's attention runs (the front ends never fail on the kernel; the API's cpu_attention=True does)."""
+    args = ["wind in the trees", "--model", str(tiny_base), "--steps", "2", "--length", "1.0", "--seed", "1",
+            "--dtype", "float32"]  # fmt: skip
     assert run(*args, "-o", str(tmp_path / "plain.wav"), "--quiet").returncode == 0
+    plain = sf.read(tmp_path / "plain.wav")[0]
     r = run(*args, "-o", str(tmp_path / "kernel.wav"), "--quiet", "--cpu-attention")
-    if not CPU_KERNEL:  # refused in one line, nothing written
-        assert (
-            r.returncode == 1
-            and "the CPU attention kernel needs AVX-512 or AVX2" in r.stderr.splitlines()[-1]
-        )
-        assert not (tmp_path / "kernel.wav").exists()
-        return
     assert r.returncode == 0, r.stderr
-    plain, kernel = sf.read(tmp_path / "plain.wav")[0], sf.read(tmp_path / "kernel.wav")[0]
+    kernel = sf.read(tmp_path / "kernel.wav")[0]
     assert abs(plain - kernel).max() <= 1e-5 * abs(plain).max()
-    r = run(*args, "-o", str(tmp_path / "none.wav"), "--cpu-attention", CXX="/nonexistent/c++",
+    if not CPU_KERNEL:
+        assert r.stderr.splitlines() == [
+            "audioldm2: the CPU attention kernel needs AVX-512 or AVX2 (PyTorch reports "
+            f"{cpu_attention.isa()} for this CPU); PyTorch's attention runs"
+        ]
+        return
+    assert r.stderr == ""
+    r = run(*args, "-o", str(tmp_path / "none.wav"), "--quiet", "--cpu-attention", CXX="/nonexistent/c++",
             XDG_CACHE_HOME=str(tmp_path / "cache"))  # fmt: skip
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert "the CPU attention kernel could not be built: it needs a C++ compiler" in r.stderr.splitlines()[-1]
-    assert not (tmp_path / "none.wav").exists()
+    assert r.returncode == 0 and "Traceback" not in r.stderr
+    assert r.stderr.splitlines() == [
+        "audioldm2: the CPU attention kernel could not be built: it needs a C++ compiler and ninja; PyTorch's "
+        "attention runs"
+    ]
+    assert (sf.read(tmp_path / "none.wav")[0] == plain).all()
 
 
 def test_prompts_file(tiny_base, tmp_path):
@@ -170,7 +179,7 @@ def test_spectrogram_per_written_wav_and_the_device_line(tiny_base, tmp_path):
     out, picture = tmp_path / "b.wav", tmp_path / "pics" / "b.png"
     picture.parent.mkdir()
     r = run("a bell", "-o", str(out), "--model", str(tiny_base), "--steps", "2", "--length", "1.0",
-            "--candidates", "2", "--all-candidates", "--spectrogram", str(picture))  # fmt: skip
+            "--candidates", "2", "--all-candidates", "--spectrogram", str(picture), "--dtype", "float32")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert r.stderr.splitlines()[0].startswith("audioldm2: cpu, float32, ")  # AUDIOLDM2_DEVICE=cpu (conftest)
     assert sorted(p.name for p in picture.parent.iterdir()) == ["b.png", "b.rank1.png", "b.rank2.png"]
@@ -228,7 +237,7 @@ def test_speech_transcription_flags(tiny_ljspeech, tmp_path):
 
     out = tmp_path / "speech.wav"
     args = ["a man speaks", "--model", str(tiny_ljspeech), "--steps", "2", "--length", "1.0", "--seed", "1",
-            "--plain"]  # fmt: skip
+            "--plain", "--dtype", "float32"]  # fmt: skip
     r = run(*args, "-o", str(out), "--transcription", "həlˈoʊ wˈɜːld", "--phonemes", "--quiet",
             "--max-new-tokens", "8")  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -272,7 +281,7 @@ def test_audio_input_examples(tiny_base, tmp_path):
     rng = np.random.default_rng(0)
     sf.write(tmp_path / "in.wav", (0.2 * rng.standard_normal((15435, 2))).astype(np.float32), 22050)  # 0.7 s
     sf.write(tmp_path / "phone.wav", (0.2 * rng.standard_normal(4000)).astype(np.float32), 8000)
-    common = ["--model", str(tiny_base), "--steps", "2", "--seed", "0", "--plain"]  # no speed-layer probes
+    common = ["--model", str(tiny_base), "--steps", "2", "--seed", "0", "--plain", "--dtype", "float32"]
     r = run("jazz version", "--audio", str(tmp_path / "in.wav"), "--strength", "0.6", "-o",
             str(tmp_path / "out.wav"), *common)  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -360,3 +369,54 @@ def test_audio_flags_need_audio(capsys, tmp_path):
 
     assert main(["x", "-o", str(tmp_path / "o.wav"), "--inpaint", "1-2", "--strength", "0.5"]) == 2
     assert "--strength, --inpaint: only with an input, --audio WAV" in capsys.readouterr().err
+
+
+def test_unreachable_hub_is_three_lines(tmp_path, monkeypatch, capsys):
+    """The real hub client against a closed local port (its five retries' sleeps skipped): the device line, one
+    line saying it retries (not the client's ten warnings), and the error; exit 1, no traceback."""
+    from huggingface_hub import constants, hf_api
+    from huggingface_hub.utils import _http
+
+    from audioldm2_core.__main__ import main
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(hf_api.api, "endpoint", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(_http.time, "sleep", lambda s: None)
+    code = main(["rain", "--model", "nobody/unreachable", "-o", str(tmp_path / "x.wav")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 3, err
+    assert err[0].startswith("audioldm2: cpu, ") and "retrying" in err[1]
+    assert err[2].startswith("audioldm2: error: nobody/unreachable: cannot reach the Hugging Face hub"), err[
+        2
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            ["--prompts-file", "x.jsonl", "--audio", "in.wav"],
+            "--audio: with one prompt only (audioldm2 PROMPT",
+        ),
+        (
+            ["--prompts-file", "x.jsonl", "--inpaint", "1-2", "--strength", "1"],
+            "--inpaint, --strength: with one",
+        ),
+        (["rain", "--shard", "1/2"], "--shard: with --prompts-file only, not with a prompt"),
+        (["rain", "--batch-size", "4"], "--batch-size: with --prompts-file only"),
+    ],
+)
+def test_a_flag_of_the_other_command_is_one_line(args, line, tmp_path, capsys):
+    """Each command parses its own flags: one that applies only to the other is refused before anything is
+    read or loaded, in one line, exit 2 (a prompts file used to ignore --audio silently)."""
+    from audioldm2_core.__main__ import main
+
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and line in err[0], err
+    assert not list(tmp_path.iterdir())

@@ -74,8 +74,9 @@ def test_compiled_unet_with_cpu_attention(tiny_base, cpu_attention_on, counting_
     """The C++ kernel is one opaque op of the compiled graph (its output shape registered for tracing)."""
     monkeypatch.setattr(cpu_attention_on, "min_keys", lambda dtype: 1)  # 100 tokens at the first level here
     backend, graphs = counting_backend
-    want = generate(AudioLDM2.from_pretrained(tiny_base))  # the kernel on, eager
-    got = generate(AudioLDM2.from_pretrained(tiny_base, compile={"backend": backend, "fullgraph": True}))
+    want = generate(AudioLDM2.from_pretrained(tiny_base, cpu_attention=True))  # the kernel on, eager
+    options = {"backend": backend, "fullgraph": True}
+    got = generate(AudioLDM2.from_pretrained(tiny_base, compile=options, cpu_attention=True))
     assert len(graphs) == 1
     assert "audioldm2.attention" in str(graphs[0].graph)
     assert rel_err(got, want) <= 1e-5

@@ -126,3 +126,117 @@ def test_missing_required_field():
     del d["langauge_model_dim"]
     with pytest.raises(C.ConfigError, match="langauge_model_dim"):
         C.projection_config(d)
+
+
+# ------------------------------------------------------------------------ the forms the reference accepts
+
+
+def _clap_audio(**audio) -> dict:
+    d = load("cvssp__audioldm2", "text_encoder")
+    return {**d, "audio_config": {**d["audio_config"], **audio}}
+
+
+@pytest.mark.parametrize(
+    "component, change, read",
+    [
+        # transformers' Swin/CLAP: an int is (v, v)
+        ("text_encoder", _clap_audio(patch_stride=2), lambda c: c.audio.patch_stride == (2, 2)),
+        ("text_encoder", _clap_audio(patch_stride=[4, 2]), lambda c: c.audio.patch_stride == (4, 2)),
+        ("text_encoder", _clap_audio(patch_size=[4, 4]), lambda c: c.audio.patch_size == (4, 4)),
+        # ClapConfig writes its projection_hidden_act over the branches'
+        ("text_encoder", {"text_config": {"projection_hidden_act": "gelu"}}, lambda c: c.text.hidden_size == 768),
+        # attribute_map aliases: the alias wins, as in transformers
+        ("text_encoder_2", {"hidden_size": 64, "num_attention_heads": 4}, lambda c: (c.d_model, c.num_heads) == (64, 4)),
+        ("text_encoder_2", {"num_hidden_layers": 3, "head_dim": 16}, lambda c: (c.num_layers, c.d_kv) == (3, 16)),
+        ("text_encoder_2", {"feed_forward_proj": "gated-gelu_new"}, lambda c: c.gated),
+        ("language_model", {"hidden_size": 96, "num_hidden_layers": 3}, lambda c: (c.n_embd, c.n_layer, c.n_inner) == (96, 3, 384)),
+        ("language_model", {"max_position_embeddings": 99, "num_attention_heads": 4}, lambda c: (c.n_positions, c.n_head) == (99, 4)),
+        # diffusers' UNet: one value or one per block; "UNetRes" block names; cross_attention_dim forms
+        ("unet", {"layers_per_block": [2, 1, 2, 1]}, lambda c: c.layers_per_block == (2, 1, 2, 1)),
+        ("unet", {"attention_head_dim": [2, 4, 8, 8]}, lambda c: c.num_heads == (2, 4, 8, 8)),
+        ("unet", {"transformer_layers_per_block": [1, 2, 2, 2]}, lambda c: c.transformer_layers == (1, 2, 2, 2)),
+        ("unet", {"cross_attention_dim": 768}, lambda c: c.cross_attention_dims == ((768,),) * 4),
+        ("unet", {"cross_attention_dim": [8, 768, 768, 768]}, lambda c: c.cross_attention_dims[0] == (8,)),
+        ("unet", {"only_cross_attention": [False] * 4}, lambda c: c.down_attn == (False, True, True, True)),
+        ("unet", {"down_block_types": ["UNetResDownBlock2D"] + ["CrossAttnDownBlock2D"] * 3}, lambda c: not c.down_attn[0]),
+        ("vae", {"up_block_types": ["UNetResUpDecoderBlock2D"] * 3}, lambda c: c.scale_factor == 4),
+        # SpeechT5HifiGan pairs its lists with zip: extra entries are not used
+        ("vocoder", {"upsample_kernel_sizes": [16, 16, 8, 4, 4, 4]}, lambda c: len(c.upsample_kernel_sizes) == 5),
+        ("vocoder", {"resblock_dilation_sizes": [[1, 3, 5]] * 4}, lambda c: len(c.resblock_dilation_sizes) == 3),
+    ],
+)  # fmt: skip
+def test_every_form_the_reference_accepts(component, change, read):
+    assert read(TRANSLATORS[component]({**load("cvssp__audioldm2", component), **change}))
+
+
+def test_aliases_read_as_transformers_reads_them():
+    from transformers import GPT2Config, T5Config
+
+    t5 = {
+        **load("cvssp__audioldm2", "text_encoder_2"),
+        "hidden_size": 64,
+        "d_model": 32,
+        "num_attention_heads": 4,
+    }
+    ref = T5Config.from_dict(t5)
+    assert (C.t5_config(t5).d_model, C.t5_config(t5).num_heads) == (ref.d_model, ref.num_heads) == (64, 4)
+    gpt = {**load("cvssp__audioldm2", "language_model"), "hidden_size": 96, "n_embd": 48, "n_inner": None}
+    ref = GPT2Config.from_dict(gpt)
+    assert C.gpt2_config(gpt).n_embd == ref.n_embd == 96
+
+
+@pytest.mark.parametrize(
+    "component, change, error, message",
+    [
+        ("unet", {"only_cross_attention": [True, False, False, False]}, C.UnsupportedConfigError, r"only_cross_attention=\[True"),
+        ("unet", {"layers_per_block": [2, 2]}, C.ConfigError, r"layers_per_block=\[2, 2\] is neither an integer nor a list of 4"),
+        ("unet", {"cross_attention_dim": [[None, 768, 1024, None, 768]] * 4}, C.ConfigError, r"up to 4"),
+        ("unet", {"sample_size": [256, 16]}, C.UnsupportedConfigError, r"sample_size=\[256, 16\]"),
+        ("text_encoder", _clap_audio(patch_stride=[4, 4, 4]), C.ConfigError, r"patch_stride=\[4, 4, 4\] is neither"),
+        ("text_encoder", _clap_audio(window_size=[8, 8]), C.ConfigError, r"window_size=\[8, 8\] is not an integer"),
+        ("language_model", {"reorder_and_upcast_attn": True}, C.UnsupportedConfigError, r"reorder_and_upcast_attn=True"),
+        ("vocoder", {"upsample_kernel_sizes": [16, 16]}, C.ConfigError, r"fewer entries than upsample_rates"),
+        ("vae", {"layers_per_block": [2, 2, 2]}, C.ConfigError, r"layers_per_block=\[2, 2, 2\] is not an integer"),
+    ],
+)  # fmt: skip
+def test_forms_the_reference_refuses_or_we_do_not_run(component, change, error, message):
+    with pytest.raises(error, match=message):
+        TRANSLATORS[component]({**load("cvssp__audioldm2", component), **change})
+
+
+def _folder_with(tmp_path: Path, component: str, change: dict) -> Path:
+    """A pipeline folder of the real configs and no weight file at all, one config changed."""
+    import shutil
+
+    from audioldm2_core.loading import COMPONENTS
+
+    index = {
+        "_class_name": "AudioLDM2Pipeline",
+        **{c: ["x", classes[0]] for c, classes in COMPONENTS.items()},
+    }
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    for c in COMPONENTS:
+        shutil.copytree(HUB / "cvssp__audioldm2" / c, tmp_path / c)
+    path = next(p for p in (tmp_path / component).iterdir() if p.suffix == ".json" and "token" not in p.name)
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    return path
+
+
+@pytest.mark.parametrize(
+    "component, change, named",
+    [
+        ("unet", {"upcast_attention": True}, "upcast_attention=True"),
+        ("vae", {"act_fn": "gelu"}, "act_fn='gelu'"),
+        ("vocoder", {"model_type": "hifigan-v2"}, "model_type='hifigan-v2'"),
+        ("scheduler", {"prediction_type": "sample"}, "prediction_type='sample'"),
+    ],
+)
+def test_loading_refuses_in_one_line_naming_field_value_and_file(tmp_path, component, change, named):
+    """Refused by the config function: the folder has no weights to read."""
+    from audioldm2_core import AudioLDM2
+
+    path = _folder_with(tmp_path, component, change)
+    with pytest.raises(C.UnsupportedConfigError) as e:
+        AudioLDM2.from_pretrained(tmp_path)
+    line = str(e.value)
+    assert "\n" not in line and named in line and str(path) in line, line

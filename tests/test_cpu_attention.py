@@ -1,4 +1,4 @@
-"""The opt-in C++ attention kernel (``audioldm2_core.cpu_attention``) against PyTorch's attention."""
+"""The opt-in C++ attention kernel (``audioldm2_core.fast.cpu_attention``) against PyTorch's attention."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from audioldm2_core import cpu_attention
+from audioldm2_core import fast, unet
+from audioldm2_core.fast import cpu_attention
 from tests.helpers import rel_err
 
 
@@ -100,8 +101,8 @@ def test_wrapper_applies_only_where_it_should(cpu_attention_on, monkeypatch):
     assert cpu_attention.attention(q.requires_grad_(), k, v) is None  # autograd: no backward here
     with torch.no_grad():
         assert cpu_attention.attention(q, k, v) is not None
-    cpu_attention.enable(False)
-    assert not cpu_attention.enabled() and cpu_attention.attention(q, k, v) is None
+    monkeypatch.setattr(cpu_attention, "_built", False)  # a process without the kernel loaded
+    assert cpu_attention.attention(q, k, v) is None
 
 
 def test_kernel_rejects_bad_input(cpu_attention_on):
@@ -117,16 +118,19 @@ def test_kernel_rejects_bad_input(cpu_attention_on):
 
 
 def test_environment_variable(monkeypatch):
-    monkeypatch.setattr(cpu_attention, "_enabled", None)
+    """A model that leaves the choice (``cpu_attention=None``) takes the environment variable's; one that
+    makes it is not overruled."""
     monkeypatch.setenv(cpu_attention.ENV, "0")
-    assert not cpu_attention.enabled()
-    monkeypatch.setattr(cpu_attention, "_enabled", None)
+    assert not cpu_attention.chosen(None) and cpu_attention.chosen(True)
+    monkeypatch.setenv(cpu_attention.ENV, "1")
+    assert cpu_attention.chosen(None) and not cpu_attention.chosen(False)
     monkeypatch.setenv(cpu_attention.ENV, "fast")
     with pytest.raises(ValueError, match="expected 1 or 0"):
-        cpu_attention.enabled()
-    monkeypatch.setattr(cpu_attention, "_enabled", None)
+        cpu_attention.chosen(None)
+    with pytest.raises(ValueError, match="expected 1 or 0"):
+        fast.optimize(unet.Attention(32, 32, 2, 16))
     monkeypatch.delenv(cpu_attention.ENV)
-    assert not cpu_attention.enabled()
+    assert not cpu_attention.chosen(None)
 
 
 def test_build_failure_is_a_clear_error(tmp_path, monkeypatch):
@@ -137,10 +141,11 @@ def test_build_failure_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_attention, "SOURCE", bad)
     monkeypatch.setattr(cpu_attention, "NAME", "audioldm2_attention_broken_test")
     monkeypatch.setattr(cpu_attention, "_built", False)
-    monkeypatch.setattr(cpu_attention, "_enabled", None)
+    attn = unet.Attention(32, 32, 2, 16)
     with pytest.raises(RuntimeError, match=r"could not be built: it needs a C\+\+ compiler"):
-        cpu_attention.enable()
-    assert cpu_attention._enabled is None  # not half-enabled
+        fast.optimize(attn, cpu_attention=True)
+    assert not cpu_attention._built  # not half-loaded, and the model asking for it is left plain
+    assert type(attn) is unet.Attention and "fast_plan" not in attn.__dict__
     assert not list((tmp_path / "cache").rglob("*.so"))  # no library, and the build folder is gone
     assert not list((tmp_path / "cache").rglob("build-*"))
 
@@ -156,10 +161,9 @@ def test_refused_without_avx2(monkeypatch):
     """CPUs without AVX2 (older x86, ARM: PyTorch reports DEFAULT) get a clear error, not a slow path."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     monkeypatch.setattr(cpu_attention, "_built", False)
-    monkeypatch.setattr(cpu_attention, "_enabled", None)
     with pytest.raises(RuntimeError, match=r"needs AVX-512 or AVX2 \(PyTorch reports DEFAULT for this CPU\)"):
-        cpu_attention.enable()
-    assert cpu_attention._enabled is None
+        cpu_attention.build()
+    assert not cpu_attention._built
 
 
 def test_avx2_build(tmp_path):

@@ -217,3 +217,25 @@ def test_main_fails_in_one_line(capsys, monkeypatch):
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         'audioldm2-demo: error: the demo needs gradio: pip install "audioldm2-core[demo]"'
     )
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_defaults_follow_the_device(pipe, device):
+    """On a CPU the controls open at a fast sampler, few steps and one candidate (the page says so); on a GPU at
+    diffusers' defaults (200 DDIM steps) and the original demo's three candidates."""
+    import types
+
+    import torch
+
+    shown = pipe if device == "cpu" else types.SimpleNamespace(
+        ckpt=pipe.ckpt, device=torch.device("cuda"), dtype=torch.float16, default_length=pipe.default_length
+    )  # fmt: skip
+    app = demo.build_app(shown)
+    values = {c.label: getattr(c, "value", None) for c in app.blocks.values() if getattr(c, "label", None)}
+    page = " ".join(str(c.value) for c in app.blocks.values() if type(c).__name__ == "Markdown")
+    want = demo.DEFAULTS["cpu" if device == "cpu" else "gpu"]
+    assert (values["Denoising steps"], values["Candidates"], values["Sampler"]) == want
+    assert ("On a CPU the controls start at 25 DPM-Solver++ steps and 1 candidate" in page) == (
+        device == "cpu"
+    )
+    app.close()

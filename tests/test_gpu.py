@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from audioldm2_core import AudioLDM2, pipeline
+from audioldm2_core import AudioLDM2, fast
 from audioldm2_core.samplers import SAMPLERS
 from tests.helpers import rel_err
 from tests.oracle import run_reference
@@ -60,13 +60,13 @@ def test_float32_matches_diffusers(tiny_base, cuda, float32, sampler):
 
 def test_cuda_graphs_same_audio(tiny_base, cuda, float32, monkeypatch):
     captures = []
-    capture = pipeline.CudaGraphDenoiser._capture
+    capture = fast.CudaGraphDenoiser._capture
 
     def counted(self, fn):
         captures.append(fn)
         return capture(self, fn)
 
-    monkeypatch.setattr(pipeline.CudaGraphDenoiser, "_capture", counted)
+    monkeypatch.setattr(fast.CudaGraphDenoiser, "_capture", counted)
     pipe = AudioLDM2.from_pretrained(tiny_base, device=cuda, cuda_graphs=True)
     assert rel_err(generate(pipe), float32) <= 1e-6
     assert rel_err(generate(pipe), float32) <= 1e-6  # a second loop records its own graph
@@ -88,9 +88,9 @@ def test_half_precision(tiny_base, cuda, float32, dtype):
     pipe = AudioLDM2.from_pretrained(tiny_base, device=cuda, dtype=dtype)
     got = generate(pipe)
     decoders = torch.float32 if dtype == torch.float16 else dtype  # float16 overflows in the VAE and vocoder
-    assert next(pipe._get("unet").parameters()).dtype == dtype
-    assert next(pipe._get("vae").parameters()).dtype == decoders
-    assert next(pipe._get("vocoder").parameters()).dtype == decoders
+    assert next(pipe.unet.parameters()).dtype == dtype
+    assert next(pipe.vae.parameters()).dtype == decoders
+    assert next(pipe.vocoder.parameters()).dtype == decoders
     assert torch.isfinite(got).all()
     err = rel_err(got, float32)
     print(f"{dtype}: waveform rel. error vs float32 {err:.2e}")

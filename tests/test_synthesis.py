@@ -43,7 +43,17 @@ ITEMS = [
     {"id": "bell", "prompt": "a bell", "seed": 7},
     {"id": "click", "prompt": "a short click", "audio_length_in_s": 0.5, "guidance_scale": 1.0},
 ]
-COMMON = ["--steps", "2", "--length", "1.0", "--seed", "1", "--quiet"]
+COMMON = [
+    "--steps",
+    "2",
+    "--length",
+    "1.0",
+    "--seed",
+    "1",
+    "--quiet",
+    "--dtype",
+    "float32",
+]  # the API's dtype
 
 
 def env() -> dict[str, str]:
@@ -346,7 +356,20 @@ def test_killed_run_resumes_without_duplicates(tiny_base, items_file, reference,
     assert_same_wavs(reference, out)
 
     before = log.read_bytes()  # the same folder with other settings: refused before any model loads
-    code = main([*args[: -len(COMMON)], "--steps", "3", "--length", "1.0", "--seed", "1", "--quiet"])
+    code = main(
+        [
+            *args[: -len(COMMON)],
+            "--steps",
+            "3",
+            "--length",
+            "1.0",
+            "--seed",
+            "1",
+            "--quiet",
+            "--dtype",
+            "float32",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "item 'dog' is already in" in err and "num_inference_steps=2, not 3" in err
     assert log.read_bytes() == before
@@ -399,7 +422,7 @@ def test_speech_items(tiny_ljspeech, tmp_path):
     path = write_items(tmp_path / "items.jsonl", items)
     out = tmp_path / "out"
     args = ["--prompts-file", str(path), "-o", str(out), "--model", str(tiny_ljspeech), "--steps", "2",
-            "--length", "0.64", "--plain", "--quiet", "--transcription", "həlˈoʊ", "--phonemes",
+            "--length", "0.64", "--plain", "--quiet", "--dtype", "float32", "--transcription", "həlˈoʊ", "--phonemes",
             "--max-new-tokens", "8"]  # fmt: skip
     assert main(args) == 0
     pipe = AudioLDM2.from_pretrained(tiny_ljspeech, fast=False)

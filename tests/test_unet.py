@@ -41,6 +41,17 @@ SHAPES = {  # the per-block transformer lists of the hub checkpoints
         attention_head_dim=[2, 2, 4, 8],
     ),
     "speech": dict(cross_attention_dim=[[None, LM]] * 4),  # anhnct/audioldm2_gigaspeech, _ljspeech
+    # Every other form diffusers reads: per-block lists that differ, "UNetRes" block names, an int entry for
+    # the blocks without transformers, only_cross_attention per block.
+    "forms": dict(
+        down_block_types=["UNetResDownBlock2D"] + ["CrossAttnDownBlock2D"] * 3,
+        up_block_types=["CrossAttnUpBlock2D"] * 3 + ["UNetResUpBlock2D"],
+        layers_per_block=[1, 2, 1, 2],
+        transformer_layers_per_block=[1, 2, 1, 2],
+        attention_head_dim=[2, 4, 2, 4],
+        cross_attention_dim=[LM, [None, LM, T5], [None, LM, T5], [None, LM, T5]],
+        only_cross_attention=[False] * 4,
+    ),
 }
 
 
@@ -104,6 +115,7 @@ CASES = [
     ("large", 2, 43, 16, torch.tensor([1, 999])),
     ("speech", 1, 25, 16, torch.tensor(500)),
     ("speech", 2, 43, 16, torch.tensor([1, 999])),
+    ("forms", 2, 43, 16, torch.tensor([1, 999])),
 ]
 
 
@@ -192,11 +204,10 @@ def test_real_size_random_weights(repo, cpu_attention_on, monkeypatch):
     with torch.device("meta"):
         ours = AudioLDM2UNet(unet_config(config))
     load_strict(ours, ref.state_dict(), repo)  # shares the reference's tensors: no second copy in memory
-    fast.optimize(ours, select={"cpu-attention"})  # the kernel's route; it runs only where enabled
     sample, gpt2, t5_states, mask = _inputs(2, 20, lm=768, t5=1024)
     monkeypatch.setattr(cpu_attention_on, "min_keys", lambda dtype: 1)  # 80 tokens at the first level here
     for kernel in (False, True):
-        cpu_attention_on.enable(kernel)
+        fast.optimize(ours, select={"cpu-attention"}, cpu_attention=kernel)  # the kernel's route, or not
         err = _compare(ref, ours, sample, torch.tensor([1, 801]), gpt2, t5_states, mask)
         print(f"{repo}{' (CPU attention kernel)' if kernel else ''}: rel err {err:.2e}")
         assert err <= 1e-5
@@ -218,7 +229,7 @@ def test_cpu_attention_kernel_matches_reference(pairs, cpu_attention_on, monkeyp
     monkeypatch.setattr(cpu_attention_on, "attention", counted)
     ref, plain = pairs(shape)
     ours = copy.deepcopy(plain)
-    fast.optimize(ours, select={"cpu-attention"})
+    fast.optimize(ours, select={"cpu-attention"}, cpu_attention=True)
     sample, gpt2, t5_states, mask = _inputs(2, 43)
     assert _compare(ref, ours, sample, torch.tensor([1, 999]), gpt2, t5_states, mask) <= 1e-5
     assert any(calls) and (all(calls) or shape == "large")

@@ -1,4 +1,4 @@
-"""An optional C++ kernel for the UNet's widest self-attention on the CPU: opt-in, built on first use.
+"""A C++ kernel for the UNet's widest self-attention on the CPU, built once per machine on first use.
 
 The first attention level of the UNet (1024 tokens for 10.24 s of audio, head width 32, batch 2 x 8 heads)
 runs 20 self-attentions per call (4 per layer: ``attn1`` of each transformer and ``attn2`` of the one without a
@@ -6,19 +6,25 @@ condition), a large share of a UNet call on the CPU. ``csrc/attention.cpp`` comp
 attention as PyTorch's CPU flash kernel (a two-pass softmax over whole rows of scores held in L1,
 register-blocked products; in bfloat16 the products by AVX512-BF16 dot products where the CPU has them), faster
 on AVX-512 CPUs and with relative errors no larger than PyTorch's (see the file's header; timings in
-``benchmarks/RESULTS.md``). The speed layer routes the UNet's self-attentions here (``fast.FastAttention``).
+``benchmarks/RESULTS.md``). The speed layer routes a model's self-attentions here where that model chose it
+(``fast.optimize(model, cpu_attention=True)``; ``unet_rewrites.FastAttention``) and it is faster per shape.
 
 It is C++, compiled with ``torch.utils.cpp_extension`` on first use (~15 s; the library is kept under
 ``~/.cache/audioldm2_core/`` (``$XDG_CACHE_HOME``) and later processes load it in ~1 ms), so it needs a C++
 compiler and ninja, and it is built for the CPU's vector ISA, AVX-512 or AVX2 (other CPUs are refused with a
-clear error). Hence opt-in: ``enable()``, the environment variable ``AUDIOLDM2_CPU_ATTENTION=1``, or the CLI's
-``--cpu-attention``. Where it does not apply (CUDA, autograd, masks, fewer keys than ``min_keys``, head widths
-that are not a multiple of 16 up to 128 (AVX2: 64)), PyTorch's ``scaled_dot_product_attention`` runs.
+clear error). Hence off by default in the Python API, per model: ``optimize(model, cpu_attention=True)``,
+``AudioLDM2.from_pretrained(..., cpu_attention=True)``, or where a model leaves the choice
+(``cpu_attention=None``) the environment variable ``AUDIOLDM2_CPU_ATTENTION=1``. The command line, dataset
+synthesis and the demo turn it on where the CPU takes it (``--no-cpu-attention`` or ``AUDIOLDM2_CPU_ATTENTION=0``
+off; where it cannot be built they say so in one line and PyTorch's kernel runs). Where it does not
+apply (CUDA, autograd, masks, fewer keys than ``min_keys``, head widths that are not a multiple of 16 up to 128
+(AVX2: 64)), PyTorch's ``scaled_dot_product_attention`` runs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -27,9 +33,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["ENV", "applies", "attention", "enable", "enabled", "min_keys", "supported"]
+__all__ = ["ENV", "applies", "attention", "build", "chosen", "min_keys", "supported"]
 
 ENV = "AUDIOLDM2_CPU_ATTENTION"
+WITHOUT = (
+    f" (without it, cpu_attention=False or {ENV}=0: PyTorch's attention runs)"  # the front ends cut here
+)
 NAME = "audioldm2_attention"
 SOURCE = Path(__file__).with_name("csrc") / "attention.cpp"
 # Below this many keys PyTorch's kernel is as fast or faster. float32 (with the output's copy to (B, N, H * d)
@@ -48,30 +57,20 @@ _CFLAGS = {
     "AVX2": ["-O3", "-fopenmp", "-mavx2", "-mfma"],
 }
 _MAX_WIDTH = {"AVX512": 128, "AVX2": 64}  # 8 vectors per head: 8 x 16 floats, 8 x 8 floats
-_max_width = 0  # the loaded build's (set by _build: a plain int, which torch.compile's tracing can read)
-
-
-_enabled: bool | None = None  # None: not decided yet, the environment variable decides on first use
-_built = False
+_max_width = 0  # the loaded build's (set by build: a plain int, which torch.compile's tracing can read)
+_built = False  # whether this process has the kernel loaded
 _bf16_dot = False  # whether the built kernel takes bfloat16 through AVX512-BF16 dot products (asked once)
 
 
-def enable(flag: bool = True) -> None:
-    """Use the kernel from now on (building it now if needed; a build failure raises), or stop using it."""
-    global _enabled
-    if flag:
-        _build()
-    _enabled = flag
-
-
-def enabled() -> bool:
-    """Whether the kernel is in use: ``enable()``'s last word, else ``AUDIOLDM2_CPU_ATTENTION``."""
-    if _enabled is None:
-        value = os.environ.get(ENV, "").strip().lower()
-        if value not in ("", "0", "1", "false", "true", "no", "yes", "off", "on"):
-            raise ValueError(f"{ENV}={value!r}: expected 1 or 0")
-        enable(value in ("1", "true", "yes", "on"))
-    return bool(_enabled)
+def chosen(choice: bool | None = None) -> bool:
+    """A model's choice of the kernel: ``choice``, or where it is None the environment variable
+    ``AUDIOLDM2_CPU_ATTENTION`` (1 on; 0 or unset off)."""
+    if choice is not None:
+        return bool(choice)
+    value = os.environ.get(ENV, "").strip().lower()
+    if value not in ("", "0", "1", "false", "true", "no", "yes", "off", "on"):
+        raise ValueError(f"{ENV}={value!r}: expected 1 or 0")
+    return value in ("1", "true", "yes", "on")
 
 
 def isa() -> str:
@@ -99,38 +98,46 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "audioldm2_core"
 
 
-def _build() -> None:
+def library() -> Path:
+    """The built kernel's file (it exists once a build on this machine succeeded)."""
+    folder = build_directory()
+    return folder / f"{folder.name.replace('-', '_')}.so"
+
+
+def build() -> None:
+    """Load the kernel into this process, building it first where no cached build exists (~15 s); a CPU it
+    is not written for, or a failed build, raises a ``RuntimeError`` that says what is missing."""
     global _built, _bf16_dot, _max_width
     if _built:
         return
     if not supported():
         raise RuntimeError(
-            f"the CPU attention kernel needs AVX-512 or AVX2 (PyTorch reports {isa()} for this CPU); without {ENV}=1 "
-            "or --cpu-attention, PyTorch's attention kernel is used"
+            f"the CPU attention kernel needs AVX-512 or AVX2 (PyTorch reports {isa()} for this CPU){WITHOUT}"
         )
-    folder = build_directory()
-    library = folder / f"{folder.name.replace('-', '_')}.so"
+    folder, built = build_directory(), library()
     work = folder / f"build-{os.getpid()}"  # each process builds in its own folder, then renames
     try:
-        if library.is_file():
-            torch.ops.load_library(str(library))
+        if built.is_file():
+            torch.ops.load_library(str(built))
         else:
             from torch.utils.cpp_extension import load  # slow to import; only for a build
 
             work.mkdir(parents=True, exist_ok=True)
+            # its warnings (a compiler it does not know) would precede the one error line a failure gives
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
             load(
-                name=library.stem,
+                name=built.stem,
                 sources=[str(SOURCE)],
                 extra_cflags=_CFLAGS[isa()],
                 build_directory=str(work),
                 is_python_module=False,
                 verbose=False,
             )
-            os.replace(work / library.name, library)  # atomic: a whole library or none, for every process
+            os.replace(work / built.name, built)  # atomic: a whole library or none, for every process
     except Exception as e:  # compiler, ninja or headers missing: say what and how to do without
         raise RuntimeError(
-            f"the CPU attention kernel could not be built: it needs a C++ compiler and ninja (without {ENV}=1 "
-            f"or --cpu-attention, PyTorch's attention kernel is used). {SOURCE}: {type(e).__name__}: {e}"
+            f"the CPU attention kernel could not be built: it needs a C++ compiler and ninja{WITHOUT}. "
+            f"{SOURCE}: {type(e).__name__}: {e}"
         ) from e
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -155,10 +162,10 @@ def min_keys(dtype: torch.dtype) -> int:
 
 
 def applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Whether the kernel is on and takes these inputs: q (B, H, N, d), k and v (B, H, L, d) on the CPU, float32
+    """Whether the kernel is loaded and takes these inputs: q (B, H, N, d), k and v (B, H, L, d) on the CPU, float32
     or bfloat16 alike, at least ``min_keys`` keys, a head width that is a multiple of 16 up to the build's, unit
     stride along it, no gradient to record."""
-    if not enabled():
+    if not _built:
         return False
     d = q.shape[-1]
     return not (
@@ -177,7 +184,7 @@ def applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
     """softmax(q k^T / sqrt(d)) v for q (B, H, N, d), k and v (B, H, L, d), as (B, N, H * d); ``None`` where
-    the kernel is off or does not apply (``applies``: the caller then runs PyTorch's attention)."""
+    the kernel is not loaded or does not apply (``applies``: the caller then runs PyTorch's attention)."""
     if not applies(q, k, v):
         return None
     return torch.ops.audioldm2.attention(q, k, v).flatten(2)
