@@ -109,12 +109,6 @@ _NETWORK_CLASSES = {
 }
 
 
-# Users' failures that cpu_attention.py (being rewritten) still raises as builtins, recognised by type and the
-# start of the message: the kernel refused on this CPU or not built, a bad AUDIOLDM2_CPU_ATTENTION. To go
-# when it raises UnavailableError and UsageError.
-_BRIDGED = ((RuntimeError, "the CPU attention kernel "), (ValueError, "AUDIOLDM2_CPU_ATTENTION="))
-
-
 def _chain(error: BaseException) -> Iterator[BaseException]:
     """The error, then what caused it (``raise ... from``), then what it was raised while handling."""
     seen: set[int] = set()
@@ -214,7 +208,5 @@ def explain(error: BaseException, repo_id: str | None = None, revision: str | No
     if isinstance(error, OSError):
         if error.filename is not None and error.strerror:
             return f"{error.filename}: {error.strerror}"
-        return _first_line(error)
-    if any(isinstance(error, cls) and message.startswith(start) for cls, start in _BRIDGED):
         return _first_line(error)
     return None

@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError, explain
+from .errors import UnavailableError, UsageError, explain
 from .request import DEFAULT_STRENGTH, DTYPE_NAMES, SAMPLERS, LoadOptions
 
 __all__ = ["DEFAULT_MODEL", "FLAGS", "parse", "error_line", "fail", "device_line", "resolve_device_and_dtype"]
@@ -272,7 +272,7 @@ def speed_lines(prog: str, options: LoadOptions, quiet: bool) -> LoadOptions:
     try:
         cpu_attention.build()
         return dataclasses.replace(options, cpu_attention=True)
-    except RuntimeError as e:  # no compiler, a failed build, a CPU it is not written for: PyTorch's runs
+    except UnavailableError as e:  # no compiler, a failed build, a CPU it is not written for: PyTorch's runs
         print(f"{prog}: {str(e).split(cpu_attention.WITHOUT)[0]}; PyTorch's attention runs", file=sys.stderr)
         return dataclasses.replace(options, cpu_attention=False)
 

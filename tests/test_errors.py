@@ -406,9 +406,6 @@ def test_explain_our_types_and_the_libraries_users_meet():
     from audioldm2_core.tokenization import PhonemizerMissingError
 
     assert issubclass(PhonemizerMissingError, errors.MissingDependencyError)
-    refused = RuntimeError("the CPU attention kernel needs AVX-512 or AVX2 (PyTorch reports DEFAULT)")
-    assert errors.explain(refused) == str(refused)  # cpu_attention.py's, until it raises UnavailableError
-    assert errors.explain(ValueError("AUDIOLDM2_CPU_ATTENTION='maybe': expected 1 or 0")) is not None
     assert errors.explain(RuntimeError("the CPU is on fire")) is None
     invalid = HFValidationError("Repo id must use alphanumeric chars or '-', '_', '.': 'a--b/c'.")
     assert errors.explain(invalid, repo_id="a--b/c") == f"a--b/c: {invalid}"
@@ -442,3 +439,24 @@ def test_an_unreadable_tokenizer_is_a_checkpoint_error(tiny_base, tmp_path):
     (folder / "tokenizer.json").write_text('{"version": "1.0", "model": 7}')
     with pytest.raises(CheckpointError, match=rf"^{folder}/tokenizer.json: cannot read it as a tokenizer"):
         tokenizer_from_folder(folder, "RobertaTokenizer")
+
+
+def test_the_attention_kernel_refuses_in_our_types(monkeypatch):
+    """The kernel's refusals a user meets (a CPU it is not written for, a bad AUDIOLDM2_CPU_ATTENTION, a
+    bad ``select`` or ``compile``) are ours, each with its line; the front ends catch the first to fall back."""
+    from audioldm2_core import fast
+    from audioldm2_core.fast import cpu_attention
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    monkeypatch.setattr(cpu_attention, "_built", False)
+    with pytest.raises(errors.UnavailableError) as info:
+        cpu_attention.build()
+    assert errors.explain(info.value).startswith("the CPU attention kernel needs AVX-512 or AVX2")
+    monkeypatch.setenv(cpu_attention.ENV, "maybe")
+    with pytest.raises(UsageError) as info:
+        cpu_attention.chosen(None)
+    assert errors.explain(info.value) == "AUDIOLDM2_CPU_ATTENTION='maybe': expected 1 or 0"
+    with pytest.raises(UsageError, match="unknown rewrites"):
+        fast.optimize(torch.nn.Linear(2, 2), select=["no-such-rewrite"])
+    with pytest.raises(errors.UsageTypeError, match="compile must be a bool or a dict"):
+        fast.compile_options("yes")
