@@ -313,11 +313,22 @@ def _inject(monkeypatch, owner, name: str, error: BaseException) -> str:
 
 
 def _depths():
-    from audioldm2_core import samplers, unet, vocoder
+    from audioldm2_core import conditioning, loading, samplers, unet, vae, vocoder
 
     return {  # the UNet's call, not its forward: the speed layer's UNet (a subclass) has a forward of its own
+        "loader": (loading.Checkpoint, "read_weights", KeyError("model.safetensors")),
+        "prompt encoding": (
+            conditioning,
+            "encode_prompt",
+            TypeError("'NoneType' object is not subscriptable"),
+        ),
         "UNet forward": (unet.AudioLDM2UNet, "__call__", KeyError("down_blocks.9")),
         "sampler step": (samplers, "_done", RuntimeError("step 1 of 0")),
+        "VAE decode": (
+            vae.AutoencoderKLDecoder,
+            "decode",
+            AttributeError("'Tensor' has no attribute 'sample'"),
+        ),
         "vocoder": (vocoder.SpeechT5HifiGan, "forward", TypeError("conv1d() got an unexpected 'pad'")),
     }
 
@@ -326,7 +337,9 @@ def _last(err: str, prog: str, line: str) -> None:
     assert err.strip().splitlines()[-1] == f"{prog}: error: {line}", err
 
 
-@pytest.mark.parametrize("depth", ["UNet forward", "sampler step", "vocoder"])
+@pytest.mark.parametrize(
+    "depth", ["loader", "prompt encoding", "UNet forward", "sampler step", "VAE decode", "vocoder"]
+)
 def test_cli_internal_error_is_shown_as_a_bug(depth, tiny_base, monkeypatch, capsys, tmp_path):
     line = _inject(monkeypatch, *_depths()[depth])
     out = tmp_path / "x.wav"
@@ -341,7 +354,7 @@ def test_cli_internal_error_is_shown_as_a_bug(depth, tiny_base, monkeypatch, cap
         _last(err, "audioldm2", line)
 
 
-@pytest.mark.parametrize("depth", ["vocoder", "manifest write"])
+@pytest.mark.parametrize("depth", ["loader", "UNet forward", "vocoder", "manifest write"])
 def test_prompts_file_internal_error_is_shown_as_a_bug(depth, tiny_base, monkeypatch, capsys, tmp_path):
     from audioldm2_core import manifest, synthesis
 
@@ -359,10 +372,11 @@ def test_prompts_file_internal_error_is_shown_as_a_bug(depth, tiny_base, monkeyp
         _last(err, "audioldm2", line)
 
 
-def test_demo_handler_internal_error_is_shown_as_a_bug(tiny_base, monkeypatch, capsys):
+@pytest.mark.parametrize("depth", ["prompt encoding", "UNet forward", "VAE decode"])
+def test_demo_handler_internal_error_is_shown_as_a_bug(depth, tiny_base, monkeypatch, capsys):
     gr = pytest.importorskip("gradio", reason="the demo needs gradio (pip install '.[demo]')")
     pytest.importorskip("matplotlib", reason="the demo needs matplotlib (pip install '.[demo]')")
-    from audioldm2_core import demo, generate
+    from audioldm2_core import demo
 
     pipe = pipeline.AudioLDM2.from_pretrained(tiny_base, device="cpu", fast=False)
     handler = next(f.fn for f in demo.build_app(pipe, steps=2).fns.values() if f.api_name == "generate")
@@ -375,7 +389,7 @@ def test_demo_handler_internal_error_is_shown_as_a_bug(tiny_base, monkeypatch, c
 
     assert press("") == "the prompt is empty"  # a user's mistake: its line, no traceback in the log
     assert "Traceback" not in capsys.readouterr().err
-    line = _inject(monkeypatch, generate, "decode", RuntimeError("latents of 3 dims"))
+    line = _inject(monkeypatch, *_depths()[depth])
     assert press("rain") == line
     assert "Traceback" in capsys.readouterr().err  # the bug's traceback in the server's log
 
@@ -391,6 +405,46 @@ def test_demo_start_internal_error_is_shown_as_a_bug(tiny_base, monkeypatch, cap
         err = capsys.readouterr().err
         assert code == 1 and ("Traceback" in err) == bool(debug), err
         _last(err, "audioldm2-demo", line)
+
+
+@pytest.mark.parametrize("front", ["cli", "prompts file"])
+def test_users_errors_keep_their_line(front, tmp_path, capsys):
+    """Beside the bugs above: a user's mistake is its own line, not "unexpected", in both front ends."""
+    from audioldm2_core import synthesis
+
+    items = tmp_path / "items.jsonl"
+    items.write_text('{"id": "a", "prompt": "rain"}\n')
+    main, head = (
+        (cli.main, ["rain", "-o", str(tmp_path / "x.wav")])
+        if front == "cli"
+        else (synthesis.main, ["--prompts-file", str(items), "-o", str(tmp_path / "out")])
+    )
+    missing = tmp_path / "no-model"
+    cases = [  # (flags, exit status, the line)
+        (
+            ["--model", str(missing)],
+            1,
+            f"{missing}: no such folder, and not a hub repo id of the form 'owner/name'",
+        ),
+        (["--length", "-3"], 2, "--length: audio_length_in_s must be in (0, 600.0] s, got -3.0"),
+    ]
+    for flags, status, line in cases:
+        code = main([*head, *flags, "--quiet"])
+        err = capsys.readouterr().err
+        assert code == status and "Traceback" not in err and BUG not in err, err
+        _last(err, "audioldm2", line)
+
+
+def test_demo_start_user_error_keeps_its_line(tmp_path, capsys):
+    pytest.importorskip("gradio", reason="the demo needs gradio (pip install '.[demo]')")
+    pytest.importorskip("matplotlib", reason="the demo needs matplotlib (pip install '.[demo]')")
+    from audioldm2_core import demo
+
+    missing = tmp_path / "no-model"
+    code = demo.main(["--model", str(missing)])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and BUG not in err, err
+    _last(err, "audioldm2-demo", f"{missing}: no such folder, and not a hub repo id of the form 'owner/name'")
 
 
 # ------------------------------------------------------------------ users' failures that are not ours to raise
