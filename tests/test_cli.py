@@ -109,8 +109,9 @@ def test_cpu_attention_flag(tiny_base, tmp_path):
         "audioldm2: the CPU attention kernel could not be built: it needs a C++ compiler and ninja; PyTorch's "
         "attention runs"
     ]
-    none = sf.read(tmp_path / "none.wav")[0]  # an empty cache: the speed layer times its routes again, and may
-    assert abs(plain - none).max() <= 1e-5 * abs(plain).max()  # pick others (exact rewrites: float rounding)
+    # an empty cache: the speed layer times its routes again and may pick others (exact rewrites: float rounding)
+    none = sf.read(tmp_path / "none.wav")[0]
+    assert abs(plain - none).max() <= 1e-5 * abs(plain).max()
 
 
 def test_prompts_file(tiny_base, tmp_path):
