@@ -83,6 +83,7 @@ import numpy as np
 import torch
 
 from .config import FeatureExtractorConfig
+from .errors import MissingDependencyError, UsageError, UsageTypeError
 
 __all__ = [
     "SAMPLE_RATE",
@@ -124,7 +125,9 @@ def resample(audio: torch.Tensor | np.ndarray, orig_sr: int, target_sr: int) -> 
     try:
         import soxr
     except ImportError as e:  # only re-ranking needs it
-        raise ImportError("re-ranking needs the 'soxr' package (pip install soxr) to resample audio") from e
+        raise MissingDependencyError(
+            "re-ranking needs the 'soxr' package (pip install soxr) to resample audio"
+        ) from e
     x = audio.detach().cpu().numpy() if torch.is_tensor(audio) else np.asarray(audio)
     dtype = x.dtype
     if orig_sr == target_sr:
@@ -142,7 +145,7 @@ def fit_length(wave: torch.Tensor, max_length: int, padding: str) -> torch.Tenso
     """(T,) -> (max_length,): crop to the first ``max_length`` samples, or repeat/pad as the module docstring says."""
     n = wave.shape[-1]
     if n == 0:
-        raise ValueError("cannot fit an empty waveform")
+        raise UsageError("cannot fit an empty waveform")
     if n >= max_length:
         return wave[:max_length]  # deterministic stand-in for the reference's random crop
     if padding == "repeat":
@@ -150,7 +153,7 @@ def fit_length(wave: torch.Tensor, max_length: int, padding: str) -> torch.Tenso
     if padding == "repeatpad":
         wave = wave.repeat(max_length // n)
     elif padding != "pad":
-        raise ValueError(f"unknown padding {padding!r} (repeatpad, repeat, pad)")
+        raise UsageError(f"unknown padding {padding!r} (repeatpad, repeat, pad)")
     return torch.nn.functional.pad(wave, (0, max_length - wave.shape[-1]))
 
 
@@ -196,7 +199,7 @@ def clap_features(audio: torch.Tensor | np.ndarray, cfg: FeatureExtractorConfig)
     """(B, T) or (T,) waveform at ``cfg.sampling_rate`` (48 kHz) -> (B, 1, frames, feature_size) float32 dB."""
     x = torch.as_tensor(np.asarray(audio) if not torch.is_tensor(audio) else audio).detach().cpu()
     if x.shape[-1] == 0:
-        raise ValueError("cannot compute CLAP features of an empty waveform")
+        raise UsageError("cannot compute CLAP features of an empty waveform")
     x = x.to(torch.float64).reshape(-1, x.shape[-1])  # (B, T)
     x = torch.stack([fit_length(w, cfg.nb_max_samples, cfg.padding) for w in x])  # (B, max_length)
     window = torch.hann_window(cfg.fft_window_size, periodic=True, dtype=torch.float64)
@@ -223,16 +226,16 @@ def _read_file(path: Path, max_seconds: float | None) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
     if not path.is_file():
-        raise ValueError(f"audio file {path} does not exist" + (" (a folder)" if path.is_dir() else ""))
+        raise UsageError(f"audio file {path} does not exist" + (" (a folder)" if path.is_dir() else ""))
     try:
         info = sf.info(str(path))
         if max_seconds is not None and info.frames > max_seconds * info.samplerate:
-            raise ValueError(
+            raise UsageError(
                 f"audio file {path} is {info.frames / info.samplerate:.1f} s long; at most {max_seconds} s"
             )
         data, sr = sf.read(str(path), dtype="float64", always_2d=True)  # (samples, channels)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise ValueError(f"cannot read audio file {path}: {str(e).splitlines()[0] if str(e) else e}") from e
+        raise UsageError(f"cannot read audio file {path}: {str(e).splitlines()[0] if str(e) else e}") from e
     return data.T, int(sr)
 
 
@@ -248,13 +251,13 @@ def _as_array(audio: np.ndarray | torch.Tensor) -> np.ndarray:
     elif x.dtype.kind == "f":
         x = x.astype(np.float64)
     else:
-        raise TypeError(f"audio samples must be floats or signed integers (PCM), not {x.dtype}")
+        raise UsageTypeError(f"audio samples must be floats or signed integers (PCM), not {x.dtype}")
     if x.ndim == 1:
         return x[None]
     if x.ndim != 2:
-        raise ValueError(f"audio must be (samples,) or (channels, samples), got shape {tuple(x.shape)}")
+        raise UsageError(f"audio must be (samples,) or (channels, samples), got shape {tuple(x.shape)}")
     if x.shape[0] > MAX_CHANNELS:
-        raise ValueError(
+        raise UsageError(
             f"audio of shape {tuple(x.shape)}: a 2-D waveform is (channels, samples) with at most {MAX_CHANNELS} "
             "channels; for (samples, channels), as soundfile returns it, pass its transpose"
         )
@@ -277,26 +280,26 @@ def load_audio(
     """
     if isinstance(audio, (str, os.PathLike)):
         if sample_rate is not None:
-            raise ValueError("sample_rate is read from the audio file; pass it only with an array or tensor")
+            raise UsageError("sample_rate is read from the audio file; pass it only with an array or tensor")
         x, sample_rate = _read_file(Path(audio).expanduser(), max_seconds)
         what = f"audio file {audio}"
     elif isinstance(audio, (np.ndarray, torch.Tensor)):
         if sample_rate is None:
-            raise ValueError("a waveform array or tensor needs its sample_rate (e.g. sample_rate=44100)")
+            raise UsageError("a waveform array or tensor needs its sample_rate (e.g. sample_rate=44100)")
         x, what = _as_array(audio), "audio"
     else:
-        raise TypeError(
+        raise UsageTypeError(
             f"audio must be a file path, a numpy array or a torch tensor, not {type(audio).__name__}"
         )
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
-        raise ValueError(f"sample_rate must be a positive integer (Hz), got {sample_rate!r}")
+        raise UsageError(f"sample_rate must be a positive integer (Hz), got {sample_rate!r}")
     sample_rate = int(sample_rate)
     if x.shape[-1] == 0:
-        raise ValueError(f"{what} is empty (0 samples)")
+        raise UsageError(f"{what} is empty (0 samples)")
     if not np.isfinite(x).all():
-        raise ValueError(f"{what} contains NaN or infinite samples")
+        raise UsageError(f"{what} contains NaN or infinite samples")
     if max_seconds is not None and x.shape[-1] > max_seconds * sample_rate:
-        raise ValueError(f"{what} is {x.shape[-1] / sample_rate:.1f} s long; at most {max_seconds} s")
+        raise UsageError(f"{what} is {x.shape[-1] / sample_rate:.1f} s long; at most {max_seconds} s")
     mono = x.mean(axis=0)  # (T,)
     return resample(mono, sample_rate, SAMPLE_RATE).to(torch.float32)
 
@@ -325,12 +328,12 @@ def log_mel(waveform: torch.Tensor | np.ndarray, frames: int | None = None) -> t
     is zero-padded to ``frames * 160`` samples, a longer one's spectrogram is cut to ``frames``. In float64."""
     x = torch.as_tensor(np.asarray(waveform) if not torch.is_tensor(waveform) else waveform).detach().cpu()
     if x.ndim != 1 or x.shape[0] == 0:
-        raise ValueError(f"log_mel takes a non-empty mono waveform (T,), got shape {tuple(x.shape)}")
+        raise UsageError(f"log_mel takes a non-empty mono waveform (T,), got shape {tuple(x.shape)}")
     if not torch.isfinite(x).all():
-        raise ValueError("the waveform contains NaN or infinite samples")
+        raise UsageError("the waveform contains NaN or infinite samples")
     frames = mel_frames(x.shape[0]) if frames is None else frames
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < MIN_FRAMES:
-        raise ValueError(
+        raise UsageError(
             f"frames must be an int >= {MIN_FRAMES} ({MIN_FRAMES * HOP_LENGTH} samples), got {frames!r}"
         )
     return mel_spectrogram(_normalize(x.to(torch.float64), frames * HOP_LENGTH), frames)
@@ -380,19 +383,19 @@ def latent_mask(
     keep.)
     """
     if isinstance(latent_frames, bool) or not isinstance(latent_frames, int) or latent_frames < 1:
-        raise ValueError(f"latent_frames must be a positive int, got {latent_frames!r}")
+        raise UsageError(f"latent_frames must be a positive int, got {latent_frames!r}")
     if not spans_s and not bands_hz:
-        raise ValueError("give time spans (seconds) and/or frequency bands (Hz) to regenerate")
+        raise UsageError("give time spans (seconds) and/or frequency bands (Hz) to regenerate")
     if N_MELS % scale != 0:
-        raise ValueError(f"the latent scale {scale} does not divide the {N_MELS} mel bins")
+        raise UsageError(f"the latent scale {scale} does not divide the {N_MELS} mel bins")
     hop = HOP_LENGTH * scale  # samples per latent frame
     duration = latent_frames * hop / SAMPLE_RATE
     times = torch.zeros(latent_frames, dtype=torch.bool)
     for start, end in spans_s:
         if not (math.isfinite(start) and math.isfinite(end)) or not 0 <= start < end:
-            raise ValueError(f"time span ({start}, {end}): need 0 <= start < end, in seconds")
+            raise UsageError(f"time span ({start}, {end}): need 0 <= start < end, in seconds")
         if start >= duration:
-            raise ValueError(f"time span ({start}, {end}) starts after the audio's end ({duration:.2f} s)")
+            raise UsageError(f"time span ({start}, {end}) starts after the audio's end ({duration:.2f} s)")
         a, b = round(start * SAMPLE_RATE), round(end * SAMPLE_RATE)  # in samples: no float-division edges
         first, last = a // hop, min(-(-b // hop), latent_frames)  # frames overlapping [a, b)
         times[first:last] = True
@@ -400,9 +403,9 @@ def latent_mask(
     bins = torch.zeros(N_MELS // scale, dtype=torch.bool)
     for low, high in bands_hz:
         if not (math.isfinite(low) and math.isfinite(high)) or not 0 <= low < high:
-            raise ValueError(f"frequency band ({low}, {high}): need 0 <= low < high, in Hz")
+            raise UsageError(f"frequency band ({low}, {high}): need 0 <= low < high, in Hz")
         if low >= F_MAX:
-            raise ValueError(
+            raise UsageError(
                 f"frequency band ({low}, {high}) is above the model's top frequency {F_MAX:.0f} Hz"
             )
         lo_edges, hi_edges = edges[0:-2:scale], edges[scale + 1 :: scale]  # each latent bin's support

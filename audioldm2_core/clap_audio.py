@@ -54,7 +54,7 @@ from torch import nn
 
 from .clap_text import ProjectionHead
 from .config import ClapAudioConfig, clap_audio_config, htsat_stages
-from .errors import UnsupportedConfigError, WeightsError
+from .errors import UnsupportedConfigError, UsageError, WeightsError
 from .loading import Checkpoint, empty_init, load_strict
 
 __all__ = ["ClapAudio", "load_clap_audio", "is_audio_key", "relative_position_index"]
@@ -293,7 +293,7 @@ class HTSATEncoder(nn.Module):
         B, C, T, M = x.shape
         width, height = self.spec_size * self.freq_ratio, self.spec_size // self.freq_ratio
         if T > width or M > height:
-            raise ValueError(f"CLAP audio: features of {T} frames x {M} mel bins exceed {width} x {height}")
+            raise UsageError(f"CLAP audio: features of {T} frames x {M} mel bins exceed {width} x {height}")
         if T < width:  # bicubic stretch in time (identity along mel: align_corners with equal sizes)
             x = F.interpolate(x, (width, M), mode="bicubic", align_corners=True)
         if M < height:

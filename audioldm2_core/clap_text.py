@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ClapTextConfig, clap_config
-from .errors import WeightsError
+from .errors import ConfigError, UsageError, WeightsError
 from .loading import Checkpoint, empty_init, load_strict
 
 __all__ = ["ClapTextEncoder", "load_clap_text", "roberta_position_ids"]
@@ -65,7 +65,7 @@ class Embeddings(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = roberta_position_ids(input_ids, self.cfg.pad_token_id)
         if int(positions.max()) >= self.cfg.max_position_embeddings:
-            raise ValueError(
+            raise UsageError(
                 f"CLAP text: {input_ids.shape[1]} tokens exceed the {self.cfg.max_position_embeddings - 2} "
                 "positions of the encoder"
             )
@@ -78,7 +78,7 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: ClapTextConfig):
         super().__init__()
         if cfg.hidden_size % cfg.num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"CLAP text: hidden_size {cfg.hidden_size} not divisible by {cfg.num_heads} heads"
             )
         self.num_heads = cfg.num_heads

@@ -92,6 +92,8 @@ def checked(args: argparse.Namespace):
     device, dtype = resolve_device_and_dtype(args.device, args.dtype)
     request = request_from(args)
     request.check()
+    if args.seed is not None and not -(2**63) <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise UsageError(f"--seed {args.seed} is out of range: a seed is an integer in [-2**63, 2**64)")
     if request.edit is not None:  # read once, so that a bad file fails now
         from .audio import load_audio
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UsageError, explain
+from .errors import MissingDependencyError, UsageError, explain
 from .frontend import (
     DEMO,
     device_line,
@@ -94,7 +94,7 @@ def _request(
         raise UsageError(f"length must be from 0 (the model's default) to {MAX_LENGTH_S} s, got {length!r}")
     request = GenerationRequest(
         prompt.strip() if isinstance(prompt, str) else prompt, float(length) if length else None, steps,
-        float(guidance), (negative_prompt or "").strip() or None, candidates, sampler=sampler,
+        float(guidance) if isinstance(guidance, int | float) else guidance, (negative_prompt or "").strip() or None, candidates, sampler=sampler,
         rerank=True,  # the score is shown even for one candidate
         edit=edit, text_required=True,
     )  # fmt: skip
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             import gradio  # noqa: F401
         except ImportError as e:
-            raise ImportError('the demo needs gradio: pip install "audioldm2-core[demo]"') from e
+            raise MissingDependencyError('the demo needs gradio: pip install "audioldm2-core[demo]"') from e
         from .spectrogram import require_matplotlib
 
         require_matplotlib()

@@ -12,11 +12,14 @@ Used by the command line (``audioldm2``, ``audioldm2-demo``: the line, a non-zer
   wrapped in ``LocalEntryNotFoundError`` (an ``OSError``) or another library's ``OSError``: the chain is
   searched for a connection error or a timeout by the class's library and name, not by importing the HTTP
   client;
-- bad input and unusable checkpoints (``ValueError``, ``TypeError``, ``CheckpointError``), a missing optional
-  package (``ImportError``), a refused feature (``RuntimeError``): the message's first line;
+- this project's own failures (``AudioLDM2Error``: bad input, unusable checkpoints, a missing optional
+  package, a feature this machine cannot run): the message's first line;
 - any other ``OSError`` (a path that cannot be written or read): the path and the system's reason.
 
-Anything else is a bug, not a user's failure: ``explain`` returns None and the caller keeps the traceback.
+Anything else, a bare ``ValueError``, ``TypeError``, ``KeyError``, ``RuntimeError`` or ``ImportError`` from
+inside included, is a bug, not a user's failure: ``explain`` returns None and the caller shows it as one
+(``frontend.error_line``) and keeps the traceback. A library that raises a builtin for a user's mistake is
+wrapped where it is called, in one of the types below.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ __all__ = [
     "WeightsError",
     "ConfigError",
     "UnsupportedConfigError",
+    "MissingDependencyError",
+    "PhonemizerMissingError",
+    "UnavailableError",
     "explain",
     "OOM_ADVICE",
 ]
@@ -69,6 +75,18 @@ class ConfigError(CheckpointError):
 
 class UnsupportedConfigError(ConfigError):
     """A config setting that is valid for the reference library but not implemented here."""
+
+
+class MissingDependencyError(AudioLDM2Error, ImportError):
+    """An optional package (or program) a feature needs is not installed; the message says how to install it."""
+
+
+class PhonemizerMissingError(MissingDependencyError):
+    """Phonemisation was needed (a speech checkpoint's transcription) but phonemizer or espeak-ng is missing."""
+
+
+class UnavailableError(AudioLDM2Error, RuntimeError):
+    """A feature asked for that this machine cannot run (a kernel without its instruction set or compiler)."""
 
 
 OOM_ADVICE = "try --low-memory, fewer candidates, shorter audio (--length), or --dtype float16 on a GPU"
@@ -136,6 +154,8 @@ def _hub(error: BaseException, repo_id: str | None, revision: str | None) -> str
             )
         if _named(e, "RepositoryNotFoundError"):
             return f"{repo}: no such repository on the hub (if it is private, log in: hf auth login, or set HF_TOKEN)"
+        if _named(e, "HFValidationError"):  # a repo id or revision the hub's rules refuse (a ValueError)
+            return f"{repo}: {_first_line(e)}"
         if _named(e, "RevisionNotFoundError"):
             return f"{repo}: no revision {revision!r} on the hub" if revision else f"{repo}: no such revision"
     cache = constants.HF_HUB_CACHE
@@ -185,8 +205,6 @@ def explain(error: BaseException, repo_id: str | None = None, revision: str | No
     hub = _hub(error, repo_id, revision)
     if hub is not None:
         return hub
-    if isinstance(error, (ValueError, TypeError, ImportError, RuntimeError)):
-        return _first_line(error)
     if isinstance(error, OSError):
         if error.filename is not None and error.strerror:
             return f"{error.filename}: {error.strerror}"

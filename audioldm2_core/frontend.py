@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError, explain
+from .errors import UnavailableError, UsageError, explain
 from .request import DEFAULT_STRENGTH, DTYPE_NAMES, SAMPLERS, LoadOptions, lora_spec
 
 __all__ = [
@@ -226,10 +226,12 @@ def save_spectrogram(path: Path, audio, sample_rate: int, title: str) -> None:
 
 def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
     """``--device auto``: CUDA, then MPS, then the CPU; ``--dtype auto``: float16 on CUDA, bfloat16 on a CPU with
-    native bfloat16 arithmetic (``fast.native_bfloat16``), else float32."""
-    from .pipeline import resolve_device
+    native bfloat16 arithmetic (``fast.native_bfloat16``), else float32. A device this machine does not have is
+    refused."""
+    from .pipeline import check_device, resolve_device
 
     resolved = resolve_device(device)
+    check_device(resolved)
     if dtype == "auto":
         from .fast import native_bfloat16
 
@@ -346,7 +348,7 @@ def speed_lines(prog: str, options: LoadOptions, quiet: bool) -> LoadOptions:
     try:
         cpu_attention.build()
         return dataclasses.replace(options, cpu_attention=True)
-    except RuntimeError as e:  # no compiler, a failed build, a CPU it is not written for: PyTorch's runs
+    except UnavailableError as e:  # no compiler, a failed build, a CPU it is not written for: PyTorch's runs
         print(f"{prog}: {str(e).split(cpu_attention.WITHOUT)[0]}; PyTorch's attention runs", file=sys.stderr)
         return dataclasses.replace(options, cpu_attention=False)
 

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GPT2Config, gpt2_config
-from .errors import WeightsError
+from .errors import ConfigError, UsageError, WeightsError
 from .loading import Checkpoint, empty_init, load_strict
 
 __all__ = ["GPT2", "KVCache", "generate", "load_gpt2"]
@@ -97,7 +97,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPT2Config, layer: int):
         super().__init__()
         if cfg.n_embd % cfg.n_head:
-            raise ValueError(f"GPT-2: n_embd {cfg.n_embd} not divisible by {cfg.n_head} heads")
+            raise ConfigError(f"GPT-2: n_embd {cfg.n_embd} not divisible by {cfg.n_head} heads")
         self.n_head, self.layer = cfg.n_head, layer
         self.c_attn = Conv1D(cfg.n_embd, 3 * cfg.n_embd)
         self.c_proj = Conv1D(cfg.n_embd, cfg.n_embd)
@@ -161,7 +161,7 @@ class GPT2(nn.Module):
         """
         B, T = x.shape[:2]
         if cache is None and pos != 0:
-            raise ValueError("GPT-2: a forward from position > 0 needs the cache of the positions before it")
+            raise UsageError("GPT-2: a forward from position > 0 needs the cache of the positions before it")
         key_valid = (
             torch.ones(B, pos + T, dtype=torch.bool, device=x.device) if key_valid is None else key_valid
         )
@@ -202,13 +202,13 @@ def generate(
     """
     B, L, D = inputs_embeds.shape
     if attention_mask.shape != (B, L):
-        raise ValueError(
+        raise UsageError(
             f"GPT-2: attention_mask {tuple(attention_mask.shape)} does not match inputs {(B, L)}"
         )
     if max_new_tokens < 1:
-        raise ValueError(f"GPT-2: max_new_tokens must be at least 1, got {max_new_tokens}")
+        raise UsageError(f"GPT-2: max_new_tokens must be at least 1, got {max_new_tokens}")
     if L + max_new_tokens - 1 > model.cfg.n_positions:
-        raise ValueError(
+        raise UsageError(
             f"GPT-2: {L} input states + {max_new_tokens} new ones exceed its {model.cfg.n_positions} positions"
         )
     # every generated position is valid: the mask grows by ones, (B, L + max_new_tokens - 1)

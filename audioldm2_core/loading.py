@@ -32,7 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .config import ConfigFile
-from .errors import CheckpointError, WeightsError
+from .errors import CheckpointError, UsageTypeError, WeightsError
 
 __all__ = [
     "Checkpoint",
@@ -183,7 +183,7 @@ class Checkpoint:
 def open_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Checkpoint:
     """Resolve a local pipeline folder or a hub repo id (optionally at a revision) to a :class:`Checkpoint`."""
     if not isinstance(path_or_repo_id, (str, os.PathLike)):
-        raise TypeError(
+        raise UsageTypeError(
             f"checkpoint must be a folder path or a hub repo id, not {type(path_or_repo_id).__name__}"
         )
     name = os.fspath(path_or_repo_id)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .errors import UsageError
+
 __all__ = ["Generators", "randn"]
 
 Generators = torch.Generator | list[torch.Generator] | None
@@ -32,10 +34,10 @@ def randn(
         if gen_type == "cpu":
             rand_device = torch.device("cpu")
         elif gen_type != device.type:
-            raise ValueError(f"cannot draw a {device.type} tensor from a {gen_type} generator")
+            raise UsageError(f"cannot draw a {device.type} tensor from a {gen_type} generator")
     if isinstance(generator, list):
         if len(generator) != shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+            raise UsageError(f"{len(generator)} generators for a batch of {shape[0]}")
         one = (1, *shape[1:])
         draws = [torch.randn(one, generator=g, device=rand_device, dtype=dtype) for g in generator]
         return torch.cat(draws, dim=0).to(device)

@@ -49,7 +49,7 @@ from .config import (
     vae_config,
     vocoder_config,
 )
-from .errors import UsageError
+from .errors import ConfigError, UsageError
 from .gpt2 import load_gpt2
 from .loading import Checkpoint, open_checkpoint
 from .noise import Generators, randn
@@ -67,7 +67,7 @@ from .vocoder import load_vocoder
 
 logger = logging.getLogger("audioldm2_core")
 
-__all__ = ["AudioLDM2", "AudioOutput", "audio_shape", "resolve_device"]
+__all__ = ["AudioLDM2", "AudioOutput", "audio_shape", "check_device", "resolve_device"]
 
 _SLOW_BFLOAT16 = "this CPU has no native bfloat16 (AVX-512 BF16): bfloat16 runs, but far slower than float32"
 TEXT_COMPONENTS = (
@@ -119,6 +119,23 @@ def resolve_device(device: torch.device | str | None = None) -> torch.device:
         ) from e
 
 
+def check_device(device: torch.device) -> None:
+    """A CUDA or MPS device that this machine has (``torch.device`` only parses the name; a missing one fails
+    later, inside torch, as an AssertionError or a RuntimeError)."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "; this PyTorch is built without CUDA" if torch.version.cuda is None else ""
+            raise UsageError(f"{device}: no CUDA device on this machine{why}", field="device")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"{device}: no such CUDA device (this machine has cuda:0 to cuda:{count - 1})",
+                             field="device")  # fmt: skip
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise UsageError(f"{device}: no MPS device (Apple silicon) on this machine", field="device")
+
+
 def _dtype_name(dtype: torch.dtype | str) -> str:
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -165,6 +182,7 @@ class AudioLDM2:
                  low_memory: bool = False, compile: bool | dict = False, cuda_graphs: bool = False,
                  fast: bool = True, cpu_attention: bool | None = None):  # fmt: skip
         self.ckpt, self.device = ckpt, resolve_device(device)
+        check_device(self.device)
         self.options = LoadOptions(str(ckpt.source), None, str(self.device), _dtype_name(dtype), low_memory,
                                    compile, cuda_graphs, fast, cpu_attention)  # fmt: skip
         self.options.check()
@@ -179,8 +197,8 @@ class AudioLDM2:
         self.scheduler_config = scheduler_config(ckpt.config("scheduler"))
         self.max_new_tokens = gpt2_config(ckpt.config("language_model")).max_new_tokens  # 8; speech 512
         if self.vocoder_config.model_in_dim % self.vae_config.scale_factor != 0:
-            raise UsageError(f"vocoder mel bins {self.vocoder_config.model_in_dim} are not divisible by the VAE "
-                             f"scale factor {self.vae_config.scale_factor}")  # fmt: skip
+            raise ConfigError(f"vocoder mel bins {self.vocoder_config.model_in_dim} are not divisible by the VAE "
+                              f"scale factor {self.vae_config.scale_factor}")  # fmt: skip
         # component -> the speed layer's decisions for it (rewrite -> Decision), filled as components load
         self.fast_decisions: dict[str, dict[str, fast_layer.Decision]] = {}
         loaders = component_loaders(ckpt, self.dtype, self.decoder_dtype, self.device)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .config import ProjectionConfig, projection_config
+from .errors import UsageError
 from .loading import Checkpoint, empty_init, load_strict
 
 __all__ = ["AudioLDM2Projection", "load_projection"]
@@ -83,7 +84,7 @@ class AudioLDM2Projection(nn.Module):
         if self.cfg.use_learned_position_embedding:
             length = hidden_states_1.shape[1]
             if length != self.cfg.max_seq_length:
-                raise ValueError(
+                raise UsageError(
                     f"projection: the second stream has {length} positions; the learned position table needs "
                     f"exactly {self.cfg.max_seq_length}"
                 )

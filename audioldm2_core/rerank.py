@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import torch
 
+from .errors import UsageError
+
 __all__ = ["Ranking", "score", "rank_within_prompts"]
 
 
@@ -45,7 +47,7 @@ def rank_within_prompts(logits: torch.Tensor, num_per_prompt: int) -> Ranking:
     P, total = logits.shape
     N = num_per_prompt
     if N < 1 or total != P * N:
-        raise ValueError(
+        raise UsageError(
             f"logits of shape {tuple(logits.shape)} do not hold {N} candidates for each of {P} prompts"
         )
     own = logits.view(P, P, N)[torch.arange(P), torch.arange(P)]  # (P, N): prompt p vs rows p*N .. p*N+N-1

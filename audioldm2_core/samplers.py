@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from .config import SchedulerConfig
+from .errors import UsageError
 from .noise import Generators, randn
 from .request import SAMPLERS, check_sampler_name
 from .schedules import (
@@ -111,7 +112,7 @@ def sample_ddim(
 ) -> Tensor:
     """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12), sigma_t = eta * eq. 16."""
     if not (isinstance(eta, int | float) and 0.0 <= eta <= 1.0):
-        raise ValueError(f"eta must be a number in [0, 1] (0: DDIM, 1: DDPM-like), got {eta!r}")
+        raise UsageError(f"eta must be a number in [0, 1] (0: DDIM, 1: DDPM-like), got {eta!r}")
     timesteps = sched.timesteps.to(x.device)
     for i in range(start, len(timesteps)):
         t = timesteps[i]
@@ -638,7 +639,7 @@ def init_noise_sigma(sampler: str | SamplerFn, cfg: SchedulerConfig, steps: int)
 
 def _check_index(index: int, n: int, what: str) -> None:
     if isinstance(index, bool) or not isinstance(index, int | np.integer) or not 0 <= index < n:
-        raise ValueError(f"{what} must be an integer step index in [0, {n}), got {index!r}")
+        raise UsageError(f"{what} must be an integer step index in [0, {n}), got {index!r}")
 
 
 def add_noise(
@@ -685,5 +686,5 @@ def sample(
     if fn is sample_ddim:
         return fn(model, x, sched, eta, generator=generator, callback=callback, start=start)
     if eta != 0:  # the diffusers pipeline silently ignores eta here
-        raise ValueError(f"eta is a DDIM option; {sampler!r} does not take it (got eta={eta!r})")
+        raise UsageError(f"eta is a DDIM option; {sampler!r} does not take it (got eta={eta!r})")
     return fn(model, x, sched, generator=generator, callback=callback, start=start)

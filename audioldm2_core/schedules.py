@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .config import SchedulerConfig
+from .errors import UnsupportedConfigError, UsageError, UsageTypeError
 
 __all__ = [
     "DDIMSchedule",
@@ -101,7 +102,9 @@ def alphas_cumprod(cfg: SchedulerConfig) -> Tensor:
     elif cfg.beta_schedule == "linear":
         betas = torch.linspace(cfg.beta_start, cfg.beta_end, n, dtype=torch.float32)
     else:
-        raise ValueError(f"beta_schedule {cfg.beta_schedule!r} is not supported ('scaled_linear', 'linear')")
+        raise UnsupportedConfigError(
+            f"beta_schedule {cfg.beta_schedule!r} is not supported ('scaled_linear', 'linear')"
+        )
     return torch.cumprod(1.0 - betas, dim=0)
 
 
@@ -113,20 +116,20 @@ def _sigma_table(cfg: SchedulerConfig) -> np.ndarray:
 
 def _check_steps(cfg: SchedulerConfig, steps: int) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int | np.integer):
-        raise ValueError(f"steps must be an integer, got {steps!r}")
+        raise UsageTypeError(f"steps must be an integer, got {steps!r}")
     if not 1 <= steps <= cfg.num_train_timesteps:
-        raise ValueError(f"steps must be in [1, num_train_timesteps={cfg.num_train_timesteps}], got {steps}")
+        raise UsageError(f"steps must be in [1, num_train_timesteps={cfg.num_train_timesteps}], got {steps}")
 
 
 def _check_timesteps(t: np.ndarray, cfg: SchedulerConfig, steps: int, sampler: str) -> None:
     """Refuse the schedules that diffusers builds wrong rather than copy them (see the module docstring)."""
     where = f"{sampler} with {steps} steps and {cfg.timestep_spacing!r} spacing"
     if len(t) != steps:  # "trailing": float arange(T, 0, -T / steps) overshoots and yields one more, -1
-        raise ValueError(f"{where}: the reference schedule has {len(t)} timesteps; choose another step count")
+        raise UsageError(f"{where}: the reference schedule has {len(t)} timesteps; choose another step count")
     if t.min() < 0 or t.max() >= cfg.num_train_timesteps:
-        raise ValueError(f"{where} asks for timesteps outside [0, {cfg.num_train_timesteps}): {t.max()}")
+        raise UsageError(f"{where} asks for timesteps outside [0, {cfg.num_train_timesteps}): {t.max()}")
     if len(np.unique(t)) != len(t):
-        raise ValueError(f"{where} repeats timesteps; choose fewer steps")
+        raise UsageError(f"{where} repeats timesteps; choose fewer steps")
 
 
 def _spaced(cfg: SchedulerConfig, steps: int, plus_one: bool, spacing: str | None = None) -> np.ndarray:
@@ -143,7 +146,7 @@ def _spaced(cfg: SchedulerConfig, steps: int, plus_one: bool, spacing: str | Non
     elif spacing == "linspace":
         t = np.linspace(0, T - 1, k).round()[::-1][:steps].astype(np.int64)
     else:
-        raise ValueError(f"timestep_spacing {spacing!r} is not supported")
+        raise UnsupportedConfigError(f"timestep_spacing {spacing!r} is not supported")
     return t.astype(np.int64)
 
 
@@ -240,7 +243,7 @@ def pndm_schedule(cfg: SchedulerConfig, steps: int) -> PNDMSchedule:
     """
     _check_steps(cfg, steps)
     if steps < 4:  # diffusers fails to broadcast its warm-up arrays
-        raise ValueError(f"PNDM needs at least 4 steps (its Runge-Kutta warm-up spans 4), got {steps}")
+        raise UsageError(f"PNDM needs at least 4 steps (its Runge-Kutta warm-up spans 4), got {steps}")
     T = cfg.num_train_timesteps
     t = _spaced(cfg, steps, plus_one=False)
     _check_timesteps(t, cfg, steps, "PNDM")

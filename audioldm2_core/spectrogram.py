@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .audio import F_MAX, F_MIN, HOP_LENGTH, SAMPLE_RATE, hz_to_mel, mel_spectrogram, resample
+from .errors import MissingDependencyError, UsageError
 from .outputs import write_atomic
 
 __all__ = ["log_mel", "spectrogram_png", "save_spectrogram", "require_matplotlib"]
@@ -43,7 +44,7 @@ def require_matplotlib():
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise ImportError(
+        raise MissingDependencyError(
             'spectrograms need matplotlib: pip install "audioldm2-core[spectrogram]" (or pip install matplotlib)'
         ) from e
     return Figure, FigureCanvasAgg
@@ -55,7 +56,7 @@ def log_mel(audio: np.ndarray | torch.Tensor, sample_rate: int = SAMPLE_RATE) ->
     normalisation of its input (a picture keeps the audio's level)."""
     x = torch.as_tensor(np.asarray(audio) if not torch.is_tensor(audio) else audio).detach().cpu()
     if x.ndim != 1 or x.shape[0] == 0:
-        raise ValueError(f"log_mel takes one non-empty waveform (T,), got shape {tuple(x.shape)}")
+        raise UsageError(f"log_mel takes one non-empty waveform (T,), got shape {tuple(x.shape)}")
     if sample_rate != SAMPLE_RATE:
         x = resample(x.to(torch.float64), sample_rate, SAMPLE_RATE)
     return mel_spectrogram(x)
@@ -77,7 +78,7 @@ def spectrogram_png(
     Figure, FigureCanvasAgg = require_matplotlib()
     m = torch.as_tensor(np.asarray(mel) if not torch.is_tensor(mel) else mel).detach().float().cpu().numpy()
     if m.ndim != 2 or 0 in m.shape:
-        raise ValueError(f"spectrogram_png takes a (frames, n_mels) log mel, got shape {m.shape}")
+        raise UsageError(f"spectrogram_png takes a (frames, n_mels) log mel, got shape {m.shape}")
     db = m.T * _DB_PER_NEPER  # (n_mels, frames)
     lo, hi = (float(hz_to_mel(torch.tensor(f, dtype=torch.float64))) for f in (f_min, f_max))
     seconds = m.shape[0] * hop_length / sample_rate
@@ -120,7 +121,7 @@ def save_spectrogram(
 ) -> Path:
     """Write the PNG of a waveform's log mel (or of ``mel``, a (frames, 64) log mel such as the VAE's)."""
     if (audio is None) == (mel is None):
-        raise ValueError("give exactly one of a waveform (audio) or a log mel (mel)")
+        raise UsageError("give exactly one of a waveform (audio) or a log mel (mel)")
     path = Path(path)
     png = spectrogram_png(
         log_mel(audio, sample_rate) if mel is None else mel, sample_rate=sample_rate, title=title

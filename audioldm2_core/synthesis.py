@@ -150,11 +150,11 @@ class Item:
 
 def _check_id(name: str, where: str, what: str = "id") -> None:
     if not name:
-        raise ValueError(f"{where}: the {what} is empty")
+        raise UsageError(f"{where}: the {what} is empty")
     if len(name) > MAX_ID_LENGTH:
-        raise ValueError(f"{where}: {what} {name[:20]!r}... is longer than {MAX_ID_LENGTH} characters")
+        raise UsageError(f"{where}: {what} {name[:20]!r}... is longer than {MAX_ID_LENGTH} characters")
     if "/" in name or "\\" in name or name in (".", "..") or any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise ValueError(
+        raise UsageError(
             f"{where}: {what} {name!r} must be usable as a file name (no '/', '\\' or control characters)"
         )
 
@@ -185,24 +185,24 @@ def _json_item(text: str, where: str, index: int, line: int) -> Item:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+        raise UsageError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: an item must be a JSON object, got {type(obj).__name__}")
+        raise UsageError(f"{where}: an item must be a JSON object, got {type(obj).__name__}")
     for key in ("id", "prompt"):
         if key not in obj:
-            raise ValueError(f"{where}: the item has no {key!r}")
+            raise UsageError(f"{where}: the item has no {key!r}")
     item_id, prompt = obj.pop("id"), obj.pop("prompt")
     if _is_int(item_id):
         item_id = str(item_id)
     if not isinstance(item_id, str):
-        raise ValueError(f"{where}: id must be a string or an integer, got {item_id!r}")
+        raise UsageError(f"{where}: id must be a string or an integer, got {item_id!r}")
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"{where}: prompt must be a non-empty string, got {prompt!r}")
+        raise UsageError(f"{where}: prompt must be a non-empty string, got {prompt!r}")
     _check_fields(obj, where)
     known = {k: obj.pop(k) for k in ITEM_FIELDS if k in obj}
     reserved = sorted(k for k in obj if k in RECORD_FIELDS)
     if reserved:
-        raise ValueError(f"{where}: field {reserved[0]!r} is a manifest field; rename it")
+        raise UsageError(f"{where}: field {reserved[0]!r} is a manifest field; rename it")
     return Item(id=item_id, prompt=prompt, line=line, index=index, extra=obj, **known)
 
 
@@ -210,7 +210,7 @@ def _text_item(text: str, where: str, index: int, line: int) -> Item:
     prompt, _, name = text.partition("|")
     prompt, name = prompt.strip(), name.strip() or f"{index + 1:04d}"
     if not prompt:
-        raise ValueError(f"{where}: empty prompt")
+        raise UsageError(f"{where}: empty prompt")
     return Item(id=name, prompt=prompt, line=line, index=index)
 
 
@@ -220,7 +220,7 @@ def read_items(path: Path) -> list[Item]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read prompts file {path}: {e}") from e
+        raise UsageError(f"cannot read prompts file {path}: {e}") from e
     first = next((s.strip() for s in lines if s.strip()), "")
     jsonl = path.suffix == ".jsonl" or first.startswith("{")
     items: list[Item] = []
@@ -235,14 +235,14 @@ def read_items(path: Path) -> list[Item]:
         _check_id(item.id, where, "id" if jsonl else "name")
         key = item.id.casefold()
         if key in seen:
-            raise ValueError(
+            raise UsageError(
                 f"{where}: {'id' if jsonl else 'name'} {item.id!r} is used twice (line {seen[key]}; "
                 "names of files must differ even ignoring case)"
             )
         seen[key] = number
         items.append(item)
     if not items:
-        raise ValueError(f"{path}: no items")
+        raise UsageError(f"{path}: no items")
     return items
 
 
@@ -363,7 +363,7 @@ def plan(jobs: list[Job], folder: Path, ctx: Context) -> tuple[list[Job], set[st
             want["audio_length_in_s"] = rec.get("audio_length_in_s")
         for key, value in want.items():
             if rec.get(key) != value:
-                raise ValueError(
+                raise UsageError(
                     f"item {job.id!r} is already in {folder} with {key}={rec.get(key)!r}, not {value!r}; "
                     "use another output folder (or remove that item's WAV to redo it)"
                 )
@@ -489,7 +489,7 @@ def synthesize(
         start = time.perf_counter()
         try:
             audio, scores = generate_batch(pipe, group, ctx)
-        except (ValueError, TypeError) as e:  # a setting this model refuses (e.g. a length under its minimum)
+        except UsageError as e:  # a setting this model refuses (e.g. a length under its minimum)
             where = ", ".join(f"{j.id!r} (line {j.item.line})" for j in group)
             raise type(e)(f"item {where}: {e}") from e
         seconds = (time.perf_counter() - start) / len(group)

@@ -51,7 +51,7 @@ from typing import Any, Literal
 import torch
 from tokenizers import Encoding, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 
-from .errors import CheckpointError
+from .errors import CheckpointError, PhonemizerMissingError, UsageError, UsageTypeError
 from .loading import Checkpoint
 
 __all__ = [
@@ -84,7 +84,7 @@ class TextTokenizer:
 
     def __init__(self, backend: Tokenizer, *, model_max_length: int, pad_token_id: int, name: str):
         if backend.post_processor is None:
-            raise ValueError(f"{name}: the backend tokenizer has no post-processor (special tokens)")
+            raise CheckpointError(f"{name}: the backend tokenizer has no post-processor (special tokens)")
         self.backend = backend
         self.model_max_length = model_max_length
         self.pad_token_id = pad_token_id
@@ -116,16 +116,16 @@ class TextTokenizer:
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
-            raise ValueError(f"{self.name}: nothing to tokenize (an empty list of prompts)")
+            raise UsageError(f"{self.name}: nothing to tokenize (an empty list of prompts)")
         for t in texts:
             if not isinstance(t, str):
-                raise TypeError(f"{self.name}: prompts must be str, got {type(t).__name__}: {t!r}")
+                raise UsageTypeError(f"{self.name}: prompts must be str, got {type(t).__name__}: {t!r}")
         if padding not in ("longest", "max_length"):
-            raise ValueError(f"padding must be 'longest' or 'max_length', not {padding!r}")
+            raise UsageError(f"padding must be 'longest' or 'max_length', not {padding!r}")
         max_length = self.model_max_length if max_length is None else max_length
         keep = max_length - self.num_special_tokens  # content tokens that fit beside <s>/</s>
         if keep < 0:
-            raise ValueError(f"{self.name}: max_length {max_length} leaves no room for the special tokens")
+            raise UsageError(f"{self.name}: max_length {max_length} leaves no room for the special tokens")
 
         encodings: list[Encoding] = self.backend.encode_batch(texts, add_special_tokens=False)
         rows, removed = [], []
@@ -190,8 +190,11 @@ def tokenizer_from_folder(folder: str | Path, tokenizer_class: str) -> TextToken
         raise CheckpointError(f"{folder}/tokenizer_config.json: needs an integer model_max_length")
 
     if (folder / "tokenizer.json").is_file():
-        backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        raw = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        try:  # the tokenizers library raises a bare Exception for a file it cannot parse
+            backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            raw = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        except Exception as e:
+            raise CheckpointError(f"{folder}/tokenizer.json: cannot read it as a tokenizer ({e})") from e
         if tokenizer_class in _ROBERTA:
             _as_roberta(backend, config, token)
         else:
@@ -266,8 +269,13 @@ def _backend_from_transformers(folder: Path, tokenizer_class: str) -> Tokenizer:
             f"{folder}: no tokenizer.json; converting the slow tokenizer files needs transformers "
             "(and sentencepiece for spiece.model)"
         ) from e
-    reference = getattr(transformers, tokenizer_class).from_pretrained(str(folder))
-    return Tokenizer.from_str(reference.backend_tokenizer.to_str())
+    try:  # corrupt or missing vocabulary files, a missing sentencepiece: transformers' errors vary
+        reference = getattr(transformers, tokenizer_class).from_pretrained(str(folder))
+        return Tokenizer.from_str(reference.backend_tokenizer.to_str())
+    except Exception as e:
+        raise CheckpointError(
+            f"{folder}: cannot convert the slow tokenizer files with transformers ({type(e).__name__}: {e})"
+        ) from e
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -283,10 +291,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------- speech: VITS phonemes
-
-
-class PhonemizerMissingError(ImportError):
-    """Phonemisation was needed (the checkpoint's tokenizer says ``phonemize``) but cannot run here."""
 
 
 _INSTALL_HINT = (
@@ -348,7 +352,7 @@ class PhonemeTokenizer:
         name: str = "VITS phonemes",
     ):
         if 0 not in vocab.values():
-            raise ValueError(f"{name}: the vocabulary has no id 0 (the blank token)")
+            raise CheckpointError(f"{name}: the vocabulary has no id 0 (the blank token)")
         self.vocab = vocab
         self.pad_token_id = pad_token_id
         self.model_max_length = model_max_length
@@ -405,7 +409,7 @@ class PhonemeTokenizer:
         if unknown:
             listed = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in unknown)
             how = "the phonemes given" if is_phonemes else f"the phonemes of {text!r}"
-            raise ValueError(
+            raise UsageError(
                 f"{self.name}: {how} ({chars!r}) hold characters outside the checkpoint's phoneme vocabulary: "
                 f"{listed}; remove or replace them"
             )
@@ -428,10 +432,12 @@ class PhonemeTokenizer:
         ``padding="max_length", truncation=True``; a cut transcription is logged."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
-            raise ValueError(f"{self.name}: nothing to tokenize (an empty list of transcriptions)")
+            raise UsageError(f"{self.name}: nothing to tokenize (an empty list of transcriptions)")
         for t in texts:
             if not isinstance(t, str):
-                raise TypeError(f"{self.name}: transcriptions must be str, got {type(t).__name__}: {t!r}")
+                raise UsageTypeError(
+                    f"{self.name}: transcriptions must be str, got {type(t).__name__}: {t!r}"
+                )
         length = self.model_max_length
         input_ids = torch.full((len(texts), length), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(texts), length), dtype=torch.long)

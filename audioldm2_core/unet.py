@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import UNetConfig, unet_config
+from .errors import UsageError
 from .loading import Checkpoint, empty_init, load_strict
 
 __all__ = ["AudioLDM2UNet", "load_unet", "timestep_embedding"]
@@ -414,7 +415,7 @@ class AudioLDM2UNet(nn.Module):
             elif position <= 1:
                 out.append((encoder_hidden_states, None))  # GPT-2 stream, unmasked
             elif encoder_hidden_states_1 is None:
-                raise ValueError(f"transformer position {position} attends encoder_hidden_states_1: pass it")
+                raise UsageError(f"transformer position {position} attends encoder_hidden_states_1: pass it")
             else:
                 out.append((encoder_hidden_states_1, bias_1))
         return out
@@ -434,12 +435,12 @@ class AudioLDM2UNet(nn.Module):
         cfg = self.cfg
         B = sample.shape[0]
         if encoder_hidden_states.shape[0] != B:
-            raise ValueError(
+            raise UsageError(
                 f"sample batch {B} differs from encoder_hidden_states batch {encoder_hidden_states.shape[0]}"
             )
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1)
         if t.numel() not in (1, B):
-            raise ValueError(
+            raise UsageError(
                 f"timestep must be a scalar or ({B},) for a sample of batch {B}: {tuple(t.shape)}"
             )
         t_emb = timestep_embedding(

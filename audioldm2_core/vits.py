@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VitsConfig, vits_config
-from .errors import WeightsError
+from .errors import UsageError, WeightsError
 from .loading import Checkpoint, empty_init, load_strict
 
 __all__ = ["VitsPhonemeEncoder", "load_vits"]
@@ -187,7 +187,7 @@ class VitsPhonemeEncoder(nn.Module):
         padding_mask=attention_mask.unsqueeze(-1)).last_hidden_state``.
         """
         if input_ids.shape != attention_mask.shape or input_ids.ndim != 2:
-            raise ValueError(
+            raise UsageError(
                 f"VITS: input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
                 "must both be (batch, length)"
             )

@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 
 from audioldm2_core.fast import cpu_attention
-from tests.helpers import CPU_KERNEL
+from tests.helpers import CPU_KERNEL, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +109,9 @@ def test_cpu_attention_flag(tiny_base, tmp_path):
         "audioldm2: the CPU attention kernel could not be built: it needs a C++ compiler and ninja; PyTorch's "
         "attention runs"
     ]
-    assert (sf.read(tmp_path / "none.wav")[0] == plain).all()
+    # an empty cache: the speed layer times its routes again and may pick other exact rewrites, whose float
+    # rounding differs: the same audio to the whole-generation tolerance (relative L2 <= 1e-4)
+    assert rel_err(sf.read(tmp_path / "none.wav")[0], plain) <= 1e-4
 
 
 def test_prompts_file(tiny_base, tmp_path):

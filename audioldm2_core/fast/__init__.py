@@ -53,6 +53,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from . import cpu_attention
 from . import cpu_attention as attention_kernel  # the module, where ``optimize``'s argument hides its name
 from .compile import CudaGraphDenoiser, compile_options, compiled
@@ -133,12 +134,12 @@ def timed_here(dtype: torch.dtype) -> bool:
 def _names(select: str | Iterable[str]) -> list[str]:
     if isinstance(select, str):
         if select not in ("auto", "supported"):
-            raise ValueError(f"select must be 'auto', 'supported' or rewrite names, not {select!r}")
+            raise UsageError(f"select must be 'auto', 'supported' or rewrite names, not {select!r}")
         return list(REWRITES)
     names = list(select)
     unknown = set(names) - set(REWRITES)
     if unknown:
-        raise ValueError(f"unknown rewrites {sorted(unknown)}; known: {', '.join(REWRITES)}")
+        raise UsageError(f"unknown rewrites {sorted(unknown)}; known: {', '.join(REWRITES)}")
     return names
 
 

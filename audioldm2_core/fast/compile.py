@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import UsageTypeError
+
 
 def compiled(unet: torch.nn.Module, options: dict[str, Any] | None, device: torch.device) -> torch.nn.Module:
     """The UNet under ``torch.compile(**options)`` (``None``: as it is). Static shapes by default (a new
@@ -37,7 +39,7 @@ def compile_options(compile: bool | dict[str, Any]) -> dict[str, Any] | None:
     if isinstance(compile, dict):
         return dict(compile)
     if not isinstance(compile, bool):
-        raise TypeError(f"compile must be a bool or a dict of torch.compile options, not {compile!r}")
+        raise UsageTypeError(f"compile must be a bool or a dict of torch.compile options, not {compile!r}")
     return {} if compile else None
 
 

@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import UnavailableError, UsageError
+
 __all__ = ["ENV", "applies", "attention", "build", "chosen", "min_keys", "supported"]
 
 ENV = "AUDIOLDM2_CPU_ATTENTION"
@@ -69,7 +71,7 @@ def chosen(choice: bool | None = None) -> bool:
         return bool(choice)
     value = os.environ.get(ENV, "").strip().lower()
     if value not in ("", "0", "1", "false", "true", "no", "yes", "off", "on"):
-        raise ValueError(f"{ENV}={value!r}: expected 1 or 0")
+        raise UsageError(f"{ENV}={value!r}: expected 1 or 0")
     return value in ("1", "true", "yes", "on")
 
 
@@ -106,12 +108,12 @@ def library() -> Path:
 
 def build() -> None:
     """Load the kernel into this process, building it first where no cached build exists (~15 s); a CPU it
-    is not written for, or a failed build, raises a ``RuntimeError`` that says what is missing."""
+    is not written for, or a failed build, raises an ``UnavailableError`` that says what is missing."""
     global _built, _bf16_dot, _max_width
     if _built:
         return
     if not supported():
-        raise RuntimeError(
+        raise UnavailableError(
             f"the CPU attention kernel needs AVX-512 or AVX2 (PyTorch reports {isa()} for this CPU){WITHOUT}"
         )
     folder, built = build_directory(), library()
@@ -135,7 +137,7 @@ def build() -> None:
             )
             os.replace(work / built.name, built)  # atomic: a whole library or none, for every process
     except Exception as e:  # compiler, ninja or headers missing: say what and how to do without
-        raise RuntimeError(
+        raise UnavailableError(
             f"the CPU attention kernel could not be built: it needs a C++ compiler and ninja{WITHOUT}. "
             f"{SOURCE}: {type(e).__name__}: {e}"
         ) from e
