@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError, MissingDependencyError, UsageError
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -49,6 +49,7 @@ __all__ = [
     "attach",
     "detach",
     "inject",
+    "require_peft",
     "adapter_state",
     "save_lora",
     "meta_unet",
@@ -249,6 +250,17 @@ def _merge(unet: nn.Module, lora: LoRA, scale: float) -> None:
             weight.copy_((weight.float() + lora.delta(name, scale).to(weight.device)).to(weight.dtype))
 
 
+def require_peft() -> None:
+    """PEFT is there, or the one line that says how to install it: adapter modules (training, ``fuse=False``)
+    need it; merging a LoRA does not."""
+    try:
+        import peft  # noqa: F401
+    except ImportError as e:
+        raise MissingDependencyError(
+            'LoRA adapter modules (training, fuse=False) need peft: pip install "audioldm2-core[train]"'
+        ) from e
+
+
 def _peft_config(lora: LoRA, scale: float):
     from peft import LoraConfig
 
@@ -262,6 +274,7 @@ def _peft_config(lora: LoRA, scale: float):
 
 
 def _add_adapters(unet: nn.Module, lora: LoRA, scale: float) -> None:
+    require_peft()
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
     if any(hasattr(m, "lora_A") for m in unet.modules()):
@@ -310,6 +323,7 @@ def inject(
     """Fresh PEFT adapters on every linear named ``targets`` (module-name endings), initialised as diffusers'
     scripts do (A gaussian with std 1 / r, B zeros: the UNet starts unchanged) from ``seed``; returns the
     trainable parameters (A and B of each), in module order."""
+    require_peft()
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))

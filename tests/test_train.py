@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -314,6 +315,20 @@ def test_bad_inputs_are_one_line_and_write_nothing(tiny_base, tiny_large, clips,
                      str(tmp_path / "run"), "--quiet"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "junk.wav cannot be read" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_missing_package_is_one_line(tiny_base, clips, tmp_path, capsys, monkeypatch):
+    """Without peft (a LoRA run) or tensorboard (``--report-to tensorboard``): one line saying how to install it,
+    exit 2, before the model is opened and with nothing written."""
+    for package, flags in (("peft", []), ("tensorboard", ["--report-to", "tensorboard"])):
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, package, None)  # import fails
+            out = tmp_path / f"run-{package}"
+            code = cli.main(["--model", str(tmp_path / "no-model"), "--data", str(clips), "-o", str(out), "--quiet",
+                             *flags])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "pip install" in err, err
+        assert package in err and "unexpected" not in err and not out.exists(), err
 
 
 # ------------------------------------------------------------------------------------- whole runs

@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import MissingDependencyError, UsageError
 from ..frontend import (
     DEFAULT_MODEL,
     Layout,
@@ -177,7 +177,11 @@ def checked(options: TrainOptions, layout: Layout):
         try:
             import tensorboard  # noqa: F401
         except ImportError as e:
-            raise ImportError("--report-to tensorboard needs tensorboard: pip install tensorboard") from e
+            raise MissingDependencyError(
+                "--report-to tensorboard needs tensorboard: pip install tensorboard"
+            ) from e
+    if not options.full:
+        lora.require_peft()
     items = read_items(options.data, options.caption_column)
     clips = check_clips(items)  # before the model: a bad clip fails before a download
     device, _ = resolve_device_and_dtype(rank_device(options.device, layout), "float32")
