@@ -356,20 +356,7 @@ def test_killed_run_resumes_without_duplicates(tiny_base, items_file, reference,
     assert_same_wavs(reference, out)
 
     before = log.read_bytes()  # the same folder with other settings: refused before any model loads
-    code = main(
-        [
-            *args[: -len(COMMON)],
-            "--steps",
-            "3",
-            "--length",
-            "1.0",
-            "--seed",
-            "1",
-            "--quiet",
-            "--dtype",
-            "float32",
-        ]
-    )
+    code = main([*args[: -len(COMMON)], "--steps", "3", *COMMON[2:]])  # COMMON with 3 steps instead of 2
     err = capsys.readouterr().err
     assert code == 2 and "item 'dog' is already in" in err and "num_inference_steps=2, not 3" in err
     assert log.read_bytes() == before
