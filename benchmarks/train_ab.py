@@ -9,9 +9,11 @@
 One optimizer step, as ``audioldm2-train`` computes it: z0, noise and t drawn once (the same for every variant),
 the loss (ours: ``train.objective.item_losses``, the trainer's; diffusers: its scripts' ``add_noise``, the UNet,
 ``mse_loss``), the backward, gradient clipping to 1, and AdamW over the trained parameters. Variants: "diffusers"
-(``AudioLDM2UNet2DConditionModel`` with ``peft.inject_adapter_in_model``), "ours" (``unet.load_unet``, the plain
-modules the trainer trains, with ``lora.inject``: the same LoraConfig; the adapters copied from ours to
-diffusers', so both start equal), and "ours, checkpointed" (``enable_gradient_checkpointing``).
+(``AudioLDM2UNet2DConditionModel`` with ``peft.inject_adapter_in_model``), "ours" (``unet.load_unet`` with
+``lora.inject``: the same LoraConfig; the adapters copied from ours to diffusers', so both start equal) as the
+trainer prepares it (``train.memory.prepare``: the lean modules), "ours, plain modules" (the same without
+the lean modules), and "ours, checkpointed" (``prepare`` with gradient
+checkpointing: the lean modules, ``enable_gradient_checkpointing`` and the heap hand-back before each block).
 
 Time: one process, every round runs each variant's step once (who goes first alternating), after a warm-up step
 each; the table gives medians and the per-round ratio to diffusers, and the relative error of the first step's
@@ -35,8 +37,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("diffusers", "ours", "ours, checkpointed")
-PEAK_VARIANTS = ("diffusers", "ours", "ours, checkpointed")
+VARIANTS = ("diffusers", "ours, plain modules", "ours", "ours, checkpointed")
+PEAK_VARIANTS = VARIANTS
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
@@ -62,11 +64,13 @@ def build(name: str, ckpt: Path, args, rank: int, source=None):
 
         unet = load_unet(open_checkpoint(ckpt), dtype=dtype)
         lora.inject(unet, rank, float(rank), tuple(TARGETS), seed=0)
-    if name.endswith("checkpointed"):
-        unet.enable_gradient_checkpointing()
     unet.to(args.device).train()
     for n, p in unet.named_parameters():
         p.requires_grad_(args.full or "lora_" in n)
+    if name in ("ours", "ours, checkpointed"):  # as the trainer prepares it
+        from audioldm2_core.train import memory
+
+        memory.prepare(unet, name.endswith("checkpointed"), torch.device(args.device))
     params = [p for p in unet.parameters() if p.requires_grad]
     return unet, params, torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
 
@@ -166,7 +170,8 @@ def peak(name: str, ckpt: Path, args) -> None:
 
 def saved_for_backward(name: str, ckpt: Path, args) -> dict[str, float]:
     """``--saved NAME``: what one forward of a variant keeps for its backward, in GB by the kind of module that
-    saved it (each storage counted once, parameters not counted): where the activations' memory goes."""
+    saved it (each storage counted once, parameters not counted; a group norm's share counted in the module
+    that calls it): where the activations' memory goes."""
     import collections
 
     import torch
@@ -181,6 +186,8 @@ def saved_for_backward(name: str, ckpt: Path, args) -> dict[str, float]:
     abar = alphas_cumprod(scheduler_config(open_checkpoint(ckpt).config("scheduler")))
     stack: list[str] = []
     for m in unet.modules():
+        if isinstance(m, torch.nn.GroupNorm):  # a hook would keep a lean resnet from fusing its norm and SiLU
+            continue
         m.register_forward_pre_hook(lambda mod, _: stack.append(type(mod).__name__))
         # None whatever pop returns: a hook that returns a value replaces the module's output
         m.register_forward_hook(lambda *_: stack.pop() and None)
@@ -212,7 +219,8 @@ def rotation(ckpt: Path, args) -> dict:
     sched = scheduler_config(open_checkpoint(ckpt).config("scheduler"))
     models = {"ours": build("ours", ckpt, args, args.rank)}
     models["diffusers"] = build("diffusers", ckpt, args, args.rank, source=models["ours"][0])
-    models["ours, checkpointed"] = build("ours, checkpointed", ckpt, args, args.rank)  # the same seeded LoRA
+    for name in ("ours, plain modules", "ours, checkpointed"):  # the same seeded LoRA
+        models[name] = build(name, ckpt, args, args.rank)
     batch = inputs(ckpt, args)
     timers = {name: {} for name in VARIANTS}
     first = {name: step_fn(name, *models[name], batch, sched, args, {}) for name in VARIANTS}  # warm-up

@@ -17,7 +17,7 @@ import torch
 from audioldm2_core import AudioLDM2, lora
 from audioldm2_core.generate import Conditions
 from audioldm2_core.schedules import alphas_cumprod
-from audioldm2_core.train import cache, cli, objective
+from audioldm2_core.train import cache, cli, memory, objective
 from audioldm2_core.train.data import read_items
 from audioldm2_core.train.options import TrainOptions
 from tests.helpers import rel_err
@@ -101,11 +101,12 @@ def diffusers_step(unet, scheduler, z0, noise, t, t5, mask, loa) -> torch.Tensor
     return loss.detach()
 
 
+@pytest.mark.parametrize("prepared", [False, True], ids=["plain", "as-trained"])
 @pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
-def test_one_step_equals_diffusers(tiny_base, full):
+def test_one_step_equals_diffusers(tiny_base, full, prepared):
     """One step's loss (<= 1e-5) and the gradients of every trained parameter (<= 1e-4) equal those of
     diffusers' UNet with the same PEFT LoRA (or none, fine-tuning every weight) on the same z0, noise, t and
-    conditions."""
+    conditions: for the plain modules and as the trainer prepares them (``memory.prepare``: the lean ones)."""
     from diffusers import DDPMScheduler
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 
@@ -125,6 +126,8 @@ def test_one_step_equals_diffusers(tiny_base, full):
     for model in (ours, ref):
         for name, p in model.named_parameters():
             p.requires_grad_(full or "lora_" in name)
+    if prepared:
+        assert memory.keep_less(ours) > 0
     z0, noise, t, t5, mask, loa = step_inputs(ours.cfg)
     scheduler = DDPMScheduler.from_config(ref_pipe.scheduler.config)
     want = diffusers_step(ref, scheduler, z0, noise, t, t5, mask, loa)

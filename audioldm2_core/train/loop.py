@@ -34,7 +34,7 @@ from .. import lora
 from ..frontend import Layout
 from ..generate import Conditions
 from ..schedules import alphas_cumprod
-from . import cache, state
+from . import cache, memory, state
 from .data import Clip, TrainItem
 from .monitor import Monitor, validate
 from .objective import draw, ema_decay, item_losses, learning_rate, seed_of
@@ -266,8 +266,7 @@ def trained_unet(plan: Plan) -> tuple[nn.Module, list[tuple[str, nn.Parameter]]]
             lora.inject(unet, o.lora_rank, o.lora_alpha or float(o.lora_rank), o.lora_targets, o.seed)
     for n, p in unet.named_parameters():
         p.requires_grad_(o.full or ".lora_A." in n or ".lora_B." in n)
-    if o.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    memory.prepare(unet, o.gradient_checkpointing, pipe.device)
     return unet, [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
 
 
