@@ -5,6 +5,7 @@
     python benchmarks/train_ab.py --tiny --rounds 1    # the tests' tiny checkpoint: a smoke run, seconds
     python benchmarks/train_ab.py --device cuda --dtype bfloat16 --batch 8     # on a GPU (autocast)
     python benchmarks/train_ab.py --saved ours         # what a forward keeps for the backward, by module kind
+    python benchmarks/train_ab.py --floor ours         # the step's FLOPs against this CPU's GEMM peak: its floor
 
 One optimizer step, as ``audioldm2-train`` computes it: z0, noise and t drawn once (the same for every variant),
 the loss (ours: ``train.objective.item_losses``, the trainer's; diffusers: its scripts' ``add_noise``, the UNet,
@@ -211,6 +212,48 @@ def saved_for_backward(name: str, ckpt: Path, args) -> dict[str, float]:
     return dict(by_kind.most_common())
 
 
+def floor(name: str, ckpt: Path, args) -> None:
+    """``--floor NAME``: the FLOPs of one optimizer step (``FlopCounterMode`` for the matmuls and convolutions;
+    attention by its formula, which the counter does not know on the CPU: 4 B H N L d forward, 2.5 times that
+    backward, as flash attention recomputes the scores) and the time they take at this CPU's float32 GEMM peak
+    (4096^3, measured here): the fastest the step could be with every FLOP at that peak."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from audioldm2_core.config import scheduler_config
+    from audioldm2_core.loading import open_checkpoint
+
+    torch.set_num_threads(args.threads)
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    peak = 5 * 2 * 4096**3 / (time.perf_counter() - start)
+    sched = scheduler_config(open_checkpoint(ckpt).config("scheduler"))
+    unet, params, opt = build(name, ckpt, args, args.rank)
+    attention = []
+
+    def count(
+        m, positional, kwargs, out
+    ):  # ours: (x, context, bias); diffusers': (x, encoder_hidden_states=...)
+        context = kwargs.get("encoder_hidden_states", positional[1] if len(positional) > 1 else None)
+        keys = out.shape[1] if context is None else context.shape[1]
+        attention.append(4 * out.shape[0] * out.shape[1] * keys * m.to_q.out_features)  # QK^T and PV
+
+    for m in unet.modules():
+        if type(m).__name__ == "Attention":
+            m.register_forward_hook(count, with_kwargs=True)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step_fn(name, unet, params, opt, inputs(ckpt, args), sched, args, {})
+    counted = counter.get_flop_counts()["Global"]
+    total = sum(counted.values()) + 3.5 * sum(attention)
+    print(f"{name}: one step, {total / 1e9:.0f} GFLOP ({', '.join(f'{k}: {v / 1e9:.0f}' for k, v in counted.items())},"
+          f" attention forward and backward: {3.5 * sum(attention) / 1e9:.0f}); float32 GEMM peak "
+          f"{peak / 1e9:.0f} GFLOP/s on {args.threads} threads: floor {total / peak:.2f} s")  # fmt: skip
+
+
 def rotation(ckpt: Path, args) -> dict:
 
     from audioldm2_core.config import scheduler_config
@@ -280,6 +323,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--saved", choices=VARIANTS, help="print what a forward keeps for the backward, by module kind"
     )
+    p.add_argument(
+        "--floor", choices=VARIANTS, help="print a step's FLOPs and their time at this CPU's GEMM peak"
+    )
     p.add_argument("--large", action="store_true")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--checkpoint")
@@ -293,6 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = bench.resolve_checkpoint(args)
     if args.peak:
         return peak(args.peak, ckpt, args)
+    if args.floor:
+        return floor(args.floor, ckpt, args)
     if args.saved:
         saved = saved_for_backward(args.saved, ckpt, args)
         print(f"{args.saved}: {sum(saved.values()):.2f} GB kept for the backward")

@@ -203,13 +203,21 @@ def test_openvino_node_table():
 
 def test_train_ab_runs(tiny_base):
     """benchmarks/train_ab.py: one optimizer step of each variant (one round), the first step's loss equal to
-    diffusers' with the same LoRA; ``--saved`` lists what a forward keeps for the backward."""
+    diffusers' with the same LoRA; ``--saved`` lists what a forward keeps for the backward (the lean modules'
+    share by their names); ``--floor`` gives a step's FLOPs and their time at the GEMM peak."""
     out = _run(
         "train_ab.py", "--checkpoint", str(tiny_base), "--rounds", "1", "--length", "0.64", "--no-peaks"
     )
-    for name in ("diffusers", "ours", "ours, checkpointed"):
+    for name in ("diffusers", "ours, plain modules", "ours", "ours, checkpointed"):
         row = re.search(rf"^\| {re.escape(name)} \| [\d.]+ s \|.* \| (\S+) \|$", out, re.M)
         assert row and float(row.group(1)) <= 1e-5, (name, out)
     saved = _run("train_ab.py", "--checkpoint", str(tiny_base), "--length", "0.64", "--saved", "ours")
     assert re.search(r"^ours: [\d.]+ GB kept for the backward$", saved, re.M)
     assert re.search(r"^- Attention: [\d.]+ GB$", saved, re.M)
+    assert re.search(r"^- LeanGEGLU: [\d.]+ GB$", saved, re.M)
+    floor = _run("train_ab.py", "--checkpoint", str(tiny_base), "--length", "0.64", "--floor", "ours")
+    assert re.search(
+        r"^ours: one step, \d+ GFLOP \(.*attention forward and backward: \d+\);.* floor [\d.]+ s$",
+        floor,
+        re.M,
+    )
