@@ -15,14 +15,13 @@ Each is a subclass of the plain module with a custom ``torch.autograd.Function``
 (state dict, keys and hooks unchanged); each computes the same outputs and the same gradients (the same
 kernels on the same tensors) and stands aside, calling the plain forward, where it would change anything: no
 gradient recorded, a weight that trains (``--full``, a LoRA on the convs), autocast for the norm (its dtype
-policy), a norm with hooks or replaced, global module hooks. For LoRA rank 4 on the attention projections at
-batch 2 x 10.24 s this keeps 1.04 GB instead of 1.48 GB (``benchmarks/train_ab.py --saved``).
+policy), a norm with hooks or replaced, global module hooks. What each saves: ``benchmarks/train_ab.py --saved``.
 
 The heap. glibc keeps memory freed inside a forward (the temporaries between the tensors kept) for reuse, and
 a checkpointed forward frees nearly all it allocates: its peak is then mostly that held memory. With gradient
 checkpointing on a CPU the trainer hands it back before each UNet block (``residency.return_heap_before``),
-which costs a few page faults per block; without checkpointing the hand-back costs more time than it saves
-memory (measured in benchmarks/RESULTS.md) and is not done.
+which costs a few page faults per block; without checkpointing the hand-back costs a large share of the step
+(benchmarks/RESULTS.md) and is not done.
 """
 
 from __future__ import annotations
