@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UnavailableError, UsageError, explain
-from .request import DEFAULT_STRENGTH, DTYPE_NAMES, SAMPLERS, LoadOptions, lora_spec
+from .request import CPU_ATTENTION_ENV, DEFAULT_STRENGTH, DTYPE_NAMES, SAMPLERS, LoadOptions, lora_spec
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -41,7 +41,6 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "cvssp/audioldm2"
-KERNEL_ENV = "AUDIOLDM2_CPU_ATTENTION"
 ONE, MANY, DEMO = "audioldm2 PROMPT", "audioldm2 --prompts-file", "audioldm2-demo"
 _GEN = (ONE, MANY)  # the two generation commands
 _ALL = (ONE, MANY, DEMO)
@@ -115,7 +114,7 @@ FLAGS: list[tuple[tuple[str, ...], dict[str, Any], tuple[str, ...]]] = [
     (("--cpu-attention",), dict(action=argparse.BooleanOptionalAction, default=None, help="the C++ attention "
                                 "kernel for the UNet's self-attentions on the CPU, where it is faster here (built "
                                 "once, needs a C++ compiler; default: on where it can be built, off with "
-                                f"{KERNEL_ENV}=0)"), _ALL),
+                                f"{CPU_ATTENTION_ENV}=0)"), _ALL),
     (("--prepare",), dict(nargs="*", type=float, metavar="SECONDS", help="build the attention kernel and time this "
                           "CPU's fastest routes for these lengths (default: the model's) with this --model, "
                           "--dtype and --candidates, then exit: later runs start without that work"), (ONE,)),
@@ -186,7 +185,7 @@ def load_options(args: argparse.Namespace, device: str, dtype: str, low_memory: 
 
     fast = not getattr(args, "plain", False)
     kernel = args.cpu_attention
-    if kernel is None and os.environ.get(KERNEL_ENV) is None and device.startswith("cpu") and fast:
+    if kernel is None and os.environ.get(CPU_ATTENTION_ENV) is None and device.startswith("cpu") and fast:
         kernel = cpu_attention.supported()
     return LoadOptions(args.model, args.revision, device, dtype, low_memory, getattr(args, "compile", False),
                        getattr(args, "cuda_graphs", False), fast, kernel, getattr(args, "lora", None))  # fmt: skip

@@ -269,6 +269,9 @@ def lora_spec(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
+CPU_ATTENTION_ENV = "AUDIOLDM2_CPU_ATTENTION"  # 1 / 0: the C++ attention kernel, where no one chose
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """How to load a checkpoint (``AudioLDM2.from_pretrained``'s keywords)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -120,16 +121,16 @@ def test_kernel_rejects_bad_input(cpu_attention_on):
 def test_environment_variable(monkeypatch):
     """A model that leaves the choice (``cpu_attention=None``) takes the environment variable's; one that
     makes it is not overruled."""
-    monkeypatch.setenv(cpu_attention.ENV, "0")
+    monkeypatch.setenv("AUDIOLDM2_CPU_ATTENTION", "0")
     assert not cpu_attention.chosen(None) and cpu_attention.chosen(True)
-    monkeypatch.setenv(cpu_attention.ENV, "1")
+    monkeypatch.setenv("AUDIOLDM2_CPU_ATTENTION", "1")
     assert cpu_attention.chosen(None) and not cpu_attention.chosen(False)
-    monkeypatch.setenv(cpu_attention.ENV, "fast")
+    monkeypatch.setenv("AUDIOLDM2_CPU_ATTENTION", "fast")
     with pytest.raises(ValueError, match="expected 1 or 0"):
         cpu_attention.chosen(None)
     with pytest.raises(ValueError, match="expected 1 or 0"):
         fast.optimize(unet.Attention(32, 32, 2, 16))
-    monkeypatch.delenv(cpu_attention.ENV)
+    monkeypatch.delenv("AUDIOLDM2_CPU_ATTENTION")
     assert not cpu_attention.chosen(None)
 
 
@@ -142,8 +143,11 @@ def test_build_failure_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_attention, "NAME", "audioldm2_attention_broken_test")
     monkeypatch.setattr(cpu_attention, "_built", False)
     attn = unet.Attention(32, 32, 2, 16)
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
     with pytest.raises(RuntimeError, match=r"could not be built: it needs a C\+\+ compiler"):
         fast.optimize(attn, cpu_attention=True)
+    assert logger.level == level  # quiet during the build only
     assert not cpu_attention._built  # not half-loaded, and the model asking for it is left plain
     assert type(attn) is unet.Attention and "fast_plan" not in attn.__dict__
     assert not list((tmp_path / "cache").rglob("*.so"))  # no library, and the build folder is gone

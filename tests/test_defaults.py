@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from audioldm2_core import AudioLDM2
-from audioldm2_core.fast import cpu_attention, native_bfloat16
+from audioldm2_core.fast import native_bfloat16
 from tests.helpers import CPU_KERNEL, rel_err
 from tests.oracle import reference_pipeline
 
@@ -26,7 +26,7 @@ AUTO_BF16 = (
 
 def run(*args: str, **env_extra: str) -> subprocess.CompletedProcess:
     """``python -m audioldm2_core`` as a user runs it: no AUDIOLDM2_CPU_ATTENTION (conftest sets 0)."""
-    env = {k: v for k, v in os.environ.items() if k != cpu_attention.ENV}
+    env = {k: v for k, v in os.environ.items() if k != "AUDIOLDM2_CPU_ATTENTION"}
     env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", **env_extra)
     return subprocess.run([sys.executable, "-m", "audioldm2_core", *args], capture_output=True, text=True, env=env,
                           timeout=600)  # fmt: skip

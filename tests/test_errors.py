@@ -506,7 +506,7 @@ def test_the_attention_kernel_refuses_in_our_types(monkeypatch):
     with pytest.raises(errors.UnavailableError) as info:
         cpu_attention.build()
     assert errors.explain(info.value).startswith("the CPU attention kernel needs AVX-512 or AVX2")
-    monkeypatch.setenv(cpu_attention.ENV, "maybe")
+    monkeypatch.setenv("AUDIOLDM2_CPU_ATTENTION", "maybe")
     with pytest.raises(UsageError) as info:
         cpu_attention.chosen(None)
     assert errors.explain(info.value) == "AUDIOLDM2_CPU_ATTENTION='maybe': expected 1 or 0"

@@ -877,7 +877,7 @@ def test_cpu_attention_is_a_models_choice(cpu_attention_on, monkeypatch):
     optimized with False (or left to an unset environment variable) does not."""
     from audioldm2_core import unet
 
-    monkeypatch.delenv(cpu_attention_on.ENV, raising=False)
+    monkeypatch.delenv("AUDIOLDM2_CPU_ATTENTION", raising=False)
     calls = []
     kernel = cpu_attention_on.attention
     monkeypatch.setattr(cpu_attention_on, "attention", lambda *a: calls.append(1) or kernel(*a))

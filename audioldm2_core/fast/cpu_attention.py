@@ -34,13 +34,12 @@ import torch
 from torch import Tensor
 
 from ..errors import UnavailableError, UsageError
+from ..request import CPU_ATTENTION_ENV
 
-__all__ = ["ENV", "applies", "attention", "build", "chosen", "min_keys", "supported"]
+__all__ = ["applies", "attention", "build", "chosen", "min_keys", "supported"]
 
-ENV = "AUDIOLDM2_CPU_ATTENTION"
-WITHOUT = (
-    f" (without it, cpu_attention=False or {ENV}=0: PyTorch's attention runs)"  # the front ends cut here
-)
+# the front ends cut an error's message here
+WITHOUT = f" (without it, cpu_attention=False or {CPU_ATTENTION_ENV}=0: PyTorch's attention runs)"
 NAME = "audioldm2_attention"
 SOURCE = Path(__file__).with_name("csrc") / "attention.cpp"
 # Below this many keys PyTorch's kernel is as fast or faster. float32 (with the output's copy to (B, N, H * d)
@@ -69,9 +68,9 @@ def chosen(choice: bool | None = None) -> bool:
     ``AUDIOLDM2_CPU_ATTENTION`` (1 on; 0 or unset off)."""
     if choice is not None:
         return bool(choice)
-    value = os.environ.get(ENV, "").strip().lower()
+    value = os.environ.get(CPU_ATTENTION_ENV, "").strip().lower()
     if value not in ("", "0", "1", "false", "true", "no", "yes", "off", "on"):
-        raise UsageError(f"{ENV}={value!r}: expected 1 or 0")
+        raise UsageError(f"{CPU_ATTENTION_ENV}={value!r}: expected 1 or 0")
     return value in ("1", "true", "yes", "on")
 
 
@@ -126,15 +125,14 @@ def build() -> None:
 
             work.mkdir(parents=True, exist_ok=True)
             # its warnings (a compiler it does not know) would precede the one error line a failure gives
-            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-            load(
-                name=built.stem,
-                sources=[str(SOURCE)],
-                extra_cflags=_CFLAGS[isa()],
-                build_directory=str(work),
-                is_python_module=False,
-                verbose=False,
-            )
+            logger = logging.getLogger("torch.utils.cpp_extension")
+            level = logger.level
+            logger.setLevel(logging.ERROR)
+            try:
+                load(name=built.stem, sources=[str(SOURCE)], extra_cflags=_CFLAGS[isa()],
+                     build_directory=str(work), is_python_module=False, verbose=False)  # fmt: skip
+            finally:
+                logger.setLevel(level)
             os.replace(work / built.name, built)  # atomic: a whole library or none, for every process
     except Exception as e:  # compiler, ninja or headers missing: say what and how to do without
         raise UnavailableError(
