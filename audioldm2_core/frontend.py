@@ -363,11 +363,12 @@ def error_line(error: BaseException) -> str:
 
 
 def fail(prog: str, error: BaseException, debug: bool, code: int, who: str = "") -> int:
-    """Print ``error``'s one line (its traceback first with ``--debug``) and return the exit code."""
+    """Print ``error``'s one line (its traceback first with ``--debug``) and return the exit code: ``code`` for
+    an error of ours (2 where the front end is checking what it was asked), 1 for a bug wherever it is met."""
     if debug:
         traceback.print_exception(error)
     print(f"{prog}: error: {who}{error_line(flagged(error))}", file=sys.stderr)
-    return code
+    return code if explain(error) is not None else 1
 
 
 class _HubRetries(logging.Filter):

@@ -95,21 +95,27 @@ def all_records(folder: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 class RankLog:
-    """This rank's manifest: opened for appending, a torn last line cut off first, one ``write`` per line."""
+    """This rank's manifest: opened for appending, a torn last line cut off first, one ``write`` per line. A
+    rank that writes nothing (its model failed to load) leaves no file."""
 
     def __init__(self, path: Path):
-        self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        size = os.fstat(self.fd).st_size
-        if size:
+        self.path, self.fd = path, None
+        if path.is_file():
+            self.open()
+            size = os.fstat(self.fd).st_size
             data = path.read_bytes()
             keep = data.rfind(b"\n") + 1
             if keep != size:  # the previous run was killed mid-line: that item was not done
                 os.ftruncate(self.fd, keep)
 
+    def open(self) -> int:
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        return self.fd
+
     def drop(self, ids: set[str]) -> None:
         """Rewrite the log without lines naming ``ids`` (their WAVs are gone or changed: redone now)."""
-        if not ids:
+        if not ids or self.fd is None:
             return
         lines = self.path.read_bytes().split(b"\n")[:-1]
         kept = []
@@ -120,16 +126,19 @@ class RankLog:
                 stale = False
             if not stale:
                 kept.append(raw + b"\n")
-        os.close(self.fd)
+        self.close()
         write_atomic(self.path, b"".join(kept))
-        self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND, 0o644)
+        self.open()
 
     def append(self, record: dict[str, Any]) -> None:
-        os.write(self.fd, (json.dumps(record, ensure_ascii=False) + "\n").encode())
-        os.fsync(self.fd)
+        fd = self.open()
+        os.write(fd, (json.dumps(record, ensure_ascii=False) + "\n").encode())
+        os.fsync(fd)
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def remove_temp_files(folder: Path, ids: set[str]) -> None:

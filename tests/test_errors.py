@@ -280,6 +280,21 @@ def test_cli_unexpected_error_points_to_debug(fake_pipe, capsys, tmp_path):
     _one_line(err, "KeyError: 'a bug' (unexpected; --debug shows the traceback)")
 
 
+def test_a_bug_while_checking_the_arguments_exits_1(monkeypatch, capsys, tmp_path):
+    """Exit 2 is a user's mistake in the arguments; a bug met while checking them is a bug: exit 1."""
+    from audioldm2_core import request
+
+    def broken(self):
+        raise KeyError("a bug")
+
+    code, err = _main(capsys, "rain", "-o", str(tmp_path / "x.wav"), "--steps", "0")
+    assert code == 2  # a user's mistake
+    monkeypatch.setattr(request.GenerationRequest, "check", broken)
+    code, err = _main(capsys, "rain", "-o", str(tmp_path / "x.wav"), "--quiet")
+    assert code == 1
+    _one_line(err, "KeyError: 'a bug' (unexpected; --debug shows the traceback)")
+
+
 def test_cli_spectrogram_without_matplotlib(monkeypatch, capsys, tmp_path):
     import sys
 
@@ -370,6 +385,7 @@ def test_prompts_file_internal_error_is_shown_as_a_bug(depth, tiny_base, monkeyp
         err = capsys.readouterr().err
         assert code == 1 and ("Traceback" in err) == bool(debug), err
         _last(err, "audioldm2", line)
+        assert not list((tmp_path / "out").glob("manifest*"))  # nothing done, nothing written
 
 
 @pytest.mark.parametrize("depth", ["prompt encoding", "UNet forward", "VAE decode"])
