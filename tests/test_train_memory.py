@@ -176,3 +176,21 @@ def test_prepare_hands_the_heap_back_only_while_checkpointing(plain_unet):
     for h in unet.heap_hooks:
         h.remove()
     assert not any(b._forward_pre_hooks for b in blocks)
+
+
+def test_a_weight_changed_in_place_before_the_backward_is_refused_as_autograd_refuses_it():
+    """What the lean modules keep is checked as autograd checks what it keeps: a frozen weight changed in
+    place between the forward and the backward raises, as it does for the plain modules."""
+    torch.manual_seed(0)
+    plain = ResnetBlock2D(32, 64, 16, 8, 1e-5).requires_grad_(False)
+    for lean in (False, True):
+        block = copy.deepcopy(plain)
+        if lean:
+            assert memory.keep_less(block) == 4  # the block and its conv1, conv2, conv_shortcut
+        for change in (block.conv1.weight, block.norm2.weight):
+            x = torch.randn(2, 32, 8, 8, requires_grad=True)
+            out = block(x, torch.randn(2, 16))
+            with torch.no_grad():
+                change.mul_(2)
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                out.sum().backward()

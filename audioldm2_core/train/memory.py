@@ -65,19 +65,22 @@ class GatedGELU(torch.autograd.Function):
 
 
 class FrozenWeightConv(torch.autograd.Function):
-    """A convolution whose weight and bias do not train: keeps the weight, not the input."""
+    """A convolution whose weight and bias do not train: keeps the weight (checked for in-place changes as
+    autograd checks what it keeps), not the input."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, conv: nn.Conv2d) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, conv: nn.Conv2d) -> Tensor:
         ctx.conv, ctx.shape = conv, x.shape
-        return conv._conv_forward(x, conv.weight, conv.bias)
+        ctx.save_for_backward(weight)
+        return conv._conv_forward(x, weight, conv.bias)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        c = ctx.conv  # under autocast the forward ran in grad's dtype: the weight is cast as autocast cast it
-        dx = torch.nn.grad.conv2d_input(ctx.shape, c.weight.to(grad.dtype), grad, c.stride, c.padding, c.dilation,
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        c, (weight,) = ctx.conv, ctx.saved_tensors
+        # under autocast the forward ran in grad's dtype: the weight is cast as autocast cast it
+        dx = torch.nn.grad.conv2d_input(ctx.shape, weight.to(grad.dtype), grad, c.stride, c.padding, c.dilation,
                                         c.groups)  # fmt: skip
-        return dx, None
+        return dx, None, None
 
 
 class GroupNormSiLU(torch.autograd.Function):
@@ -120,7 +123,7 @@ class LeanConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         frozen = not any(w is not None and w.requires_grad for w in (self.weight, self.bias))
         if frozen and self.padding_mode == "zeros" and recording(x):
-            return FrozenWeightConv.apply(x, self)
+            return FrozenWeightConv.apply(x, self.weight, self)
         return super().forward(x)
 
 
