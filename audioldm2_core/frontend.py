@@ -170,10 +170,11 @@ def parse(program: str, argv: list[str] | None, description: str) -> argparse.Na
     return args
 
 
-def flagged(error: BaseException) -> BaseException:
-    """A request's failed check, named by the flag that set the field: ``--steps: num_inference_steps ...``."""
-    if isinstance(error, UsageError) and error.field in FLAG_OF:
-        return type(error)(f"{FLAG_OF[error.field]}: {error}", field=error.field)
+def flagged(error: BaseException, flags: dict[str, str] = FLAG_OF) -> BaseException:
+    """A failed check, named by the flag that set its field (``flags``: the program's field -> flag table):
+    ``--steps: num_inference_steps ...``."""
+    if isinstance(error, UsageError) and error.field in flags:
+        return type(error)(f"{flags[error.field]}: {error}", field=error.field)
     return error
 
 
@@ -362,12 +363,15 @@ def error_line(error: BaseException) -> str:
     return line
 
 
-def fail(prog: str, error: BaseException, debug: bool, code: int, who: str = "") -> int:
-    """Print ``error``'s one line (its traceback first with ``--debug``) and return the exit code: ``code`` for
-    an error of ours (2 where the front end is checking what it was asked), 1 for a bug wherever it is met."""
+def fail(
+    prog: str, error: BaseException, debug: bool, code: int, who: str = "", flags: dict[str, str] = FLAG_OF
+) -> int:
+    """Print ``error``'s one line (its traceback first with ``--debug``; a failed check named by its flag in
+    ``flags``) and return the exit code: ``code`` for an error of ours (2 where the front end is checking what
+    it was asked), 1 for a bug wherever it is met."""
     if debug:
         traceback.print_exception(error)
-    print(f"{prog}: error: {who}{error_line(flagged(error))}", file=sys.stderr)
+    print(f"{prog}: error: {who}{error_line(flagged(error, flags))}", file=sys.stderr)
     return code if explain(error) is not None else 1
 
 

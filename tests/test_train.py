@@ -293,6 +293,7 @@ def bad_inputs(clips: Path, tmp: Path, tiny_large: Path) -> dict[str, tuple[list
             [*data, "--init-lora", str(tmp / "large.safetensors")],
             "matches no module of this UNet (a LoRA for another model?)",
         ),  # fmt: skip
+        "no such lora": ([*data, "--init-lora", str(tmp / "no.safetensors")], "--init-lora: LoRA"),
         "bad option": ([*data, "--cfg-dropout", "1.5"], "--cfg-dropout: cfg_dropout must be in [0, 1)"),
         "bad length": ([*data, "--length", "9"], "--length: length must be in"),
     }

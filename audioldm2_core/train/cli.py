@@ -100,9 +100,14 @@ FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--quiet",), dict(action="store_true", help="no progress bars")),
     (("--debug",), dict(action="store_true", help="on an error, show the traceback too")),
 ]  # fmt: skip
-# TrainOptions field -> the flag that sets it
+# TrainOptions field -> the flag that sets it ("lora": what a LoRA file's reader names, read for --init-lora)
 FLAG_OF = {kw.get("dest", names[-1].lstrip("-").replace("-", "_")): names[-1] for names, kw in FLAGS}
-FLAG_OF |= {"data": "--data", "output": "--output", "validation_prompts": "--validation-prompt"}
+FLAG_OF |= {
+    "data": "--data",
+    "output": "--output",
+    "validation_prompts": "--validation-prompt",
+    "lora": "--init-lora",
+}
 
 
 def parse(argv: list[str] | None):
@@ -119,14 +124,6 @@ def options_from(args) -> TrainOptions:
     fields["validation_prompts"] = tuple(args.validation_prompts)
     fields["validation_transcriptions"] = tuple(args.validation_transcriptions)
     return TrainOptions(**fields)
-
-
-def _flagged(error: BaseException) -> BaseException:
-    """A failed check, named by its flag: ``--lr: lr must be ...``."""
-    field = getattr(error, "field", None)
-    if isinstance(error, UsageError) and field in FLAG_OF:
-        return type(error)(f"{FLAG_OF[field]}: {error}")  # named: no field left for the front ends to name
-    return error
 
 
 def _check_output(output: Path) -> None:
@@ -235,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             options = replace(options, quiet=True)  # one progress bar
         plan = checked(options, layout)
     except Exception as e:
-        return fail(PROG, _flagged(e), args.debug, 2, _who(layout))
+        return fail(PROG, e, args.debug, 2, _who(layout), FLAG_OF)
     if not options.quiet:
         mixed = options.mixed_precision
         autocast = "" if mixed == "no" else f"; the forward under {mixed} autocast"
@@ -249,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {_who(layout)}interrupted (rerun the same command to resume)", file=sys.stderr)
         return 130
     except Exception as e:
-        return fail(PROG, _flagged(e), args.debug, 1, _who(layout))
+        return fail(PROG, e, args.debug, 1, _who(layout), FLAG_OF)
     finally:
         _stop_processes(layout)
     return 0
