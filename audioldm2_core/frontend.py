@@ -37,6 +37,7 @@ __all__ = [
     "device_line",
     "layout_from_env",
     "rank_device",
+    "rank_prefix",
     "resolve_device_and_dtype",
 ]
 
@@ -251,6 +252,11 @@ class Layout:
     world: int = 1
     local_rank: int = 0
     torchrun: bool = False
+
+
+def rank_prefix(layout: Layout | None) -> str:
+    """What starts a process's error line when several run: ``rank 1: ``; nothing alone."""
+    return f"rank {layout.rank}: " if layout is not None and layout.world > 1 else ""
 
 
 def _env_int(env: dict[str, str], name: str) -> int:

@@ -31,12 +31,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import UsageError
 from .outputs import write_atomic
 
 __all__ = [
     "MANIFEST",
     "RANK_MANIFEST",
     "RankLog",
+    "json_object",
     "read_records",
     "latest_records",
     "merge_manifests",
@@ -53,6 +55,18 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def json_object(text: str, where: str, what: str) -> dict[str, Any]:
+    """A JSON Lines line that must be one object (``what``: "a line", "an item"), or a ``UsageError`` naming
+    ``where`` ("file:line")."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"{where}: {what} must be a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:

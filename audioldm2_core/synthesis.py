@@ -52,7 +52,6 @@ with the error; rerunning resumes).
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import time
 from collections.abc import Iterator
@@ -72,6 +71,7 @@ from .frontend import (
     load_pipeline,
     parse,
     rank_device,
+    rank_prefix,
     resolve_device_and_dtype,
     save_spectrogram,
     speed_lines,
@@ -80,6 +80,7 @@ from .manifest import (
     MANIFEST,
     RANK_MANIFEST,
     RankLog,
+    json_object,
     latest_records,
     merge_manifests,
     remove_temp_files,
@@ -182,12 +183,7 @@ def _check_fields(fields: dict[str, Any], where: str) -> None:
 
 
 def _json_item(text: str, where: str, index: int, line: int) -> Item:
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise UsageError(f"{where}: an item must be a JSON object, got {type(obj).__name__}")
+    obj = json_object(text, where, "an item")
     for key in ("id", "prompt"):
         if key not in obj:
             raise UsageError(f"{where}: the item has no {key!r}")
@@ -583,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         options = options_from(args, layout)
         options.check()
     except Exception as e:
-        return fail("audioldm2", e, args.debug, 2, _who(layout))
+        return fail("audioldm2", e, args.debug, 2, rank_prefix(layout))
     return run(options, layout, args.debug)
 
 
@@ -595,7 +591,7 @@ def run(options: RunOptions, layout: Layout | None = None, debug: bool = False) 
         mine = shard(resolve(items, options.defaults, options.seed), layout)
         todo, stale = plan(mine, options.folder, options.context())
     except Exception as e:
-        return fail("audioldm2", e, debug, 2, _who(layout))
+        return fail("audioldm2", e, debug, 2, rank_prefix(layout))
     if not options.quiet:
         print(f"audioldm2: {device_line(options.load, options.asked_dtype)}", file=sys.stderr)
     try:
@@ -610,15 +606,11 @@ def run(options: RunOptions, layout: Layout | None = None, debug: bool = False) 
             log.close()
         merge_manifests(options.folder, [it.id for it in items], verify=False)
     except KeyboardInterrupt:
-        print(f"audioldm2: error: {_who(layout)}interrupted", file=sys.stderr)
+        print(f"audioldm2: error: {rank_prefix(layout)}interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # one line (errors.explain: hub, disk, memory, bad input), --debug the traceback
-        return fail("audioldm2", e, debug, 1, _who(layout))
+        return fail("audioldm2", e, debug, 1, rank_prefix(layout))
     return 0
-
-
-def _who(layout: Layout | None) -> str:
-    return f"rank {layout.rank}: " if layout is not None and layout.world > 1 else ""
 
 
 def _merge_command(folder: Path) -> int:

@@ -35,6 +35,7 @@ from ..audio import load_audio, log_mel, mel_frames
 from ..conditioning import encode_prompt
 from ..errors import UsageError
 from ..outputs import write_atomic
+from ..pipeline import TEXT_COMPONENTS
 from .data import Clip, TrainItem
 
 __all__ = [
@@ -49,15 +50,7 @@ __all__ = [
 ]
 
 VERSION = "1"  # of the entries' recipe: a change here makes new keys
-ENCODERS = (
-    "tokenizer",
-    "tokenizer_2",
-    "text_encoder",
-    "text_encoder_2",
-    "projection_model",
-    "language_model",
-    "vae",
-)
+ENCODERS = (*TEXT_COMPONENTS, "vae")  # what an entry's numbers come from
 
 
 @dataclass(frozen=True)

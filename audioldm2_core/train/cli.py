@@ -30,6 +30,7 @@ from ..frontend import (
     layout_from_env,
     load_pipeline,
     rank_device,
+    rank_prefix,
     resolve_device_and_dtype,
 )
 from ..request import LoadOptions
@@ -203,10 +204,6 @@ def checked(options: TrainOptions, layout: Layout):
     return Plan(options, items, clips, pipe, frames, keys, settings)
 
 
-def _who(layout: Layout | None) -> str:
-    return f"rank {layout.rank}: " if layout is not None and layout.world > 1 else ""
-
-
 def _start_processes(plan, layout: Layout) -> None:
     """Join torchrun's process group (NCCL on CUDA, gloo elsewhere)."""
     if layout.world == 1:
@@ -232,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             options = replace(options, quiet=True)  # one progress bar
         plan = checked(options, layout)
     except Exception as e:
-        return fail(PROG, e, args.debug, 2, _who(layout), FLAG_OF)
+        return fail(PROG, e, args.debug, 2, rank_prefix(layout), FLAG_OF)
     if not options.quiet:
         mixed = options.mixed_precision
         autocast = "" if mixed == "no" else f"; the forward under {mixed} autocast"
@@ -243,10 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         _start_processes(plan, layout)
         run(plan, layout)
     except KeyboardInterrupt:
-        print(f"{PROG}: error: {_who(layout)}interrupted (rerun the same command to resume)", file=sys.stderr)
+        print(
+            f"{PROG}: error: {rank_prefix(layout)}interrupted (rerun the same command to resume)",
+            file=sys.stderr,
+        )
         return 130
     except Exception as e:
-        return fail(PROG, e, args.debug, 1, _who(layout), FLAG_OF)
+        return fail(PROG, e, args.debug, 1, rank_prefix(layout), FLAG_OF)
     finally:
         _stop_processes(layout)
     return 0

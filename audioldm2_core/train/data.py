@@ -19,19 +19,17 @@ seeds its random draws, so that they do not depend on the order of processes or 
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from ..manifest import MANIFEST, json_object, sha256_file
 
 __all__ = ["TrainItem", "Clip", "read_items", "check_clips", "check_lengths", "CAPTION_COLUMNS"]
 
 CAPTION_COLUMNS = ("prompt", "text", "caption")  # an audiofolder's text column, the first found
 METADATA = ("metadata.jsonl", "metadata.csv")
-MANIFEST = "manifest.jsonl"  # dataset synthesis (manifest.py)
 
 
 @dataclass(frozen=True)
@@ -89,13 +87,7 @@ def _json_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
         if not line.strip():
             continue
         where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise UsageError(f"{where}: a line must be a JSON object, got {type(record).__name__}")
-        out.append((where, record))
+        out.append((where, json_object(line, where, "a line")))
     return out
 
 
@@ -171,14 +163,6 @@ def _audiofolder_file(path: Path, caption_column: str | None) -> list[dict[str, 
     return _audiofolder(path.parent, caption_column)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_clips(items: list[TrainItem]) -> dict[str, Clip]:
     """Each item's clip: it exists, soundfile reads its header, and it has samples; its bytes hashed. One error
     names the clip and its line. (Its length is checked against the model's by ``check_lengths``, once the
@@ -192,7 +176,7 @@ def check_clips(items: list[TrainItem]) -> dict[str, Clip]:
             raise UsageError(f"{where} does not exist" + (" (a folder)" if item.audio.is_dir() else ""))
         try:
             info = sf.info(str(item.audio))
-            sha = _sha256(item.audio)
+            sha = sha256_file(item.audio)
         except (sf.LibsndfileError, RuntimeError, OSError) as e:
             reason = (str(e).splitlines() or [type(e).__name__])[0]
             raise UsageError(f"{where} cannot be read ({reason})") from e

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from .. import lora
 from ..frontend import Layout
 from ..generate import Conditions
+from ..pipeline import TEXT_COMPONENTS
 from ..schedules import alphas_cumprod
 from . import cache, memory, state
 from .data import Clip, TrainItem
@@ -279,8 +280,6 @@ def _barrier(layout: Layout) -> None:
 
 def _encode(plan: Plan, layout: Layout) -> dict[str, tuple[Tensor, ...]]:
     """Fill the cache (this rank's share), encode the validation prompts (rank 0), then release every encoder."""
-    from ..pipeline import TEXT_COMPONENTS
-
     o, pipe = plan.options, plan.pipe
     cache.fill(
         pipe, plan.items, plan.keys, o.cache, plan.frames, o.phonemes, layout.rank, layout.world, o.quiet

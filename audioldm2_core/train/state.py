@@ -141,9 +141,8 @@ def save_checkpoint(folder: Path, step: int, trained: dict[str, Tensor], ema: di
     os.rename(tmp, final)
     _fsync_folder(folder)
     for _, old in _checkpoints(folder)[:-keep]:
-        hidden = old.with_name(
-            f".{old.name}"
-        )  # out of sight first: a kill mid-removal leaves no half checkpoint
+        # out of sight first: a kill mid-removal leaves no half checkpoint
+        hidden = old.with_name(f".{old.name}")
         os.rename(old, hidden)
         shutil.rmtree(hidden, ignore_errors=True)
     return final
